@@ -1,0 +1,364 @@
+"""One frozen, typed config tree (model, moe, mla, mtp, fp8, parallel, data, train).
+
+YAML is loaded strictly: an unknown key or a value of the wrong type is a ``ConfigError`` naming the
+key's path and what was expected (``model.moe.n_activated_experts: expected int, got 'eight'``).
+A YAML file may name ``base: other.yaml`` (relative to itself); its keys override the base's.
+CLI overrides ``a.b.c=value`` are parsed as YAML scalars and type-checked the same way.
+
+``python -m dsv3.config configs/X.yaml [overrides...]`` prints the resolved config and the
+parameter counts, computed on the meta device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+from dsv3.errors import UserError
+
+
+class ConfigError(UserError):
+    """A user mistake in a config file or override; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------- tree
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN (DeepSeek-V3 long-context stages: factor 40, original 4096, beta 32/1, mscale 1/1)."""
+    type: Literal["yarn"] = "yarn"
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2 §2.1). q_lora_rank None = plain query projection."""
+    n_heads: int = 4
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeekMoE with the V3 router and aux-loss-free balancing (report §2.1.2)."""
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    moe_inter_dim: int = 64
+    n_activated_experts: int = 4             # K_r, top-k
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    topk_method: Literal["noaux_tc", "group_limited_greedy", "greedy"] = "noaux_tc"
+    norm_topk_prob: bool = True
+    bias_update: Literal["sign", "proportional", "none"] = "sign"
+    bias_update_speed: float = 1e-3          # γ
+    bias_update_stop_tokens: Optional[int] = None   # γ → 0 after this many tokens (report: 14.3T)
+    aux_loss_alpha: float = 1e-4             # α of the complementary sequence-wise loss; 0 = off
+    aux_loss_type: Literal["sequence", "batch"] = "sequence"
+    grouped_mm_impl: Literal["auto", "loop", "grouped_mm"] = "auto"
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+    """Multi-Token Prediction (report §2.2): D modules, loss weight λ1 then λ2 after a token count."""
+    depth: int = 1                           # D; 0 = no MTP
+    lambda_start: float = 0.3
+    lambda_end: float = 0.1
+    lambda_switch_tokens: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512
+    dim: int = 128
+    n_layers: int = 4
+    n_dense_layers: int = 1                  # first_k_dense_replace
+    inter_dim: int = 256                     # dense FFN width
+    norm_eps: float = 1e-6
+    init_std: float = 0.006
+    max_seq_len: int = 4096
+    linear_impl: Literal["torch", "fp8"] = "torch"
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """FP8 (E4M3) GEMMs with 1×128 activation and 128×128 weight scales (report §3.3)."""
+    enabled: bool = False
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    block: int = 128
+    dispatch: bool = True                    # MoE dispatch in FP8 with power-of-2 scales
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    pp: int = 1
+    pp_schedule: Literal["1f1b", "zb1p", "dualpipe", "dualpipev"] = "1f1b"
+    ep: int = 1
+    nodes: int = 0                           # 0 = from the launcher's environment
+    ranks_per_node: int = 0                  # 0 = from the launcher's environment
+    dispatcher: Literal["flat", "two_hop"] = "two_hop"
+    zero1: bool = True
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """path None = the embedded corpus (this interpreter's standard-library .py sources)."""
+    path: Optional[str] = None
+    tokenizer: str = "bpe"                   # bpe | sentencepiece (trained) | path to .model / tokenizer.json
+    tokenizer_sample_mb: float = 4.0
+    seq_len: int = 128
+    val_fraction: float = 0.02
+    fim_rate: float = 0.0                    # report: 0.1 PSM on code
+    domain_field: Optional[str] = None
+    cache_dir: str = ".cache/dsv3"
+
+
+@dataclass(frozen=True)
+class LRSegment:
+    """After warmup: constant (hold `lr` for `tokens`), cosine (anneal to `lr`), step (jump to `lr`)."""
+    kind: Literal["constant", "cosine", "step"] = "constant"
+    tokens: int = 0
+    lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchRamp:
+    """Global batch grows linearly from start_sequences to the full batch over `tokens` (report §4.2)."""
+    start_sequences: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    lr_segments: list[LRSegment] = field(default_factory=list)
+    batch_ramp: Optional[BatchRamp] = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    bf16_moments: bool = False
+    recompute: bool = False
+    seed: int = 0
+    out_dir: str = "runs/debug"
+    ckpt_every: int = 0                      # 0 = only at the end
+    resume: str = "none"                     # none | auto | path to a checkpoint folder
+    log_every: int = 1
+    eval_every: int = 0
+    eval_batches: int = 8
+    sample_tokens: int = 48
+    sample_prompt: str = "def "
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- strict conversion
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp, value, path: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 1e6:
+            return int(value)  # 14.3e12 tokens written in float notation
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data: dict, path: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: str, seen: tuple = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' includes form a cycle")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: object = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        data = _merge(data, nested)  # type: ignore[arg-type]
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    m, moe, mla = cfg.model, cfg.model.moe, cfg.model.mla
+    checks = [
+        (moe.n_activated_experts <= moe.n_routed_experts, "model.moe.n_activated_experts must be <= n_routed_experts"),
+        (moe.n_routed_experts % moe.n_group == 0, "model.moe.n_routed_experts must be divisible by n_group"),
+        (1 <= moe.topk_group <= moe.n_group, "model.moe.topk_group must be in [1, n_group]"),
+        (moe.n_activated_experts <= moe.topk_group * (moe.n_routed_experts // moe.n_group),
+         "model.moe.n_activated_experts exceeds the experts in topk_group groups"),
+        (0 <= m.n_dense_layers <= m.n_layers, "model.n_dense_layers must be in [0, n_layers]"),
+        (mla.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim must be even"),
+        (cfg.data.seq_len <= m.max_seq_len, "data.seq_len must be <= model.max_seq_len"),
+        (cfg.train.micro_batch_size >= 1 and cfg.train.grad_accum >= 1, "train.micro_batch_size and grad_accum must be >= 1"),
+        (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
+        (m.mtp.depth >= 0, "model.mtp.depth must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config (or the defaults when path is None), apply CLI overrides, validate."""
+    data = _read_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    return validate(_build(Config, data))
+
+
+def from_dict(data: dict) -> Config:
+    return validate(_build(Config, data))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of cfg with `a.b.c=value` overrides applied (strictly checked)."""
+    return validate(_build(Config, apply_overrides(to_dict(cfg), overrides)))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m dsv3.config CONFIG.yaml [key.path=value ...]", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    from dsv3.params import count_params, format_counts
+    print(format_counts(count_params(cfg.model)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

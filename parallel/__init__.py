@@ -1,0 +1,1 @@
+"""Parallelism: mesh, expert-parallel all-to-all, pipeline schedules, parallelize()."""
