@@ -1,0 +1,34 @@
+"""One Transformer block: pre-norm MLA then pre-norm FFN (dense SwiGLU or DeepSeekMoE)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.layers import MLP, RMSNorm
+from dsv3.mla import MLA, MLACache
+from dsv3.moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg.dim, cfg.mla, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg.dim, cfg.moe)
+        self.recompute_norms = False
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_norms and torch.is_grad_enabled():
+            # report §3.2.3: RMSNorm outputs are recomputed in backward instead of stored
+            return torch.utils.checkpoint.checkpoint(norm, x, use_reentrant=False)
+        return norm(x)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[MLACache] = None, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self._norm(self.attn_norm, x), cos, sin, cache, start_pos)
+        return x + self.ffn(self._norm(self.ffn_norm, x))

@@ -1,0 +1,91 @@
+"""Routed experts stored as stacked weights and run on tokens sorted by expert (grouped GEMM).
+
+``GroupedExperts.gmm`` is the `grouped_mm_impl` hook: a callable (x_sorted, w, offsets) -> y with
+w of shape (E, N, K), offsets the int32 cumulative END row of each expert's group (torch._grouped_mm's
+``offs``), and rows g of y = x_g @ w[g].T. Implementations here: a per-expert loop (always works,
+any dtype) and ``torch._grouped_mm``; dsv3.precision swaps in the FP8 grouped GEMM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Reference: one matmul per expert on its contiguous rows (empty groups allowed)."""
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    outs = [x[s:e] @ w[g].t() for g, (s, e) in enumerate(zip(starts, ends))]
+    if not outs:
+        return x.new_zeros(x.shape[0], w.shape[1])
+    return torch.cat(outs, dim=0)
+
+
+def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    if y.requires_grad:
+        y.register_hook(lambda g: g.contiguous())  # its backward rejects expanded (stride-0) grads
+    return y
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm needs fp32/bf16/fp16 operands with 16-byte aligned row strides."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if w.dtype != x.dtype:
+        return False
+    esize = x.element_size()
+    return (x.shape[-1] * esize) % 16 == 0 and (w.shape[1] * esize) % 16 == 0
+
+
+def grouped_mm_auto(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if grouped_mm_supported(x, w):
+        return grouped_mm_torch(x, w, offsets)
+    return grouped_mm_loop(x, w, offsets)
+
+
+GROUPED_MM_IMPLS = {"auto": grouped_mm_auto, "loop": grouped_mm_loop, "grouped_mm": grouped_mm_torch}
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts: w1/w3 (E, inter, dim) gate/up, w2 (E, dim, inter) down."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str = "auto"):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.gmm = GROUPED_MM_IMPLS[impl]
+        self.recompute = False
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x_sorted: (M, dim) rows grouped by expert; tokens_per_expert: (E,) counts summing to M."""
+        offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        w1, w2, w3 = (w.to(x_sorted.dtype) for w in (self.w1, self.w2, self.w3))
+        gate, up = self.gmm(x_sorted, w1, offsets), self.gmm(x_sorted, w3, offsets)
+        if self.recompute and torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(_swiglu, gate, up, use_reentrant=False)
+        else:
+            h = _swiglu(gate, up)
+        return self.gmm(h, w2, offsets)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def local_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                   experts: GroupedExperts) -> torch.Tensor:
+    """Single-process dispatch/combine: sort (token, choice) rows by expert, run the experts,
+    scatter back and sum the k outputs of each token weighted by its gate weights.
+
+    x: (N, dim); topk_idx, topk_weight: (N, k). Returns (N, dim). No token is dropped."""
+    N, k = topk_idx.shape
+    flat = topk_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)            # rows sorted by expert, ties by token
+    counts = torch.bincount(flat, minlength=experts.n_experts)
+    y_sorted = experts(x[order // k], counts)
+    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, k, -1)
+    return (y * topk_weight.unsqueeze(-1).to(y.dtype)).sum(dim=1)

@@ -1,0 +1,112 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, DeepSeek-V3 report §2.1.1).
+
+Per token: c_Q = W_DQ h → RMSNorm → q = W_UQ c_Q, split into q_nope (per head) and q_rope (RoPE);
+c_KV = W_DKV h → RMSNorm; k_rope = RoPE(W_KR h), one per token, shared by every head;
+k_nope, v = W_UK c_KV, W_UV c_KV. Names follow the official code: wq_a = W_DQ, wq_b = W_UQ,
+wkv_a = [W_DKV; W_KR], wkv_b = [W_UK; W_UV], wo = W_O.
+
+Two paths:
+- training (``cache=None``): decompress K and V and run causal softmax attention;
+- inference (``cache=MLACache``): cache only c_KV and k_rope (kv_lora_rank + qk_rope_head_dim
+  values per token per layer), absorb W_UK into the query and W_UV into the output.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import MLAConfig
+from dsv3.layers import Linear, RMSNorm
+from dsv3.rope import apply_rope, softmax_scale
+
+
+class MLACache:
+    """The compressed cache of one layer: c_KV (B, S, kv_lora_rank) and k_rope (B, S, rope_dim)."""
+
+    def __init__(self, batch: int, max_len: int, cfg: MLAConfig, dtype=torch.float32, device=None):
+        self.kv = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+
+    def values_per_token(self) -> int:
+        return self.kv.shape[-1] + self.pe.shape[-1]
+
+
+class MLA(nn.Module):
+    def __init__(self, dim: int, cfg: MLAConfig, norm_eps: float = 1e-6):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.wq = Linear(dim, cfg.n_heads * self.qk_head_dim)
+        else:
+            self.wq_a = Linear(dim, cfg.q_lora_rank)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, norm_eps)
+            self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * self.qk_head_dim)
+        self.wkv_a = Linear(dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, norm_eps)
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.wo = Linear(cfg.n_heads * cfg.v_head_dim, dim)
+        self.softmax_scale = softmax_scale(cfg)
+        self.recompute = False  # report §3.2.3: recompute the up-projections in backward
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.q_lora_rank is None:
+            return self.wq(x)
+        return self.wq_b(self.q_norm(self.wq_a(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[MLACache] = None, start_pos: int = 0) -> torch.Tensor:
+        """x: (B, T, dim); cos/sin: (T, rope_dim/2) for positions start_pos … start_pos+T−1."""
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self._queries(x).view(B, T, self.n_heads, self.qk_head_dim)
+        q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        kv, k_rope = self.wkv_a(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)                                            # c_KV: (B, T, kv_lora_rank)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)               # (B, T, 1, rope_dim)
+        if cache is None:
+            out = self._attend_decompressed(q_nope, q_rope, kv, k_rope)
+        else:
+            out = self._attend_absorbed(q_nope, q_rope, kv, k_rope.squeeze(2), cache, start_pos)
+        return self.wo(out.flatten(2))
+
+    def _up_project(self, kv: torch.Tensor) -> torch.Tensor:
+        return self.wkv_b(kv)
+
+    def _attend_decompressed(self, q_nope, q_rope, kv, k_rope) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        c = self.cfg
+        if self.recompute and torch.is_grad_enabled():
+            kv_up = torch.utils.checkpoint.checkpoint(self._up_project, kv, use_reentrant=False)
+        else:
+            kv_up = self._up_project(kv)
+        k_nope, v = kv_up.view(B, T, H, -1).split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                   # (B, H, T, d_qk)
+        k = torch.cat([k_nope, k_rope.expand(B, T, H, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        # core attention stays in high precision (report §3.3); one fused causal kernel where available
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return out.transpose(1, 2)                                                # (B, T, H, d_v)
+
+    def _attend_absorbed(self, q_nope, q_rope, kv, k_rope, cache: MLACache, start_pos: int) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        c = self.cfg
+        end = start_pos + T
+        cache.kv[:B, start_pos:end] = kv.to(cache.kv.dtype)
+        cache.pe[:B, start_pos:end] = k_rope.to(cache.pe.dtype)
+        w = self.wkv_b.weight.view(H, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)           # W_UK absorbed into q
+        ckv, pe = cache.kv[:B, :end], cache.pe[:B, :end]
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat, ckv)
+                  + torch.einsum("bthr,bsr->bhts", q_rope, pe)) * self.softmax_scale
+        causal = torch.ones(T, end, dtype=torch.bool, device=scores.device).tril(start_pos)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(q_nope.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", probs, ckv)
+        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)              # W_UV absorbed into the output

@@ -1,0 +1,147 @@
+"""The DeepSeek-V3 Transformer (report §2): embedding, ``n_dense_layers`` dense blocks then MoE
+blocks, final RMSNorm, output head, and D Multi-Token-Prediction modules sharing the embedding and head.
+
+    from dsv3.model import Transformer
+    model = Transformer(cfg.model)
+    logits = model(input_ids)                      # (B, T, vocab)
+    out = model(input_ids, labels=labels)          # .loss .lm_loss .mtp_loss .balance_loss .logits
+
+Model code is free of ranks and devices: parallel/ wraps a built model (SPEC §1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.block import Block
+from dsv3.config import ModelConfig
+from dsv3.experts import GroupedExperts
+from dsv3.layers import MLP, Linear, RMSNorm
+from dsv3.mla import MLA, MLACache
+from dsv3.moe import MoE, Gate
+from dsv3.mtp import MTPModule, mtp_depth_loss, shifted
+from dsv3.rope import rope_cos_sin
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor          # lm_loss + λ·mtp_loss (+ the balance loss's value; its gradient flows via the MoE layers)
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor      # mean over depths of L_k (before λ)
+    balance_loss: torch.Tensor  # sum over MoE layers of α Σ f_i P_i
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = Linear(cfg.dim, cfg.vocab_size, fp8_exempt=True)
+        self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.mtp.depth))
+        cos, sin = rope_cos_sin(cfg.mla, cfg.max_seq_len, device=self.embed.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.mtp_weight = cfg.mtp.lambda_start  # λ; the trainer switches it to λ2 by token count
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Every weight ~ N(0, 0.006) (report §4.2), norms 1, routing bias 0."""
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, GroupedExperts):
+                for w in (m.w1, m.w2, m.w3):
+                    nn.init.normal_(w, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
+
+    def moe_layers(self) -> Iterator[MoE]:
+        """Every MoE layer, main model first, then the MTP modules' (a fixed order)."""
+        return (m for m in self.modules() if isinstance(m, MoE))
+
+    def set_recompute(self, enabled: bool) -> None:
+        """Report §3.2.3: recompute RMSNorm, MLA up-projections and SwiGLU in backward."""
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.recompute_norms = enabled
+            if isinstance(m, (MLA, MLP, GroupedExperts)):
+                m.recompute = enabled
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Gradient scale of the balance loss (1/grad_accum when the LM loss is divided by it)."""
+        for moe in self.moe_layers():
+            moe.aux_loss_scale = scale
+
+    # ---------------------------------------------------------------- aux-loss-free balancing
+    def expert_loads(self) -> list[torch.Tensor]:
+        return [moe.tokens_per_expert.clone() for moe in self.moe_layers()]
+
+    def reset_expert_loads(self) -> None:
+        for moe in self.moe_layers():
+            moe.tokens_per_expert.zero_()
+
+    def update_bias(self, loads: Optional[list[torch.Tensor]] = None, gamma: Optional[float] = None) -> None:
+        """b ← b + γ·sign(mean − load) per layer; loads default to this model's own accumulated counts
+        (distributed runs pass counts summed over ranks). Resets the accumulated counts."""
+        loads = self.expert_loads() if loads is None else loads
+        for moe, load in zip(self.moe_layers(), loads):
+            moe.update_bias(load, gamma)
+        self.reset_expert_loads()
+
+    # ------------------------------------------------------------------------------ forward
+    def rope(self, start_pos: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start_pos + seqlen > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + seqlen} positions exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        return self.rope_cos[start_pos:start_pos + seqlen], self.rope_sin[start_pos:start_pos + seqlen]
+
+    def hidden(self, input_ids: torch.Tensor, caches: Optional[list[MLACache]] = None,
+               start_pos: int = 0) -> torch.Tensor:
+        """Final hidden states before the output norm: h^0 (B, T, dim)."""
+        cos, sin = self.rope(start_pos, input_ids.shape[1])
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                caches: Optional[list[MLACache]] = None, start_pos: int = 0):
+        for moe in self.moe_layers():
+            moe.last_balance_loss = None
+        h = self.hidden(input_ids, caches, start_pos)
+        logits = self.head(self.norm(h))
+        if labels is None:
+            return logits
+        V = logits.shape[-1]
+        lm_loss = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+        mtp_loss = self.mtp_loss(h, input_ids, labels)
+        balance = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
+        balance_loss = torch.stack(balance).sum() if balance else lm_loss.new_zeros(())
+        loss = lm_loss + self.mtp_weight * mtp_loss + balance_loss
+        return ModelOutput(logits, loss, lm_loss.detach(), mtp_loss.detach(), balance_loss)
+
+    def mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over depths k = 1…D of L_k (report eq. 24–25); 0 when D = 0."""
+        if len(self.mtp) == 0:
+            return h.new_zeros((), dtype=torch.float32)
+        cos, sin = self.rope(0, input_ids.shape[1])
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            h = module(h, self.embed(shifted(input_ids, k, 0)), cos, sin)
+            losses.append(mtp_depth_loss(self.head(module.norm(h)), labels, k))
+        return torch.stack(losses).mean()
+
+    def new_caches(self, batch: int, max_len: int) -> list[MLACache]:
+        w = self.embed.weight
+        return [MLACache(batch, max_len, self.cfg.mla, dtype=w.dtype, device=w.device) for _ in self.layers]

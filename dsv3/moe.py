@@ -1,0 +1,158 @@
+"""DeepSeekMoE (report §2.1.2): shared experts plus fine-grained routed experts, the V3 router with
+auxiliary-loss-free balancing, and the complementary sequence-wise balance loss.
+
+Router per token (official ``Gate``; SPEC §2):
+1. s = sigmoid(h·e_i) (V3) or softmax (V2), in FP32;
+2. selection uses s + b (``noaux_tc``; b = ``e_score_correction_bias``, a buffer, not trained);
+3. group score = sum of the top-2 biased scores (noaux_tc) or the group max (V2), keep the best
+   ``topk_group`` of ``n_group`` groups, mask the others with −inf;
+4. top-k of the rest (ties go to the lower expert index);
+5. gate weights = unbiased s of the chosen experts, normalised when ``norm_topk_prob``, × scale.
+No token is ever dropped.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import MoEConfig
+from dsv3.experts import GroupedExperts, local_dispatch
+from dsv3.layers import MLP
+
+
+def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim; equal values go to the lower index."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+class Gate(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, dim))
+        # per-expert routing bias b (aux-loss-free balancing); FP32, updated by update_bias only
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, dim) → gate weights (N, k) fp32, expert indices (N, k), unbiased scores s (N, E)."""
+        c = self.cfg
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float() if x.dtype != torch.float64 else x, self.weight.to(
+                torch.float64 if x.dtype == torch.float64 else torch.float32))
+        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores
+        if c.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias.to(scores.dtype)
+        if c.n_group > 1 and c.topk_method != "greedy":
+            grouped = choice.view(x.shape[0], c.n_group, -1)
+            if c.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = stable_topk(group_scores, c.topk_group)
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = stable_topk(choice, c.n_activated_experts)
+        weights = scores.gather(1, indices)
+        if c.norm_topk_prob and c.n_activated_experts > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, indices, scores
+
+
+def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, alpha: float,
+                 per_sequence: bool = True) -> torch.Tensor:
+    """Complementary balance loss (report eq. 17–20): L = α Σ_i f_i P_i,
+    f_i = N_r/(K_r·T) Σ_t 1[i ∈ topK(t)], P_i = (1/T) Σ_t s'_{i,t}, s' = s normalised over experts.
+    Per sequence (T = its tokens) and averaged over sequences, or over the whole batch.
+    scores: (B·T, E); indices: (B·T, k) — the experts actually selected (after bias and group limit)."""
+    n_tok, n_exp = scores.shape
+    k = indices.shape[1]
+    groups = batch if per_sequence else 1
+    per = n_tok // groups
+    s_norm = scores / scores.sum(dim=-1, keepdim=True)
+    P = s_norm.view(groups, per, n_exp).mean(dim=1)
+    hits = torch.zeros(groups, n_exp, dtype=scores.dtype, device=scores.device)
+    hits.scatter_add_(1, indices.reshape(groups, per * k), torch.ones(groups, per * k, dtype=scores.dtype, device=scores.device))
+    f = hits * n_exp / (k * per)
+    return alpha * (f * P).sum(dim=-1).mean()
+
+
+def max_violation(tokens_per_expert: torch.Tensor) -> float:
+    """MaxVio = max_i load_i / mean_load − 1 (Wang et al. 2024, eq. 6)."""
+    mean = tokens_per_expert.float().mean()
+    return float(tokens_per_expert.float().max() / mean - 1) if mean > 0 else 0.0
+
+
+class AuxLossScaler(torch.autograd.Function):
+    """Returns x unchanged; in backward also feeds d(aux)/d(aux) = scale into the aux loss's graph,
+    so the balance loss trains the router without being threaded through every layer's return value
+    (this works unchanged inside pipeline stages)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float):
+        ctx.scale = scale
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, GroupedExperts], torch.Tensor]
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(dim, cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, dim, cfg.moe_inter_dim, cfg.grouped_mm_impl)
+        self.shared_experts = MLP(dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        # the `dispatcher` hook: None = local; parallel/ installs the expert-parallel all-to-all
+        self.dispatcher: Optional[Dispatcher] = None
+        self.aux_loss_scale = 1.0
+        # loads accumulated over the micro-batches of a step (training only); read by the trainer
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.last_balance_loss: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, indices, scores = self.gate(flat)
+        if self.training:
+            with torch.no_grad():
+                counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        dispatch = self.dispatcher or local_dispatch
+        y = dispatch(flat, indices, weights.to(flat.dtype), self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        y = y.view(B, T, D)
+        if self.cfg.aux_loss_alpha > 0 and self.training:
+            aux = balance_loss(scores, indices, B, self.cfg.aux_loss_alpha, self.cfg.aux_loss_type == "sequence")
+            self.last_balance_loss = aux.detach()
+            if torch.is_grad_enabled():
+                y = AuxLossScaler.apply(y, aux, self.aux_loss_scale)
+        return y
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor, gamma: Optional[float] = None) -> None:
+        """Aux-loss-free balancing (report eq. 16 region): b_i ← b_i + γ·sign(mean − load_i), after the
+        optimizer step, with loads summed over the whole global batch by the caller. ``proportional``
+        uses γ·(mean − load_i)/mean instead (an ablation variant)."""
+        gamma = self.cfg.bias_update_speed if gamma is None else gamma
+        if self.cfg.bias_update == "none" or self.cfg.topk_method != "noaux_tc" or gamma == 0:
+            return
+        load = tokens_per_expert.to(torch.float32)
+        mean = load.mean()
+        if self.cfg.bias_update == "sign":
+            delta = torch.sign(mean - load)
+        else:
+            delta = (mean - load) / mean.clamp_min(1e-9)
+        bias = self.gate.e_score_correction_bias
+        bias += (gamma * delta).to(bias.device)
