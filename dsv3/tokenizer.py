@@ -197,13 +197,14 @@ def _load_file(path: str) -> Tokenizer:
     return Tokenizer(tok, "tokenizer.json", path)
 
 
-def get_tokenizer(spec: str, vocab_size: int, docs: list[Document], corpus_sha: str,
+def get_tokenizer(spec: str, vocab_size: int, docs: list[Document], docs_key: str,
                   cache_dir: str, sample_mb: float) -> Tokenizer:
     """``spec`` is data.tokenizer: "bpe" / "sentencepiece" (trained on a sample of ``docs``, cached in
-    cache_dir keyed by corpus hash, vocab size, kind and sample size) or a tokenizer file path."""
+    cache_dir keyed by ``docs_key`` (a hash of the documents), vocab size, kind and sample size) or a
+    tokenizer file path."""
     if spec in TRAINED_KINDS:
         ext = "json" if spec == "bpe" else "model"
-        path = os.path.join(cache_dir, "tokenizers", f"{spec}-v{vocab_size}-s{sample_mb:g}mb-{corpus_sha[:16]}.{ext}")
+        path = os.path.join(cache_dir, "tokenizers", f"{spec}-v{vocab_size}-s{sample_mb:g}mb-{docs_key[:16]}.{ext}")
         if not os.path.isfile(path):
             texts = tokenizer_sample(docs, sample_mb)
             os.makedirs(os.path.dirname(path), exist_ok=True)
