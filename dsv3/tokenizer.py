@@ -25,6 +25,7 @@ FIM_ALIASES = [(FIM_BEGIN, FIM_HOLE, FIM_END),
                ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
                ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")]  # PSM order: prefix, hole, middle
 TRAINED_KINDS = ("bpe", "sentencepiece")
+SP_META = "\u2581"
 _ENCODE_CHUNK_CHARS = 1 << 21   # bound the memory held in tokenizers' Encoding objects
 
 
@@ -47,6 +48,12 @@ class Tokenizer:
                             f"use a tokenizer that has one, or data.tokenizer=bpe")
         self.eos_id = self.eos_id[0]
         self.fim_ids: Optional[tuple[int, int, int]] = self._find(FIM_ALIASES)
+        # SentencePiece reads U+2581 "▁" as its space marker; with byte fallback we spell a literal
+        # one as its three UTF-8 byte pieces, which decode back to "▁", so it round-trips.
+        self._sp_meta_ids: Optional[list[int]] = None
+        if self._is_sp:
+            ids = [self._token_id(f"<0x{b:02X}>") for b in SP_META.encode()]
+            self._sp_meta_ids = None if None in ids else ids  # type: ignore[assignment]
 
     def _token_id(self, token: str) -> Optional[int]:
         if self._is_sp:
@@ -61,9 +68,18 @@ class Tokenizer:
                 return ids
         return None
 
+    def _sp_encode(self, texts: list[str]) -> list[list[int]]:
+        out = self.backend.encode(texts, num_threads=os.cpu_count() or 1)
+        if self._sp_meta_ids is not None:
+            for k, text in enumerate(texts):
+                if SP_META in text:
+                    parts = self.backend.encode(text.split(SP_META))
+                    out[k] = parts[0] + [i for part in parts[1:] for i in self._sp_meta_ids + part]
+        return out
+
     def encode(self, text: str) -> list[int]:
         if self._is_sp:
-            return self.backend.encode(text)
+            return self._sp_encode([text])[0]
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -77,7 +93,7 @@ class Tokenizer:
                 end += 1
             chunk = texts[start:end]
             if self._is_sp:
-                out.extend(self.backend.encode(chunk, num_threads=os.cpu_count() or 1))
+                out.extend(self._sp_encode(chunk))
             else:
                 encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
                 out.extend(e.ids for e in encode(chunk, add_special_tokens=False))
