@@ -1,0 +1,93 @@
+"""Strict config loading: unknown keys, wrong types, base includes, CLI overrides, CLI exit codes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, config_path
+from dsv3.config import Config, ConfigError, load_config, replace
+
+
+def test_defaults_and_671b_values():
+    cfg = load_config(config_path("dsv3_671b.yaml"))
+    m = cfg.model
+    assert (m.n_layers, m.n_dense_layers, m.dim, m.inter_dim, m.vocab_size) == (61, 3, 7168, 18432, 129280)
+    assert (m.mla.n_heads, m.mla.q_lora_rank, m.mla.kv_lora_rank) == (128, 1536, 512)
+    assert (m.mla.qk_nope_head_dim, m.mla.qk_rope_head_dim, m.mla.v_head_dim) == (128, 64, 128)
+    assert (m.moe.n_routed_experts, m.moe.n_shared_experts, m.moe.moe_inter_dim) == (256, 1, 2048)
+    assert (m.moe.n_activated_experts, m.moe.n_group, m.moe.topk_group) == (8, 8, 4)
+    assert m.moe.routed_scaling_factor == 2.5 and m.norm_eps == 1e-6 and m.mtp.depth == 1
+    assert isinstance(load_config(None), Config)
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  moe:\n    n_expert: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert "model.moe.n_expert" in str(e.value)
+
+
+def test_wrong_type_override_names_path_and_expected_type():
+    with pytest.raises(ConfigError) as e:
+        load_config(config_path("debug.yaml"), ["model.moe.n_activated_experts=eight"])
+    assert str(e.value) == "model.moe.n_activated_experts: expected int, got 'eight'"
+    with pytest.raises(ConfigError, match=r"model\.dim: expected int, got 1\.5"):
+        load_config(None, ["model.dim=1.5"])
+    with pytest.raises(ConfigError, match=r"model\.moe\.scoring_func: expected one of 'sigmoid', 'softmax'"):
+        load_config(None, ["model.moe.scoring_func=tanh"])
+    with pytest.raises(ConfigError, match=r"model\.moe\.norm_topk_prob: expected bool"):
+        load_config(None, ["model.moe.norm_topk_prob=3"])
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  mla:\n    n_heads: many\n")
+    with pytest.raises(ConfigError, match=r"^model\.mla\.n_heads: expected int, got 'many'$"):
+        load_config(str(p))
+
+
+def test_base_include_with_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  dim: 64\n  n_layers: 3\n  moe:\n    n_routed_experts: 8\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nmodel:\n  n_layers: 5\n  moe:\n    n_activated_experts: 2\n")
+    cfg = load_config(str(tmp_path / "b.yaml"), ["model.moe.n_group=2", "train.lr=1e-4"])
+    assert (cfg.model.dim, cfg.model.n_layers) == (64, 5)                   # base kept, child overrides
+    assert (cfg.model.moe.n_routed_experts, cfg.model.moe.n_activated_experts) == (8, 2)  # deep merge
+    assert cfg.model.moe.n_group == 2 and cfg.train.lr == 1e-4               # CLI on top, "1e-4" → float
+    small = load_config(config_path("small_moe.yaml"))                       # the shipped include
+    assert (small.model.dim, small.model.moe.routed_scaling_factor) == (256, 2.5)
+
+
+def test_override_types_and_replace():
+    cfg = load_config(None, ["model.mla.q_lora_rank=null", "model.moe.aux_loss_alpha=0", "train.dtype=bf16"])
+    assert cfg.model.mla.q_lora_rank is None and cfg.model.moe.aux_loss_alpha == 0.0
+    assert isinstance(cfg.model.moe.aux_loss_alpha, float) and cfg.train.dtype == "bf16"
+    assert replace(cfg, ["model.dim=96"]).model.dim == 96
+    with pytest.raises(ConfigError, match="model.nope"):
+        replace(cfg, ["model.nope=1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["model.dim"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="n_activated_experts must be <= n_routed_experts"):
+        load_config(None, ["model.moe.n_activated_experts=32"])
+    with pytest.raises(ConfigError, match="divisible by n_group"):
+        load_config(None, ["model.moe.n_group=3"])
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "dsv3.config", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_exit_code_and_one_line_message():
+    r = _cli(config_path("debug.yaml"), "model.moe.n_activated_experts=eight")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.moe.n_activated_experts: expected int, got 'eight'" in lines[0]
+    r = _cli(config_path("nope.yaml"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = _cli(config_path("dsv3_671b.yaml"))
+    assert r.returncode == 0 and "total params: 671.03B" in r.stdout
