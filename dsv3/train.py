@@ -1,0 +1,223 @@
+"""Pretraining loop: ``python -m dsv3.train [CONFIG.yaml] [key.path=value ...]``.
+
+AdamW on FP32 master weights (optionally BF16 moments), warmup + token-segment LR schedule, batch
+ramp, gradient accumulation, clipping at 1.0, FP32 or BF16 autocast, optional recomputation, the
+aux-loss-free bias update after every optimizer step (γ until ``bias_update_stop_tokens``), the MTP
+weight λ switched by token count, atomic checkpoints and ``train.resume=auto``.
+With WORLD_SIZE > 1 (torchrun) ranks run data parallel: each takes its slice of the global batch,
+gradients are averaged and expert loads summed before the bias update.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from dsv3.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.config import Config, load_config, to_dict
+from dsv3.data import Dataset, prepare_data
+from dsv3.errors import CheckpointError, UserError
+from dsv3.faults import fault_point
+from dsv3.lr_schedule import lr_at, micro_batches_at
+from dsv3.model import Transformer
+from dsv3.moe import max_violation
+from dsv3.optim import build_optimizer, clip_grad_norm
+from dsv3.params import count_params
+from dsv3.train_log import StepLogger, measure_matmul_flops, step_line
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug.yaml")
+
+
+class Dist:
+    """This process's place in a data-parallel run (world 1 without torchrun)."""
+
+    def __init__(self, backend: str = "auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            if backend == "auto":
+                backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+
+    def all_reduce_(self, tensors: list[torch.Tensor], average: bool) -> None:
+        if self.world == 1:
+            return
+        for t in tensors:
+            dist.all_reduce(t)
+            if average:
+                t.div_(self.world)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def flops_per_token(cfg: Config, activated_no_embed: int) -> float:
+    """6·N_activated for the weights plus causal attention's QKᵀ and PV, forward and backward."""
+    mla, T = cfg.model.mla, cfg.data.seq_len
+    attn = 3 * cfg.model.n_layers * mla.n_heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim) * T
+    return 6.0 * activated_no_embed + attn
+
+
+def evaluate(model: Transformer, data: Dataset, cfg: Config, autocast) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast():
+        for batch in data.val_batches(cfg.train.micro_batch_size, cfg.train.eval_batches):
+            out = model(batch[:, :-1], labels=batch[:, 1:])
+            total += out.lm_loss.item() * batch.shape[0]
+            count += batch.shape[0]
+    model.train()
+    return total / max(count, 1)
+
+
+def sample_text(model: Transformer, data: Dataset, cfg: Config) -> str:
+    from dsv3.generate import generate
+    prompt = data.tokenizer.encode(cfg.train.sample_prompt)
+    ids = generate(model, None, prompt, max_new_tokens=cfg.train.sample_tokens, temperature=0.0)
+    return data.tokenizer.decode(prompt + ids)
+
+
+def train(cfg: Config) -> dict:
+    """Run training; returns final metrics (val_loss, val_unigram_entropy, losses per step)."""
+    t = cfg.train
+    env = Dist(cfg.parallel.backend)
+    rank0 = env.rank == 0
+    torch.manual_seed(t.seed)
+    os.makedirs(t.out_dir, exist_ok=True)
+    if rank0:
+        with open(os.path.join(t.out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        data = prepare_data(cfg.data, cfg.model.vocab_size, t.out_dir, seed=t.seed)
+    env.barrier()
+    if not rank0:
+        data = prepare_data(cfg.data, cfg.model.vocab_size, None, seed=t.seed)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
+                        f"{cfg.model.vocab_size}; raise model.vocab_size")
+
+    model = Transformer(cfg.model).to(env.device)
+    if cfg.fp8.enabled or cfg.model.linear_impl == "fp8":
+        from dsv3.precision import apply_fp8
+        apply_fp8(model, cfg.fp8)
+    model.set_recompute(t.recompute)
+    model.train()
+    optimizer = build_optimizer(model, t)
+    sampler = data.train_sampler(t.micro_batch_size, t.seed, env.rank, env.world)
+
+    step, tokens = 0, 0
+    ckpt = latest_checkpoint(t.out_dir) if t.resume == "auto" else (None if t.resume == "none" else t.resume)
+    if ckpt is not None:
+        if not os.path.isdir(ckpt):
+            raise CheckpointError(f"train.resume={t.resume}: no checkpoint folder at {ckpt}")
+        state = load_checkpoint(ckpt, model, optimizer)
+        step, tokens = state["step"], state["tokens"]
+        sampler.load_state_dict(state["sampler"])
+        if rank0:
+            print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
+
+    counts = count_params(cfg.model)
+    fpt = flops_per_token(cfg, counts.activated_no_embed)
+    peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, env.device.type) * env.world
+    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if t.dtype == "bf16" else nullcontext
+    log = StepLogger(t.out_dir, t.steps, step, enabled=rank0)
+    if rank0:
+        log.print(f"model: {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated | "
+                  f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens | world {env.world}")
+    losses: list[float] = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    while step < t.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(t, step, tokens)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        moe_cfg, mtp_cfg = cfg.model.moe, cfg.model.mtp
+        if mtp_cfg.lambda_switch_tokens is not None and tokens >= mtp_cfg.lambda_switch_tokens:
+            model.mtp_weight = mtp_cfg.lambda_end
+        n_micro = micro_batches_at(t, tokens, env.world)
+        model.set_aux_loss_scale(1.0 / n_micro)
+        sums = dict(loss=0.0, lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
+        step_tokens = 0
+        for micro in range(n_micro):
+            batch = sampler.next_batch().to(env.device)
+            with autocast():
+                out = model(batch[:, :-1], labels=batch[:, 1:])
+            (out.loss / n_micro).backward()
+            if micro == 0:
+                fault_point("micro", step + 1)
+            for k in sums:
+                sums[k] += float(getattr(out, k)) / n_micro
+            step_tokens += batch[:, :-1].numel() * env.world
+        env.all_reduce_([p.grad for p in params if p.grad is not None], average=True)
+        grad_norm = clip_grad_norm(params, t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loads = model.expert_loads()
+        env.all_reduce_(loads, average=False)
+        gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
+        model.update_bias(loads, gamma)
+        tokens += step_tokens
+        step += 1
+        maxvio = [max_violation(load) for load in loads]
+        dt = time.perf_counter() - t0
+        record = dict(step=step, tokens=tokens, **sums, lr=lr, grad_norm=grad_norm,
+                      tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak,
+                      maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
+                      maxvio=maxvio)
+        losses.append(sums["loss"])
+        log.log(record, step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None)
+        fault_point("step", step)
+        if t.eval_every and step % t.eval_every == 0 and step < t.steps and rank0:
+            val = evaluate(model, data, cfg, autocast)
+            log.log(dict(step=step, val_loss=val), f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
+            if rank0:
+                save_checkpoint(t.out_dir, step, model, optimizer,
+                                dict(tokens=tokens, sampler=sampler.state_dict()))
+            env.barrier()
+
+    result: dict = dict(losses=losses)
+    if rank0:
+        val = evaluate(model, data, cfg, autocast)
+        ent = data.val_unigram_entropy()
+        log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent), advance=False)
+        log.print(f"validation loss {val:.4f} nats/token | validation unigram entropy {ent:.4f} nats/token "
+                  f"| gap {ent - val:+.4f}")
+        log.print(f"sample: {sample_text(model, data, cfg)!r}")
+        result.update(val_loss=val, val_unigram_entropy=ent)
+    log.close()
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = DEFAULT_CONFIG
+    if argv and not ("=" in argv[0]) and not argv[0].startswith("-"):
+        path = argv.pop(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        print(f"error: '{bad[0]}' is not an override; use key.path=value (e.g. train.steps=50)", file=sys.stderr)
+        return 2
+    try:
+        train(load_config(path, argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

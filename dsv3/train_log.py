@@ -1,0 +1,85 @@
+"""Step logging on rank 0: one console line per step (a tqdm bar on a terminal, plain lines
+otherwise), ``metrics.jsonl`` in the run folder, and TensorBoard scalars beside them.
+
+metrics.jsonl fields per step: step, tokens, loss, lm_loss, mtp_loss, balance_loss, lr, grad_norm,
+tokens_per_s, mfu, maxvio_mean, maxvio_max, maxvio (per MoE layer), and for eval lines val_loss."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 512) -> float:
+    """Peak-ish matmul rate of this machine at start-up (FLOP/s), the MFU denominator."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        a @ b
+        reps += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+class StepLogger:
+    def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=False)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except Exception:  # TensorBoard is optional for a run; metrics.jsonl always has the numbers
+            self.tb = None
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def log(self, record: dict, line: Optional[str] = None, advance: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+        if line:
+            self.print(line)
+        if self.bar is not None and advance:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def step_line(r: dict, total_steps: int) -> str:
+    return (f"step {r['step']:>5}/{total_steps} | loss {r['loss']:.4f} (lm {r['lm_loss']:.4f} "
+            f"mtp {r['mtp_loss']:.4f} bal {r['balance_loss']:.2e}) | lr {r['lr']:.2e} | "
+            f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.2f}% | "
+            f"maxvio {r['maxvio_mean']:.3f}/{r['maxvio_max']:.3f}")
