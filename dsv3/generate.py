@@ -1,0 +1,113 @@
+"""Text generation with the compressed MLA cache (c_KV + k_rope per token and layer, DeepSeek-V2 §2.1.4):
+one prefill over the prompt, then one token per step through the absorbed attention path.
+
+    from dsv3.generate import generate
+    new_ids = generate(model, tokenizer, prompt_ids, max_new_tokens=32)            # greedy
+    new_ids = generate(model, None, prompt_ids, 32, temperature=0.8, top_p=0.95, seed=1)
+
+``python -m dsv3.generate --checkpoint DIR --prompt "def "`` where DIR is a Hugging Face checkpoint
+(config.json), a training run folder (config.yaml + ckpt_*/) or one ckpt_* folder of a run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> int:
+    """One token id from logits (V,): argmax when temperature <= 0 (the lowest id on ties), else a
+    draw from softmax(logits / temperature) restricted to the nucleus — the fewest most likely
+    tokens whose probabilities sum to at least top_p — and renormalised (Holtzman et al. 2019)."""
+    logits = logits.detach().float().cpu()
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True, stable=True)
+        mass_before = torch.cumsum(sorted_p, 0) - sorted_p
+        keep = mass_before < top_p          # the first token is always kept
+        kept = torch.zeros_like(probs)
+        kept[order[keep]] = sorted_p[keep]
+        probs = kept / kept.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0) -> list[int]:
+    """The new token ids (without the prompt). Stops at the tokenizer's ``eos_id`` when a tokenizer
+    is given, and at ``model.cfg.max_seq_len`` positions. The model's train/eval mode is restored."""
+    prompt = [int(i) for i in prompt_ids]
+    if not prompt:
+        raise ValueError("generate needs at least one prompt token")
+    max_len = min(model.cfg.max_seq_len, len(prompt) + max(0, max_new_tokens))
+    if len(prompt) > max_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than model.max_seq_len={model.cfg.max_seq_len}")
+    eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+    device = model.embed.weight.device
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        caches = model.new_caches(1, max_len)
+        logits = model(torch.tensor([prompt], device=device), caches=caches, start_pos=0)[0, -1]
+        pos, out = len(prompt), []
+        while pos < max_len:
+            token = sample_next(logits, temperature, top_p, generator)
+            out.append(token)
+            if token == eos_id or pos + 1 >= max_len:
+                break
+            logits = model(torch.tensor([[token]], device=device), caches=caches, start_pos=pos)[0, -1]
+            pos += 1
+    finally:
+        model.train(was_training)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from dsv3.errors import UserError
+    from dsv3.hf import load_for_inference
+
+    p = argparse.ArgumentParser(prog="python -m dsv3.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="HF checkpoint, run folder or ckpt_* folder")
+    p.add_argument("--prompt", default=None, help="text prompt (needs a tokenizer beside the checkpoint)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or .model (default: found beside the checkpoint)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model, tokenizer = load_for_inference(args.checkpoint, dtype=dtype, tokenizer_path=args.tokenizer)
+        model.to(args.device)
+        if args.prompt_ids is not None:
+            prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        elif args.prompt is not None:
+            if tokenizer is None:
+                raise UserError(f"no tokenizer found beside {args.checkpoint}: pass --tokenizer PATH or --prompt-ids")
+            prompt_ids = tokenizer.encode(args.prompt)
+        else:
+            raise UserError("pass --prompt TEXT or --prompt-ids 1,2,3")
+        if any(not 0 <= t < model.cfg.vocab_size for t in prompt_ids):
+            raise UserError(f"prompt token ids must be in [0, {model.cfg.vocab_size})")
+        new_ids = generate(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tokenizer is not None:
+        print(tokenizer.decode(prompt_ids + new_ids))
+    else:
+        print(" ".join(str(t) for t in prompt_ids + new_ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
