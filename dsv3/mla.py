@@ -107,6 +107,7 @@ class MLA(nn.Module):
                   + torch.einsum("bthr,bsr->bhts", q_rope, pe)) * self.softmax_scale
         causal = torch.ones(T, end, dtype=torch.bool, device=scores.device).tril(start_pos)
         scores = scores.masked_fill(~causal, float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(q_nope.dtype)
+        # softmax in at least FP32 (report §3.3), never below the input precision (fp64 stays fp64)
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q_nope.dtype)
         o_lat = torch.einsum("bhts,bsc->bthc", probs, ckv)
         return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)              # W_UV absorbed into the output

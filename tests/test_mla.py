@@ -1,0 +1,136 @@
+"""MLA: the absorbed, cached decode path against the training path; the compressed cache size; an fp64
+gradcheck; RoPE against a complex-multiplication reference and YaRN against transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_cfg
+from dsv3.config import MLAConfig, RopeScaling
+from dsv3.mla import MLA, MLACache
+from dsv3.model import Transformer
+from dsv3.rope import apply_rope, inv_frequencies, rope_cos_sin, softmax_scale
+
+YARN = RopeScaling(factor=40.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+                   mscale=0.707, mscale_all_dim=0.707)
+VARIANTS = {
+    "q_lora": MLAConfig(n_heads=3, q_lora_rank=20, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=5),
+    "no_q_lora": MLAConfig(n_heads=3, q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=5),
+    "yarn": MLAConfig(n_heads=3, q_lora_rank=20, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=5,
+                      rope_scaling=YARN),
+}
+MAX_ABS = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def make_mla(cfg: MLAConfig, dim=24, dtype=torch.float32, seed=0) -> MLA:
+    g = torch.Generator().manual_seed(seed)
+    mla = MLA(dim, cfg)
+    with torch.no_grad():
+        for name, p in mla.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return mla.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefill_plus_16_decode_steps_equal_training_path(variant, dtype):
+    cfg = VARIANTS[variant]
+    mla = make_mla(cfg, dtype=dtype)
+    B, prefill, steps = 2, 7, 16
+    T = prefill + steps
+    cos, sin = rope_cos_sin(cfg, 64, dtype=dtype)
+    x = torch.randn(B, T, 24, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = mla(x, cos[:T], sin[:T])                                   # training path (decompressed K, V)
+        cache = MLACache(B, T, cfg, dtype=dtype)
+        outs = [mla(x[:, :prefill], cos[:prefill], sin[:prefill], cache, 0)]
+        for t in range(prefill, T):
+            outs.append(mla(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache, t))
+    cached = torch.cat(outs, dim=1)
+    assert (cached - full).abs().max().item() <= MAX_ABS[dtype]
+    # the cache holds exactly c_KV and the shared k_rope, and they equal the projections of x
+    assert cache.values_per_token() == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    kv, pe = mla.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+    torch.testing.assert_close(cache.kv, mla.kv_norm(kv).detach())
+    torch.testing.assert_close(cache.pe, apply_rope(pe.unsqueeze(2), cos[:T], sin[:T]).squeeze(2).detach())
+
+
+def test_model_cache_is_576_like_and_decode_matches_full_forward():
+    """Whole model in fp64: 16 cached decode steps give the full forward's logits; the caches hold
+    kv_lora_rank + qk_rope_head_dim values per token per layer and nothing else."""
+    cfg = tiny_cfg().model
+    model = Transformer(cfg).double().eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        caches = model.new_caches(2, 20)
+        steps = [model(ids[:, :4], caches=caches, start_pos=0)]
+        for t in range(4, 20):
+            steps.append(model(ids[:, t:t + 1], caches=caches, start_pos=t))
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-12
+    per_token_layer = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+    total = sum(c.kv.numel() + c.pe.numel() for c in caches)
+    assert total == 2 * 20 * cfg.n_layers * per_token_layer
+
+
+@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "yarn"])
+def test_gradcheck_fp64(variant):
+    cfg = VARIANTS[variant]
+    mla = make_mla(MLAConfig(**{**cfg.__dict__, "n_heads": 2, "kv_lora_rank": 6, "qk_nope_head_dim": 4,
+                                "qk_rope_head_dim": 4, "v_head_dim": 3,
+                                "q_lora_rank": cfg.q_lora_rank and 5}), dim=8, dtype=torch.float64)
+    cos, sin = rope_cos_sin(mla.cfg, 5, dtype=torch.float64)
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    params = [p for p in mla.parameters()]
+
+    def f(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(mla, dict(zip([n for n, _ in mla.named_parameters()], ps))):
+            return mla(x, cos, sin)
+    assert torch.autograd.gradcheck(f, (x, *[p.detach().requires_grad_(True) for p in params]), eps=1e-6, atol=1e-7)
+
+
+def test_rope_equals_complex_multiplication():
+    """Adjacent pairs (x[2i], x[2i+1]) as one complex number times e^{i·pos·θ_i}, as the official code does."""
+    cfg = MLAConfig(qk_rope_head_dim=16)
+    T = 50
+    x = torch.randn(2, T, 3, 16, dtype=torch.float64)
+    cos, sin = rope_cos_sin(cfg, T, dtype=torch.float64)
+    freqs, _ = inv_frequencies(16, cfg.rope_theta, None)
+    freqs_cis = torch.polar(torch.ones(T, 8, dtype=torch.float64), torch.outer(torch.arange(T, dtype=torch.float64), freqs.float().double()))
+    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * freqs_cis[None, :, None]).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref, rtol=1e-12, atol=1e-12)
+    # not the rotate-half layout: that would pair x[i] with x[i + d/2]
+    half = torch.cat([x[..., :8] * cos[:, None] - x[..., 8:] * sin[:, None], x[..., 8:] * cos[:, None] + x[..., :8] * sin[:, None]], -1)
+    assert (apply_rope(x, cos, sin) - half).abs().max() > 0.1
+
+
+def test_yarn_frequencies_and_scales_equal_transformers():
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+    import transformers.utils.logging as hf_logging
+    hf_logging.set_verbosity_error()
+    cfg = MLAConfig(n_heads=2, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=8,
+                    rope_scaling=RopeScaling(mscale=0.707, mscale_all_dim=0.707))
+    s = cfg.rope_scaling
+    hf = DeepseekV3Config(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, qk_rope_head_dim=16,
+                          qk_nope_head_dim=8, v_head_dim=8, kv_lora_rank=16, q_lora_rank=None,
+                          max_position_embeddings=4096 * 40, rope_interleave=True,
+                          rope_scaling=dict(type="yarn", factor=s.factor, original_max_position_embeddings=4096,
+                                            beta_fast=s.beta_fast, beta_slow=s.beta_slow, mscale=s.mscale,
+                                            mscale_all_dim=s.mscale_all_dim))
+    rot = DeepseekV3RotaryEmbedding(hf)
+    freqs, attn_factor = inv_frequencies(16, cfg.rope_theta, s)
+    torch.testing.assert_close(freqs.float(), rot.inv_freq, rtol=1e-6, atol=0)
+    assert attn_factor == pytest.approx(rot.attention_scaling, rel=1e-12)
+    assert softmax_scale(cfg) == pytest.approx(DeepseekV3Attention(hf, 0).scaling, rel=1e-12)
+    # 671B long-context: softmax scale × (0.1·ln40 + 1)² (SPEC §2)
+    v3 = MLAConfig(qk_nope_head_dim=128, qk_rope_head_dim=64, rope_scaling=RopeScaling())
+    assert softmax_scale(v3) == pytest.approx(192 ** -0.5 * (0.1 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)
+    pos = torch.arange(3000)
+    hf_cos, hf_sin = rot(torch.zeros(1, 1, dtype=torch.float32), pos[None])
+    cos, sin = rope_cos_sin(cfg, 3000)
+    torch.testing.assert_close(cos, hf_cos[0, :, :8], rtol=0, atol=1e-4)   # fp32 angles in HF at large positions
+    torch.testing.assert_close(sin, hf_sin[0, :, :8], rtol=0, atol=1e-4)
