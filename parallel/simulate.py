@@ -1,0 +1,220 @@
+"""Discrete-event simulation of a pipeline schedule (SPEC §4's bubble and memory table).
+
+Each rank runs its ``parallel.schedules`` op list in order; an op starts when its rank is free and
+every input it needs has arrived: F needs the previous pipe stage's F of the same micro-batch,
+B/Bi the next stage's backward (or its own F on the loss stage), W its own Bi — plus ``p2p`` latency
+when the producer is on another rank. This is the executor's rule too (sends never block, a rank
+waits only on the receive it needs next), so a schedule that stalls here deadlocks for real.
+
+    python -m parallel.simulate --kind dualpipe --ranks 8 --chunks 20 --png dualpipe.png
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Optional
+
+from parallel.schedules import KINDS, Layout, Op, all_schedules, layout
+
+
+class Deadlock(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-op times. ``FB`` (an overlapped F&B pair) defaults to F + B: no overlap gain."""
+    F: float = 1.0
+    B: float = 2.0
+    Bi: float = 1.0
+    W: float = 1.0
+    FB: Optional[float] = None
+    p2p: float = 0.0
+
+    def of(self, op: Op) -> float:
+        if op.kind == "FB":
+            return self.F + self.B if self.FB is None else self.FB
+        return getattr(self, op.kind)
+
+
+@dataclass
+class SimResult:
+    kind: str
+    num_ranks: int
+    num_chunks: int
+    costs: Costs
+    timeline: list[list[tuple[float, float, Op]]]  # per rank: (start, end, op)
+    makespan: float
+    busy: list[float]
+    peak_activations: list[int]     # per rank, in units of one micro-batch on one stage
+    param_copies: list[int]         # per rank, in units of one stage's parameters
+    num_stages: int                 # PP: model stages (2N for DualPipeV)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bubble(self) -> list[float]:
+        return [self.makespan - b for b in self.busy]
+
+
+def _producer(lay: Layout, part: Op) -> Optional[tuple[str, int, int]]:
+    if part.kind == "F":
+        prv = lay.prev(part.stage)
+        return None if prv is None else ("F", prv, part.mb)
+    if part.kind in ("B", "Bi"):
+        nxt = lay.next(part.stage)
+        return ("F", part.stage, part.mb) if nxt is None else ("B", nxt, part.mb)
+    return ("Bi", part.stage, part.mb)  # W
+
+
+def _done_key(part: Op) -> tuple[str, int, int]:
+    return ("B" if part.kind in ("B", "Bi") else part.kind, part.stage, part.mb)
+
+
+def simulate(kind: str, num_ranks: int, num_chunks: int, costs: Costs = Costs(),
+             schedules: Optional[list[list[Op]]] = None) -> SimResult:
+    """Times every op of every rank; raises ``Deadlock`` naming the stuck ops when no rank can move."""
+    lay = layout(kind, num_ranks)
+    scheds = schedules if schedules is not None else all_schedules(kind, num_ranks, num_chunks)
+    done: dict[tuple, tuple[float, int]] = {}  # key -> (end time, rank)
+    ptr = [0] * num_ranks
+    free = [0.0] * num_ranks
+    timeline: list[list] = [[] for _ in range(num_ranks)]
+    progress = True
+    while progress:
+        progress = False
+        for r in range(num_ranks):
+            while ptr[r] < len(scheds[r]):
+                op = scheds[r][ptr[r]]
+                ready = free[r]
+                for part in op.parts():
+                    need = _producer(lay, part)
+                    if need is None:
+                        continue
+                    if need[0] == "Bi":  # W waits on the queued Bi, always local
+                        need = ("B",) + need[1:]
+                    if need not in done:
+                        break
+                    end, where = done[need]
+                    ready = max(ready, end + (costs.p2p if where != r else 0.0))
+                else:
+                    end = ready + costs.of(op)
+                    timeline[r].append((ready, end, op))
+                    for part in op.parts():
+                        done[_done_key(part)] = (end, r)
+                    free[r] = end
+                    ptr[r] += 1
+                    progress = True
+                    continue
+                break
+    if any(ptr[r] < len(scheds[r]) for r in range(num_ranks)):
+        stuck = {r: scheds[r][ptr[r]] for r in range(num_ranks) if ptr[r] < len(scheds[r])}
+        raise Deadlock(f"{kind} N={num_ranks} C={num_chunks}: no rank can move; waiting ops {stuck}")
+    makespan = max(free)
+    busy = [sum(e - s for s, e, _ in tl) for tl in timeline]
+    return SimResult(kind, num_ranks, num_chunks, costs, timeline, makespan, busy,
+                     [_peak_activations(tl) for tl in timeline],
+                     [len(lay.stages_of(r)) for r in range(num_ranks)], lay.num_model_stages)
+
+
+def _peak_activations(tl: list[tuple[float, float, Op]]) -> int:
+    """A micro-batch's activations on a stage live from the start of its F to the end of its B
+    (or of its W after a Bi: the weight grad still needs the saved inputs)."""
+    events = []
+    for s, e, op in tl:
+        for part in op.parts():
+            if part.kind == "F":
+                events.append((s, 1))
+            elif part.kind in ("B", "W"):
+                events.append((e, -1))
+    events.sort()  # at equal times frees (−1) come first
+    live = peak = 0
+    for _, d in events:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+def closed_form_bubble(kind: str, num_ranks: int, costs: Costs = Costs()) -> float:
+    """The DualPipe README's table; PP = model stages (2N for DualPipeV)."""
+    F, B, W = costs.F, costs.B, costs.W
+    FB = F + B if costs.FB is None else costs.FB
+    PP = 2 * num_ranks if kind == "dualpipev" else num_ranks
+    return {"1f1b": (PP - 1) * (F + B), "zb1p": (PP - 1) * (F + B - 2 * W),
+            "dualpipe": (PP / 2 - 1) * (FB + B - 3 * W), "dualpipev": (PP / 2 - 1) * (FB + B - 3 * W)}[kind]
+
+
+def published_memory(kind: str, num_ranks: int) -> tuple[int, int]:
+    """(parameter copies in stage units, activations) per device from SPEC §4's table."""
+    PP = 2 * num_ranks if kind == "dualpipev" else num_ranks
+    return {"1f1b": (1, PP), "zb1p": (1, PP), "dualpipe": (2, PP + 1), "dualpipev": (2, PP + 1)}[kind]
+
+
+COLOURS = {"F": "#4c8ed9", "B": "#3fa34d", "Bi": "#9fd89f", "W": "#b58bd6"}
+
+
+def draw(res: SimResult, path: str) -> None:
+    """One row per rank, one box per op coloured by kind; an FB pair is split top (F) / bottom (B)
+    inside one black border, like the DualPipe README's figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    fig, ax = plt.subplots(figsize=(max(8.0, res.makespan * 0.25), 0.5 * res.num_ranks + 1.2))
+    for r, tl in enumerate(res.timeline):
+        y = res.num_ranks - 1 - r
+        for s, e, op in tl:
+            if op.kind == "FB":
+                ax.add_patch(Rectangle((s, y + 0.45), e - s, 0.45, color=COLOURS["F"]))
+                ax.add_patch(Rectangle((s, y), e - s, 0.45, color=COLOURS["B"]))
+                label = f"{op.f.mb}|{op.b.mb}"
+            else:
+                ax.add_patch(Rectangle((s, y), e - s, 0.9, color=COLOURS[op.kind]))
+                label = str(op.mb)
+            ax.add_patch(Rectangle((s, y), e - s, 0.9, fill=False, edgecolor="black", linewidth=0.6))
+            ax.text((s + e) / 2, y + 0.45, label, ha="center", va="center", fontsize=6)
+    ax.set_xlim(0, res.makespan)
+    ax.set_ylim(-0.2, res.num_ranks)
+    ax.set_yticks([res.num_ranks - 1 - r + 0.45 for r in range(res.num_ranks)])
+    ax.set_yticklabels([f"rank {r}" for r in range(res.num_ranks)])
+    ax.set_xlabel("time")
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
+    ax.legend(handles, ["F", "B", "Bi (input grad)", "W (weight grad)"], ncol=4, loc="upper center",
+              bbox_to_anchor=(0.5, 1.0 + 1.0 / (res.num_ranks + 2)), fontsize=7, frameon=False)
+    ax.set_title(f"{res.kind}: {res.num_ranks} ranks, {res.num_chunks} micro-batches, "
+                 f"max bubble {max(res.bubble):g}", fontsize=9, pad=18)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(res: SimResult) -> str:
+    pub_params, pub_act = published_memory(res.kind, res.num_ranks)
+    lines = [f"{res.kind}: N={res.num_ranks} ranks, PP={res.num_stages} stages, C={res.num_chunks}, "
+             f"makespan {res.makespan:g}, closed-form bubble {closed_form_bubble(res.kind, res.num_ranks, res.costs):g}",
+             "rank  bubble  peak_act  params(stages)"]
+    for r in range(res.num_ranks):
+        lines.append(f"{r:4d}  {res.bubble[r]:6g}  {res.peak_activations[r]:8d}  {res.param_copies[r]:6d}")
+    lines.append(f"published: params {pub_params}x, activations {pub_act}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kind", choices=KINDS, default="dualpipe")
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=20)
+    for name, default in (("F", 1.0), ("B", 2.0), ("Bi", 1.0), ("W", 1.0), ("p2p", 0.0)):
+        ap.add_argument(f"--{name}", type=float, default=default)
+    ap.add_argument("--FB", type=float, default=None, help="overlapped F&B cost (default F+B)")
+    ap.add_argument("--png", default=None, help="write the timeline here")
+    a = ap.parse_args(argv)
+    res = simulate(a.kind, a.ranks, a.chunks, Costs(a.F, a.B, a.Bi, a.W, a.FB, a.p2p))
+    print(report(res))
+    if a.png:
+        draw(res, a.png)
+        print(f"timeline: {a.png}")
+
+
+if __name__ == "__main__":
+    main()
