@@ -179,10 +179,10 @@ def draw(res: SimResult, path: str) -> None:
     ax.set_yticklabels([f"rank {r}" for r in range(res.num_ranks)])
     ax.set_xlabel("time")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
-    ax.legend(handles, ["F", "B", "Bi (input grad)", "W (weight grad)"], ncol=4, loc="upper center",
-              bbox_to_anchor=(0.5, 1.0 + 1.0 / (res.num_ranks + 2)), fontsize=7, frameon=False)
+    ax.legend(handles, ["F", "B", "Bi (input grad)", "W (weight grad)"], ncol=4, loc="upper right",
+              bbox_to_anchor=(1.0, -0.08), fontsize=7, frameon=False)
     ax.set_title(f"{res.kind}: {res.num_ranks} ranks, {res.num_chunks} micro-batches, "
-                 f"max bubble {max(res.bubble):g}", fontsize=9, pad=18)
+                 f"max bubble {max(res.bubble):g}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
