@@ -27,6 +27,11 @@ from dsv3.mtp import MTPModule, mtp_depth_loss, shifted
 from dsv3.rope import rope_cos_sin
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in FP32 for BF16 logits; fp64 stays fp64 (exact reference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
@@ -124,7 +129,7 @@ class Transformer(nn.Module):
         if labels is None:
             return logits
         V = logits.shape[-1]
-        lm_loss = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+        lm_loss = F.cross_entropy(_at_least_fp32(logits).reshape(-1, V), labels.reshape(-1), ignore_index=-100)
         mtp_loss = self.mtp_loss(h, input_ids, labels)
         balance = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
         balance_loss = torch.stack(balance).sum() if balance else lm_loss.new_zeros(())

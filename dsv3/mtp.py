@@ -45,6 +45,6 @@ def mtp_depth_loss(logits: torch.Tensor, labels: torch.Tensor, k: int, ignore_in
     position i predicts t_{i+1+k} = labels[i+k]. Sum of CE over valid positions divided by B·T."""
     B, T, V = logits.shape
     target = shifted(labels, k, ignore_index)
-    ce = F.cross_entropy(logits.float().reshape(B * T, V), target.reshape(B * T),
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(B * T, V), target.reshape(B * T),
                          ignore_index=ignore_index, reduction="sum")
     return ce / (B * T)
