@@ -84,7 +84,7 @@ def evaluate(model: Transformer, data: Dataset, cfg: Config, autocast) -> float:
 def sample_text(model: Transformer, data: Dataset, cfg: Config) -> str:
     from dsv3.generate import generate
     prompt = data.tokenizer.encode(cfg.train.sample_prompt)
-    ids = generate(model, None, prompt, max_new_tokens=cfg.train.sample_tokens, temperature=0.0)
+    ids = generate(model, data.tokenizer, prompt, max_new_tokens=cfg.train.sample_tokens, temperature=0.0)
     return data.tokenizer.decode(prompt + ids)
 
 
