@@ -1,0 +1,327 @@
+"""Hugging Face checkpoints in and out: DeepSeek-V3 / V2(-Lite) layouts, BF16 or block-FP8.
+
+    model = load_hf_checkpoint("DeepSeek-V2-Lite/")                 # config.json + sharded safetensors
+    save_hf_checkpoint(model, "out/", dtype=torch.bfloat16, fp8=False, max_shard_bytes=5 << 30)
+
+    python -m dsv3.hf convert IN OUT [--to-bf16 | --to-fp8] [--max-shard-size 5GB]   # streams, shard by shard
+    python -m dsv3.hf export RUN_DIR OUT_DIR [--fp8]                                # a training run -> HF
+
+FP8 checkpoints store E4M3 weights with a float32 ``weight_scale_inv`` per 128×128 block (SPEC §3):
+w = w_fp8 · weight_scale_inv[block]. Loading dequantises on CPU; ``iter_hf_weights(...,
+dequantize=False)`` hands the FP8 tensors and their scales over unchanged for FP8 training.
+Every bad checkpoint (missing shard, shape mismatch, unknown tensor, truncated file) raises one
+``CheckpointError`` naming the tensor or file; the CLIs print it and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator, Optional
+
+import torch
+
+from dsv3.config import ModelConfig
+from dsv3.errors import CheckpointError, UserError
+from dsv3.hf_config import config_from_hf, config_to_hf, rope_interleaved
+from dsv3.hf_shards import CheckpointReader, write_checkpoint
+from dsv3.hf_weights import (SCALE_SUFFIX, fused_expert_names, hf_slots, is_fp8_weight, rope_row_permutation,
+                             stored_mtp_layers)
+from dsv3.model import Transformer
+from triton_kernels.quant_ref import FP8_DTYPE, weight_dequant_ref, weight_quant_ref
+
+BLOCK = 128
+
+
+def read_hf_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: config.json is missing (not a Hugging Face checkpoint folder)")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{cfg_path} is corrupted (not valid JSON)") from None
+
+
+def _fp8_block(hf: dict, where: str) -> int:
+    q = hf.get("quantization_config")
+    if not q:
+        return BLOCK
+    block = q.get("weight_block_size", [BLOCK, BLOCK])
+    if q.get("quant_method") != "fp8" or len(block) != 2 or block[0] != block[1]:
+        raise CheckpointError(f"{where}: quantization_config {q} is not supported (fp8 with square weight blocks only)")
+    return int(block[0])
+
+
+def open_hf_checkpoint(path: str) -> tuple[dict, ModelConfig, CheckpointReader]:
+    """config.json, our ModelConfig (MTP depth = the MTP layers actually stored) and a shard reader."""
+    hf = read_hf_config(path)
+    reader = CheckpointReader(path)
+    stored = stored_mtp_layers(reader.names(), int(hf.get("num_hidden_layers", 0)))
+    cfg = config_from_hf(hf, None if stored else 0, where=os.path.join(path, "config.json"))
+    return hf, cfg, reader
+
+
+def _our_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+
+
+def iter_hf_weights(path: str, dequantize: bool = True) -> Iterator[tuple[str, Optional[int], torch.Tensor, Optional[torch.Tensor]]]:
+    """(our state_dict key, expert row or None, tensor, scale or None) for every stored tensor, checked
+    against config.json: shapes, unknown and missing tensors. FP8 weights come dequantised to float32,
+    or with ``dequantize=False`` as stored with their float32 block scales."""
+    hf, cfg, reader = open_hf_checkpoint(path)
+    block = _fp8_block(hf, path)
+    shapes = _our_shapes(cfg)
+    slots = {s.hf: s for s in hf_slots(cfg)}
+    fused = fused_expert_names(cfg)
+    interleaved = rope_interleaved(hf)
+    needed = {(s.ours, s.expert): s.hf for s in slots.values() if not s.copy}
+    for name in reader.names():
+        if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in reader:
+            continue  # read together with its weight, wherever its shard
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some old exports stored; recomputed from config.json
+        where = f"tensor '{name}' ({os.path.join(path, reader.shard_of(name))})"
+        if name in slots:
+            s = slots[name]
+            targets = [(s.ours, s.expert, None)]
+        elif name in fused:
+            prefix, kind = fused[name]
+            targets = [(prefix + "w1", None, 0), (prefix + "w3", None, 1)] if kind == "gate_up" else [(prefix + "w2", None, None)]
+        else:
+            raise CheckpointError(f"unknown {where}: config.json has no place for it")
+        want = shapes[targets[0][0]]
+        want = want[1:] if targets[0][1] is not None else want
+        if targets[0][2] is not None:
+            want = (want[0], 2 * want[1], want[2])
+        got = reader.shape(name)
+        if tuple(got) != tuple(want):
+            raise CheckpointError(f"{where} has shape {list(got)}, config.json implies {list(want)}")
+        if name in slots and slots[name].copy:
+            continue  # MTP embed_tokens / shared_head.head: copies of the tensors we share
+        tensor, scale = reader.read(name), None
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + SCALE_SUFFIX
+            if scale_name not in reader:
+                raise CheckpointError(f"{where} is FP8 but its scale '{scale_name}' is missing")
+            scale = reader.read(scale_name).float()
+            want_scale = tuple(-(-n // block) for n in tensor.shape[-2:])
+            if tensor.dim() != 2 or tuple(scale.shape) != want_scale:
+                raise CheckpointError(f"tensor '{scale_name}' has shape {list(scale.shape)}, expected {list(want_scale)} "
+                                      f"for {list(tensor.shape)} in {block}x{block} blocks")
+            if dequantize:
+                tensor, scale = weight_dequant_ref(tensor, scale, block, torch.float32), None
+        if not interleaved and (perm := rope_row_permutation(name, cfg)) is not None:
+            if scale is not None:
+                raise CheckpointError(f"{where}: FP8 rows cannot be permuted for rope_interleave=false; dequantize")
+            tensor = tensor[perm]
+        for ours, expert, half in targets:
+            if name in fused:  # one fused tensor fills every expert's row
+                for j in range(cfg.moe.n_routed_experts):
+                    needed.pop((ours, j), None)
+            else:
+                needed.pop((ours, expert), None)
+            yield ours, expert, (tensor if half is None else tensor.chunk(2, dim=1)[half]), scale
+    if needed:
+        hf_name = next(iter(needed.values()))
+        raise CheckpointError(f"{path}: tensor '{hf_name}' is missing ({len(needed)} missing in all)")
+
+
+def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer with the weights of a Hugging Face DeepSeek-V3 / V2 checkpoint (FP8 dequantised).
+    Parameters in ``dtype``; the routing bias stays float32."""
+    _, cfg, _ = open_hf_checkpoint(path)
+    model = Transformer(cfg).eval()
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    state = model.state_dict()
+    with torch.no_grad():
+        for ours, expert, tensor, _ in iter_hf_weights(path, dequantize=True):
+            dst = state[ours] if expert is None else state[ours][expert]
+            dst.copy_(tensor)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ saving
+def save_hf_checkpoint(model: Transformer, path: str, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+                       max_shard_bytes: int = 5 << 30, copy_files=(), bos_token_id: Optional[int] = None,
+                       eos_token_id: Optional[int] = None) -> list[str]:
+    """config.json, sharded safetensors and the index in the released layout (per-expert tensors,
+    the MTP layer as layer num_hidden_layers with its embed_tokens / shared_head.head copies).
+    ``fp8=True`` stores the released set of Linear weights in E4M3 with 128×128 ``weight_scale_inv``
+    and writes the quantization_config block. Written atomically. Returns the shard paths."""
+    cfg = model.cfg
+    state = model.state_dict()
+    entries, sources, pending = [], {}, {}
+    for s in hf_slots(cfg):
+        src = state[s.ours] if s.expert is None else state[s.ours][s.expert]
+        shape = tuple(src.shape)
+        if s.hf.endswith("e_score_correction_bias"):
+            entries.append((s.hf, torch.float32, shape))
+        elif fp8 and is_fp8_weight(s.hf):
+            entries.append((s.hf, FP8_DTYPE, shape))
+            entries.append((s.hf + SCALE_SUFFIX, torch.float32, tuple(-(-n // BLOCK) for n in shape)))
+        else:
+            entries.append((s.hf, dtype, shape))
+        sources[s.hf] = src
+    out_dtypes = {name: dt for name, dt, _ in entries}
+
+    def produce(name: str) -> torch.Tensor:
+        if name in pending:
+            return pending.pop(name)
+        src = sources[name].detach().cpu()
+        if out_dtypes[name] == FP8_DTYPE:
+            w_fp8, scale = weight_quant_ref(src.float(), BLOCK)
+            pending[name + SCALE_SUFFIX] = scale
+            return w_fp8
+        return src.to(out_dtypes[name])
+
+    dtype_name = str(dtype).replace("torch.", "")
+    config = config_to_hf(cfg, dtype_name, fp8, bos_token_id, eos_token_id)
+    return write_checkpoint(path, entries, produce, max_shard_bytes,
+                            extra_files={"config.json": json.dumps(config, indent=2) + "\n"}, copy_files=copy_files)
+
+
+# ---------------------------------------------------------------------------- run folders, inference
+def load_run_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[Transformer, str, str]:
+    """Our training run folder (config.yaml + ckpt_*/model.safetensors) or one ckpt_* folder:
+    (model, run folder, checkpoint folder) with the latest checkpoint's weights."""
+    from dsv3.checkpoint import latest_checkpoint, load_model_weights
+    from dsv3.config import load_config
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "model.safetensors")) and not os.path.isfile(os.path.join(path, "config.yaml")):
+        run_dir, ckpt = os.path.dirname(path), path
+    else:
+        run_dir, ckpt = path, latest_checkpoint(path)
+        if ckpt is None:
+            raise CheckpointError(f"{path}: no ckpt_* checkpoint folder in this run")
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{run_dir}: config.yaml is missing (not a training run folder)")
+    model = Transformer(load_config(cfg_path).model).eval()
+    load_model_weights(ckpt, model)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model, run_dir, ckpt
+
+
+def find_tokenizer_file(folder: str) -> Optional[str]:
+    """tokenizer.json / tokenizer.model beside the weights, else the file a run's corpus.json names."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    manifest = os.path.join(folder, "corpus.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                source = json.load(f).get("tokenizer", {}).get("source")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            source = None
+        if source and os.path.isfile(source):
+            return source
+    return None
+
+
+class _PlainTokenizer:
+    """A tokenizer.json without the special tokens our data pipeline insists on."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.backend = HFTokenizer.from_file(path)
+        self.eos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(path: Optional[str]):
+    if path is None:
+        return None
+    from dsv3.tokenizer import _load_file
+    try:
+        return _load_file(path)
+    except UserError:
+        if path.endswith(".json"):
+            return _PlainTokenizer(path)
+        raise
+
+
+def load_for_inference(path: str, dtype: torch.dtype = torch.float32, tokenizer_path: Optional[str] = None):
+    """(model, tokenizer or None) from a Hugging Face checkpoint, a run folder or a ckpt_* folder."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        model, folder = load_hf_checkpoint(path, dtype), path
+    else:
+        model, folder, _ = load_run_checkpoint(path, dtype)
+    return model, load_tokenizer(tokenizer_path or find_tokenizer_file(folder))
+
+
+def export_run(run_dir: str, out_dir: str, fp8: bool = False, dtype: torch.dtype = torch.bfloat16,
+               max_shard_bytes: int = 5 << 30) -> list[str]:
+    """A training run's latest checkpoint as a Hugging Face checkpoint (with its tokenizer file)."""
+    model, folder, _ = load_run_checkpoint(run_dir)
+    tok_file = find_tokenizer_file(folder)
+    copy, eos = [], None
+    if tok_file is not None:
+        tok = load_tokenizer(tok_file)
+        eos = getattr(tok, "eos_id", None)
+        if tok_file.endswith(".json"):
+            copy.append(tok_file)
+    shards = save_hf_checkpoint(model, out_dir, dtype, fp8, max_shard_bytes, copy_files=copy, eos_token_id=eos)
+    if copy and os.path.basename(copy[0]) != "tokenizer.json":
+        os.replace(os.path.join(out_dir, os.path.basename(copy[0])), os.path.join(out_dir, "tokenizer.json"))
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parse_size(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+    t = text.strip().upper()
+    for u, mult in units.items():
+        if t.endswith(u) and t[: -len(u)].replace(".", "", 1).isdigit():
+            return int(float(t[: -len(u)]) * mult)
+    if t.isdigit():
+        return int(t)
+    raise UserError(f"--max-shard-size {text!r}: expected bytes or a size such as 500MB or 5GB")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from dsv3.hf_convert import convert
+    p = argparse.ArgumentParser(prog="python -m dsv3.hf", description="Hugging Face checkpoint conversion")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="BF16 <-> FP8, shard by shard")
+    c.add_argument("src")
+    c.add_argument("dst")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--to-bf16", action="store_true", help="dequantise FP8 weights (the default)")
+    mode.add_argument("--to-fp8", action="store_true", help="quantise the released set of weights to E4M3")
+    c.add_argument("--max-shard-size", default="5GB")
+    e = sub.add_parser("export", help="a training run's latest checkpoint -> Hugging Face layout")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    e.add_argument("--fp8", action="store_true")
+    e.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    e.add_argument("--max-shard-size", default="5GB")
+    args = p.parse_args(argv)
+    try:
+        size = parse_size(args.max_shard_size)
+        if args.cmd == "convert":
+            shards = convert(args.src, args.dst, "fp8" if args.to_fp8 else "bf16", size)
+        else:
+            dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+            shards = export_run(args.run_dir, args.out_dir, args.fp8, dtype, size)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(shards)} shard(s) to {os.path.dirname(shards[0]) if shards else args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

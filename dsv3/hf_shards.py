@@ -1,0 +1,248 @@
+"""Sharded safetensors checkpoints read and written one tensor (or one row block) at a time.
+
+Tensors are read with plain positioned reads, not memory maps, so converting a checkpoint of any size
+holds only the tensor in flight (a mapped shard would count towards the process's resident memory).
+Files are written header first, then each tensor's bytes as they are produced, into a temporary
+folder that is renamed into place when complete: nothing is half-written.
+
+Layout (the Hugging Face one): ``model.safetensors`` alone, or ``model-0000k-of-0000n.safetensors``
+shards and ``model.safetensors.index.json`` ({"metadata": {"total_size"}, "weight_map": {name: file}}).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from typing import Callable, Iterable, Iterator, Optional, Union
+
+import torch
+
+from dsv3.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def nbytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsFile:
+    """The header of one .safetensors file, validated against its size; tensors read on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated ({size} bytes): no safetensors header")
+            (header_len,) = struct.unpack("<Q", head)
+            if 8 + header_len > size:
+                raise CheckpointError(f"{path} is truncated: its header needs {8 + header_len} bytes, the file has {size}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{path} is corrupted: its safetensors header is not valid JSON") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + header_len
+        self.entries: dict[str, tuple[torch.dtype, tuple, int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                start, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor '{name}' has an unsupported or malformed header entry {info}") from None
+            if end - start != nbytes(dtype, shape):
+                raise CheckpointError(f"{path} is corrupted: tensor '{name}' of shape {list(shape)} "
+                                      f"spans {end - start} bytes, expected {nbytes(dtype, shape)}")
+            if self.data_start + end > size:
+                raise CheckpointError(f"{path} is truncated: tensor '{name}' needs bytes up to "
+                                      f"{self.data_start + end}, the file has {size}")
+            self.entries[name] = (dtype, shape, start, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str, row_start: int = 0, row_end: Optional[int] = None) -> torch.Tensor:
+        """The tensor, or rows [row_start, row_end) of its first dimension, as a new CPU tensor."""
+        dtype, shape, start, end = self.entries[name]
+        if not shape:
+            row_start, row_end, out_shape = 0, 1, ()
+        else:
+            row_end = shape[0] if row_end is None else min(row_end, shape[0])
+            out_shape = (max(row_end - row_start, 0),) + shape[1:]
+        row_bytes = nbytes(dtype, shape[1:]) if shape else end - start
+        n = max(row_end - row_start, 0) * row_bytes
+        if n == 0:
+            return torch.empty(out_shape, dtype=dtype)
+        buf = bytearray(n)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start + row_start * row_bytes)
+            if f.readinto(buf) != n:
+                raise CheckpointError(f"{self.path} is truncated: tensor '{name}' could not be read")
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(out_shape)
+
+
+class CheckpointReader:
+    """A Hugging Face checkpoint folder: every shard's header is read and validated up front."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index_path = os.path.join(path, INDEX_NAME)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index_path} is corrupted: expected JSON with a 'weight_map'") from None
+        elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
+            weight_map = None
+        else:
+            raise CheckpointError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME} found")
+        self.files: dict[str, SafetensorsFile] = {}
+        if weight_map is None:
+            self.files[SINGLE_NAME] = SafetensorsFile(os.path.join(path, SINGLE_NAME))
+            weight_map = {k: SINGLE_NAME for k in self.files[SINGLE_NAME].keys()}
+        for name, file in weight_map.items():
+            if file not in self.files:
+                fpath = os.path.join(path, file)
+                if not os.path.isfile(fpath):
+                    raise CheckpointError(f"shard {fpath} is missing (listed in {INDEX_NAME} for tensor '{name}')")
+                self.files[file] = SafetensorsFile(fpath)
+            if name not in self.files[file].entries:
+                raise CheckpointError(f"tensor '{name}' is listed in {INDEX_NAME} under {file} but that shard does not hold it")
+        self.weight_map: dict[str, str] = dict(weight_map)
+
+    def names(self) -> list[str]:
+        """Every tensor name, shard by shard in file order, each shard's tensors in storage order."""
+        out = []
+        for file, sf in self.files.items():
+            mine = [n for n, f in self.weight_map.items() if f == file]
+            out.extend(sorted(mine, key=lambda n: sf.entries[n][2]))
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple:
+        return self.files[self.weight_map[name]].entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.files[self.weight_map[name]].entries[name][0]
+
+    def shard_of(self, name: str) -> str:
+        return self.weight_map[name]
+
+    def read(self, name: str, row_start: int = 0, row_end: Optional[int] = None) -> torch.Tensor:
+        return self.files[self.weight_map[name]].read(name, row_start, row_end)
+
+    def shard_bytes(self) -> int:
+        return max(os.path.getsize(sf.path) for sf in self.files.values())
+
+
+# --------------------------------------------------------------------------------------- writing
+Chunks = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+
+def plan_shards(entries: list[tuple[str, torch.dtype, tuple]], max_shard_bytes: int) -> list[list[int]]:
+    """Indices of entries per shard, in order; a shard closes before it would exceed max_shard_bytes."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, dtype, shape) in enumerate(entries):
+        n = nbytes(dtype, shape)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards if shards[0] else []
+
+
+def _write_file(path: str, entries: list[tuple[str, torch.dtype, tuple]], produce: Callable[[str], Chunks]) -> None:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        n = nbytes(dtype, shape)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape in entries:
+            chunks = produce(name)
+            written = 0
+            for chunk in ([chunks] if isinstance(chunks, torch.Tensor) else chunks):
+                if chunk.dtype != dtype:
+                    raise ValueError(f"tensor '{name}': produced {chunk.dtype}, planned {dtype}")
+                data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                written += data.nbytes
+            if written != nbytes(dtype, shape):
+                raise ValueError(f"tensor '{name}': produced {written} bytes, planned {nbytes(dtype, shape)} {list(shape)}")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(out_dir: str, entries: list[tuple[str, torch.dtype, tuple]], produce: Callable[[str], Chunks],
+                     max_shard_bytes: int = 5 << 30, extra_files: Optional[dict[str, str]] = None,
+                     copy_files: Iterable[str] = ()) -> list[str]:
+    """Write a sharded checkpoint atomically. ``entries``: (name, dtype, shape) in storage order;
+    ``produce(name)`` returns the tensor, or an iterator of row blocks whose concatenation is it,
+    called once per tensor in that order. ``extra_files``: name -> text (config.json, …);
+    ``copy_files``: paths copied beside the weights (tokenizer files). Returns the shard paths."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp_{os.path.basename(os.path.abspath(out_dir))}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        shards = plan_shards(entries, max_shard_bytes)
+        names = [SINGLE_NAME] if len(shards) == 1 else [
+            f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        weight_map, total = {}, 0
+        for file, idx in zip(names, shards):
+            part = [entries[i] for i in idx]
+            _write_file(os.path.join(tmp, file), part, produce)
+            for name, dtype, shape in part:
+                weight_map[name] = file
+                total += nbytes(dtype, shape)
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        for src in copy_files:
+            shutil.copy2(src, os.path.join(tmp, os.path.basename(src)))
+        if os.path.exists(out_dir):
+            old = f"{tmp}.old"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def row_blocks(n_rows: int, rows_per_block: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, max(n_rows, 1), rows_per_block):
+        yield start, min(start + rows_per_block, n_rows)
