@@ -163,7 +163,8 @@ def act_quant_t(x: torch.Tensor, offsets: torch.Tensor | None = None, block: int
     tile_start, tile_end, _, _ = token_tiles(offsets, M, block)
     tile_start, tile_end = tile_start.to(x.device), tile_end.to(x.device)
     T = tile_start.numel()
-    y = torch.empty(K, M, dtype=FP8_DTYPE, device=x.device)
+    # zeros: rows past offsets[-1] belong to no tile and are never written
+    y = torch.zeros(K, M, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(K, T, dtype=torch.float32, device=x.device)
     if T > 0 and K > 0:
         _act_quant_t_kernel[(T, cdiv(K, block))](x.contiguous(), y, s, tile_start, tile_end, M, K, T,
