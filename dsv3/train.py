@@ -156,9 +156,13 @@ def train(cfg: Config) -> dict:
             if micro == 0:
                 fault_point("micro", step + 1)
             for k in sums:
-                sums[k] += float(getattr(out, k)) / n_micro
+                sums[k] += float(getattr(out, k).detach()) / n_micro
             step_tokens += batch[:, :-1].numel() * env.world
         env.all_reduce_([p.grad for p in params if p.grad is not None], average=True)
+        if env.world > 1:  # log the global batch's losses, not rank 0's slice
+            logged = torch.tensor(list(sums.values()), dtype=torch.float64)
+            env.all_reduce_([logged], average=True)
+            sums = dict(zip(sums, logged.tolist()))
         grad_norm = clip_grad_norm(params, t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
