@@ -5,6 +5,16 @@ is a dummy annotation; the launchers check HAS_TRITON and raise a clear error in
 """
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU Triton runs only in its interpreter (the kernel tests). The choice is read when
+    # triton.language's own @jit helpers (tl.max, tl.cdiv, …) are decorated, i.e. at triton's
+    # first import, so it is made here, before it; an explicit TRITON_INTERPRET=0 is respected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 try:
     import triton
     import triton.language as tl
