@@ -1,0 +1,134 @@
+"""FP8 grouped GEMM for MoE experts (TRITON_INTERPRET=1 on CPU) against torch references.
+
+Contiguous layout (DeepGEMM): tokens sorted by expert, 128-token tiles never straddle two experts.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
+
+import pytest
+import torch
+
+import triton_kernels
+from triton_kernels import gemm_ref as G
+from triton_kernels import quant_ref as R
+
+GG = pytest.importorskip("triton_kernels.grouped_gemm")
+
+# expert sizes 0, 3, 0, 147, 1, 139: empty first/middle/last-but-one groups, a ragged 128-tile tail
+OFFSETS = torch.tensor([0, 3, 3, 150, 151, 290], dtype=torch.int32)
+M, N, K = 290, 70, 200
+
+
+def _rel_fro(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _loop_mm(x, w, offsets):
+    """FP64 per-expert matmul: the unquantised truth."""
+    ends = offsets.tolist()
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64)
+    for g, (s, e) in enumerate(zip([0] + ends[:-1], ends)):
+        out[s:e] = x[s:e].double() @ w[g].double().t()
+    return out
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * (1 + 5 * torch.rand(M, 1, generator=g))
+    w = torch.randn(len(OFFSETS), N, K, generator=g) * (1 + 5 * torch.rand(len(OFFSETS), 1, 1, generator=g))
+    return x, w
+
+
+def test_grouped_fprop_kernel_matches_reference():
+    x, w = _data(0)
+    x_fp8, x_s = R.act_quant_ref(x)
+    w_fp8, w_s = R.weight_quant_ref(w)
+    out = GG.fp8_grouped_gemm(x_fp8, x_s, w_fp8, w_s, OFFSETS, out_dtype=torch.float32)
+    ref = G.fp8_grouped_gemm_ref(x_fp8, x_s, w_fp8, w_s, OFFSETS, out_dtype=torch.float32)
+    assert out.shape == (M, N)
+    assert _rel_fro(out, ref) < 1e-5
+    exact = _loop_mm(R.act_dequant_ref(x_fp8, x_s), R.weight_dequant_ref(w_fp8, w_s), OFFSETS)
+    assert _rel_fro(ref, exact) < 1e-6
+
+
+def test_grouped_dgrad_kernel_with_transposed_weight_view():
+    x, w = _data(1)
+    dy = x[:, :N].contiguous()
+    dy_fp8, dy_s = R.act_quant_ref(dy)
+    w_fp8, w_s = R.weight_quant_ref(w)  # (E, N, K); dgrad reads wᵀ (E, K, N) as a view
+    out = GG.fp8_grouped_gemm(dy_fp8, dy_s, w_fp8.transpose(1, 2), w_s.transpose(1, 2), OFFSETS,
+                              out_dtype=torch.float32)
+    exact = _loop_mm(R.act_dequant_ref(dy_fp8, dy_s), R.weight_dequant_ref(w_fp8, w_s).transpose(1, 2), OFFSETS)
+    assert out.shape == (M, K)
+    assert _rel_fro(out, exact) < 1e-5
+
+
+def test_grouped_wgrad_kernel_matches_reference():
+    x, w = _data(2)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3))
+    dy_t, dy_t_s = R.act_quant_t_ref(dy, OFFSETS)
+    x_t, x_t_s = R.act_quant_t_ref(x, OFFSETS)
+    dw = GG.fp8_grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, OFFSETS)
+    ref = G.fp8_grouped_wgrad_ref(dy_t, dy_t_s, x_t, x_t_s, OFFSETS)
+    assert dw.shape == (len(OFFSETS), N, K) and dw.dtype == torch.float32
+    assert _rel_fro(dw, ref) < 1e-5
+    assert torch.all(dw[0] == 0) and torch.all(dw[2] == 0)  # experts without tokens
+    # against the FP64 per-expert dyᵀx of the dequantised operands
+    dyd, xd = R.act_dequant_t_ref(dy_t, dy_t_s, OFFSETS), R.act_dequant_t_ref(x_t, x_t_s, OFFSETS)
+    for g, (s, e) in [(1, (0, 3)), (3, (3, 150)), (5, (151, 290))]:
+        assert _rel_fro(dw[g], dyd[:, s:e].double() @ xd[:, s:e].double().t()) < 1e-5
+
+
+def test_token_tiles_do_not_straddle_experts_in_wgrad():
+    """Blowing up expert 4's single token must not change any other expert's quantised wgrad."""
+    x, _ = _data(4)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(5))
+    dw = {}
+    for name, factor in (("base", 1.0), ("spike", 1e4)):
+        xs, dys = x.clone(), dy.clone()
+        xs[150] *= factor
+        dys[150] *= factor
+        dw[name] = GG.fp8_grouped_wgrad(*R.act_quant_t_ref(dys, OFFSETS), *R.act_quant_t_ref(xs, OFFSETS), OFFSETS)
+    for g in (1, 3, 5):
+        assert torch.equal(dw["base"][g], dw["spike"][g])
+    assert not torch.equal(dw["base"][4], dw["spike"][4])
+    # a 1×128 tiling along M that ignored the experts would mix row 150 into rows 128..255
+    x_t_plain, s_plain = R.act_quant_t_ref(x * (torch.arange(M) == 150)[:, None] * 1e4 + x, None)
+    x_t_group, s_group = R.act_quant_t_ref(x * (torch.arange(M) == 150)[:, None] * 1e4 + x, OFFSETS)
+    assert not torch.equal(R.act_dequant_t_ref(x_t_plain, s_plain)[:, 128:150],
+                           R.act_dequant_t_ref(x_t_group, s_group, OFFSETS)[:, 128:150])
+
+
+def test_fp8_grouped_mm_autograd_triton_vs_torch_and_vs_fp64():
+    x, w = _data(6)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(7))
+    results = {}
+    triton_kernels.reset_counters()
+    for backend in ("torch", "triton"):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = GG.fp8_grouped_mm(xx, ww, OFFSETS, backend=backend)
+        y.backward(dy)
+        results[backend] = (y, xx.grad, ww.grad)
+    assert dict(triton_kernels.counters) == {f"fp8_grouped_mm.{op}": 2 for op in ("fprop", "dgrad", "wgrad")}
+    for got, ref in zip(results["triton"], results["torch"]):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert _rel_fro(got, ref) < 1e-5
+    # the FP8 result against the unquantised FP64 truth: E4M3 noise, a few percent at most
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    ends = OFFSETS.tolist()
+    y64 = torch.cat([xd[s:e] @ wd[g].t() for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
+    y64.backward(dy.double())
+    for got, ref in zip(results["torch"], (y64, xd.grad, wd.grad)):
+        assert 1e-3 < _rel_fro(got, ref) < 0.06
+
+
+def test_fp8_grouped_mm_dtypes_and_pow2_scales():
+    x, w = _data(8)
+    xx, ww = x.to(torch.bfloat16).requires_grad_(), w.clone().requires_grad_()
+    y = GG.fp8_grouped_mm(xx, ww, OFFSETS, backend="torch", pow2_scale=True)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and xx.grad.dtype == torch.bfloat16 and ww.grad.dtype == torch.float32
+    assert _rel_fro(y.float(), _loop_mm(xx.detach().float(), w, OFFSETS)) < 0.06
+    with pytest.raises(ValueError, match="offsets has 2 entries for 6 experts"):
+        GG.fp8_grouped_mm(x, w, OFFSETS[:2])
