@@ -1,0 +1,113 @@
+"""Expert parallelism applied to a built model: each EP rank keeps only its placement's experts and
+every MoE layer's ``dispatcher`` hook becomes the all-to-all of parallel/all_to_all.py.
+
+    mesh = Mesh.from_config(cfg.parallel)
+    traffic = apply_expert_parallel(model, mesh, cfg.parallel, fp8=cfg.fp8.enabled and cfg.fp8.dispatch)
+    ... loss.backward()
+    sync_grads(model, mesh)                      # replicated: mean over DP; experts: over expert-DP
+    norm = clip_grad_norm_ep(model, mesh, 1.0)   # global norm across the expert shards
+    model.update_bias(global_expert_loads(model, mesh))
+
+Gradient scale: each rank's loss is the mean over its own tokens and the global loss the mean over
+the DP ranks, so replicated grads are averaged over DP; an expert's grad already sums the
+contributions of every rank of its EP group (they arrive through the all-to-all), so it is summed
+over its expert-data-parallel copies and divided by the same DP size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dsv3.experts import GroupedExperts
+from dsv3.moe import MoE
+from parallel.all_to_all import EPDispatcher, TrafficCounters
+from parallel.mesh import Mesh
+from parallel.placement import Placement
+
+
+def shard_experts(experts: GroupedExperts, logical_ids: list[int]) -> GroupedExperts:
+    """A GroupedExperts holding copies of ``logical_ids``' weights, in that (local slot) order."""
+    E, inter, dim = experts.w1.shape
+    local = GroupedExperts(len(logical_ids), dim, inter)
+    idx = torch.tensor(logical_ids, dtype=torch.long, device=experts.w1.device)
+    with torch.no_grad():
+        for name in ("w1", "w2", "w3"):
+            src = getattr(experts, name)
+            setattr(local, name, torch.nn.Parameter(src.index_select(0, idx).clone(), requires_grad=src.requires_grad))
+    local.gmm, local.recompute = experts.gmm, experts.recompute  # keep the grouped-GEMM hook (FP8 too)
+    for p in local.parameters():
+        p.expert_parallel = True
+    return local
+
+
+def apply_expert_parallel(model: torch.nn.Module, mesh: Mesh, pcfg=None, *, fp8: bool = False,
+                          placement: Optional[Placement] = None, kind: Optional[str] = None,
+                          sim_bandwidth: Optional[dict] = None) -> TrafficCounters:
+    """Shard every MoE layer's routed experts over the mesh's EP group and install the dispatcher
+    (``pcfg.dispatcher``: flat | two_hop). ``placement`` defaults to contiguous blocks of experts;
+    an EPLB placement with redundant replicas also works (replicas' grads are then reduced by the
+    caller with ``sync_grads``). Returns the traffic counters shared by all layers."""
+    kind = kind or getattr(pcfg, "dispatcher", "two_hop")
+    traffic = TrafficCounters()
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        n = moe.experts.n_experts
+        pl = placement or Placement.contiguous(n, mesh.ep)
+        if pl.n_logical != n:
+            raise ValueError(f"placement has {pl.n_logical} logical experts but the layer has {n}")
+        moe.experts = shard_experts(moe.experts, pl.local_experts(mesh.ep_rank))
+        moe.dispatcher = EPDispatcher(mesh, pl, kind, fp8, traffic, sim_bandwidth)
+    return traffic
+
+
+def _expert_params(model):
+    return [p for p in model.parameters() if getattr(p, "expert_parallel", False)]
+
+
+def _replicated_params(model):
+    return [p for p in model.parameters() if p.requires_grad and not getattr(p, "expert_parallel", False)]
+
+
+def sync_grads(model: torch.nn.Module, mesh: Mesh) -> None:
+    """All-reduce: replicated params mean over DP; expert shards summed over expert-DP, ÷ DP.
+    Replicas of one logical expert on several ranks (EPLB) are summed by ``sync_replica_grads``."""
+    dp = mesh.dp
+    for p in _replicated_params(model) + _expert_params(model):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if dp > 1:
+        for p in _replicated_params(model):
+            dist.all_reduce(p.grad, group=mesh.group("dp"))
+            p.grad.div_(dp)
+        for p in _expert_params(model):
+            if dp // mesh.ep > 1:
+                dist.all_reduce(p.grad, group=mesh.group("edp"))
+            p.grad.div_(dp)
+
+
+def clip_grad_norm_ep(model: torch.nn.Module, mesh: Mesh, max_norm: float) -> float:
+    """Global L2 norm of the full model's gradient (expert shards' squares summed over EP), clipped."""
+    def sq(ps):
+        return sum((p.grad.float().pow(2).sum() for p in ps if p.grad is not None), torch.zeros(()))
+    total = sq(_replicated_params(model))
+    expert = sq(_expert_params(model))
+    if mesh.ep > 1:
+        dist.all_reduce(expert, group=mesh.group("ep"))
+    norm = float((total + expert).sqrt())
+    if max_norm > 0 and math.isfinite(norm):
+        coef = min(max_norm / (norm + 1e-6), 1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+def global_expert_loads(model, mesh: Mesh) -> list[torch.Tensor]:
+    """Each MoE layer's tokens per expert summed over the DP ranks (for ``model.update_bias``)."""
+    loads = model.expert_loads()
+    if mesh.dp > 1:
+        for load in loads:
+            dist.all_reduce(load, group=mesh.group("dp"))
+    return loads
