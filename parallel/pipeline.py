@@ -19,10 +19,9 @@ gloo cannot hang on send ordering. A dead peer surfaces as an error from gloo's 
 from __future__ import annotations
 
 import copy
-import time
 from collections import deque
 from datetime import timedelta
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,9 +34,9 @@ from parallel.weight_grad import backward_input
 class Pipeline:
     def __init__(self, model: nn.Module, stages: Sequence[nn.Module], kind: str, num_chunks: int, *,
                  act_shape: Sequence[int], act_dtype: torch.dtype, group: Optional[dist.ProcessGroup] = None,
-                 op_time: Optional[Callable[[Op], float]] = None, recv_timeout: float = 60.0):
+                 recv_timeout: float = 60.0):
         """``model`` names the parameters (its ``named_parameters``/``named_buffers``); ``stages`` are
-        modules built from its submodules. ``op_time`` pads every op to a modelled duration (benchmarks)."""
+        modules built from its submodules; a receive waiting longer than ``recv_timeout`` s raises."""
         self.group = group or dist.group.WORLD
         self.rank, self.num_ranks = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.kind, self.num_chunks = kind, num_chunks
@@ -46,7 +45,7 @@ class Pipeline:
             raise ValueError(f"{kind} on {self.num_ranks} ranks needs {self.layout.num_model_stages} stages, got {len(stages)}")
         self.ops = schedule(kind, self.rank, self.num_ranks, num_chunks)
         self.act_shape, self.act_dtype = tuple(act_shape), act_dtype
-        self.op_time, self.recv_timeout = op_time, recv_timeout
+        self.recv_timeout = recv_timeout
         self.device = next(model.parameters()).device
 
         held = self.layout.model_stages_of(self.rank)
@@ -104,7 +103,6 @@ class Pipeline:
             if not work.wait(timedelta(seconds=self.recv_timeout)):
                 raise RuntimeError(f"rank {self.rank}: receive of {m} timed out")
             self.inbox[m.key] = buf
-        t0 = time.perf_counter()
         if op.kind == "F":
             self._forward(op)
         elif op.kind in ("B", "Bi"):
@@ -115,10 +113,6 @@ class Pipeline:
             weight()
         else:
             self._forward_backward(op)
-        if self.op_time is not None:  # benchmarks: every op costs its modelled time, compute included
-            rest = self.op_time(op) - (time.perf_counter() - t0)
-            if rest > 0:
-                time.sleep(rest)
         for m in op.sends:
             self._isend(m)
         self.pending_sends = [(w, t) for w, t in self.pending_sends if not w.is_completed()]
