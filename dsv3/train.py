@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from dsv3.balance_metrics import BalanceMonitor
 from dsv3.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsv3.config import Config, load_config, to_dict
 from dsv3.data import Dataset, prepare_data
@@ -69,11 +70,17 @@ def flops_per_token(cfg: Config, activated_no_embed: int) -> float:
     return 6.0 * activated_no_embed + attn
 
 
-def evaluate(model: Transformer, data: Dataset, cfg: Config, autocast) -> float:
+def evaluate(model: Transformer, data: Dataset, cfg: Config, autocast,
+             monitor: Optional[BalanceMonitor] = None) -> float:
+    """Mean LM loss over the fixed validation batches; with a monitor, the routers' choices are also
+    counted per domain tag of each sequence (read them with ``monitor.take_domain_loads()``)."""
     model.eval()
     total, count = 0.0, 0
+    tags = data.val_batch_domains(cfg.train.micro_batch_size, cfg.train.eval_batches) if monitor else None
     with torch.no_grad(), autocast():
-        for batch in data.val_batches(cfg.train.micro_batch_size, cfg.train.eval_batches):
+        for i, batch in enumerate(data.val_batches(cfg.train.micro_batch_size, cfg.train.eval_batches)):
+            if monitor is not None:
+                monitor.domains = tags[i]
             out = model(batch[:, :-1], labels=batch[:, 1:])
             total += out.lm_loss.item() * batch.shape[0]
             count += batch.shape[0]
@@ -89,7 +96,8 @@ def sample_text(model: Transformer, data: Dataset, cfg: Config) -> str:
 
 
 def train(cfg: Config) -> dict:
-    """Run training; returns final metrics (val_loss, val_unigram_entropy, losses per step)."""
+    """Run training; returns final metrics (val_loss, val_unigram_entropy, val_maxvio per MoE layer,
+    losses per step)."""
     t = cfg.train
     env = Dist(cfg.parallel.backend)
     rank0 = env.rank == 0
@@ -136,6 +144,7 @@ def train(cfg: Config) -> dict:
                   f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens | world {env.world}")
     losses: list[float] = []
     params = [p for p in model.parameters() if p.requires_grad]
+    monitor = BalanceMonitor(model)  # per-layer balance fields (dsv3/balance_metrics.py), after any resume
     while step < t.steps:
         t0 = time.perf_counter()
         lr = lr_at(t, step, tokens)
@@ -153,6 +162,7 @@ def train(cfg: Config) -> dict:
             with autocast():
                 out = model(batch[:, :-1], labels=batch[:, 1:])
             (out.loss / n_micro).backward()
+            monitor.after_forward(n_micro)
             if micro == 0:
                 fault_point("micro", step + 1)
             for k in sums:
@@ -167,7 +177,7 @@ def train(cfg: Config) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loads = model.expert_loads()
-        env.all_reduce_(loads, average=False)
+        env.all_reduce_(loads + monitor.histograms, average=False)
         gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
         model.update_bias(loads, gamma)
         tokens += step_tokens
@@ -177,13 +187,14 @@ def train(cfg: Config) -> dict:
         record = dict(step=step, tokens=tokens, **sums, lr=lr, grad_norm=grad_norm,
                       tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak,
                       maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
-                      maxvio=maxvio)
+                      maxvio=maxvio, **monitor.step_fields(loads))
         losses.append(sums["loss"])
         log.log(record, step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None)
         fault_point("step", step)
         if t.eval_every and step % t.eval_every == 0 and step < t.steps and rank0:
-            val = evaluate(model, data, cfg, autocast)
-            log.log(dict(step=step, val_loss=val), f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
+            val = evaluate(model, data, cfg, autocast, monitor)
+            log.log(dict(step=step, val_loss=val, **monitor.take_domain_loads()),
+                    f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
             if rank0:
                 save_checkpoint(t.out_dir, step, model, optimizer,
@@ -192,13 +203,14 @@ def train(cfg: Config) -> dict:
 
     result: dict = dict(losses=losses)
     if rank0:
-        val = evaluate(model, data, cfg, autocast)
+        val = evaluate(model, data, cfg, autocast, monitor)
         ent = data.val_unigram_entropy()
-        log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent), advance=False)
+        domain = monitor.take_domain_loads()
+        log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent, **domain), advance=False)
         log.print(f"validation loss {val:.4f} nats/token | validation unigram entropy {ent:.4f} nats/token "
                   f"| gap {ent - val:+.4f}")
         log.print(f"sample: {sample_text(model, data, cfg)!r}")
-        result.update(val_loss=val, val_unigram_entropy=ent)
+        result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
     log.close()
     return result
 

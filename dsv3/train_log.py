@@ -2,7 +2,11 @@
 otherwise), ``metrics.jsonl`` in the run folder, and TensorBoard scalars beside them.
 
 metrics.jsonl fields per step: step, tokens, loss, lm_loss, mtp_loss, balance_loss, lr, grad_norm,
-tokens_per_s, mfu, maxvio_mean, maxvio_max, maxvio (per MoE layer), and for eval lines val_loss."""
+tokens_per_s, mfu, maxvio_mean, maxvio_max, maxvio (per MoE layer), and for eval lines val_loss.
+Load-balance fields per step and per MoE layer (tokens_per_expert, maxvio_accum, bias, bias_drift,
+bias_mean, bias_spread, balance_loss_layers, groups_per_token) and per eval (domain_loads, val_maxvio)
+come from dsv3/balance_metrics.py; README "Load balancing" documents them. In TensorBoard a per-layer
+list ``k`` becomes scalars ``k/layer{i}`` and a per-layer list of lists histograms ``k/layer{i}``."""
 from __future__ import annotations
 
 import json
@@ -27,6 +31,10 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu"
     if device != "cpu":
         torch.cuda.synchronize()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+# per-layer fields that hold counts per value (index = value), not samples
+COUNT_HISTOGRAMS = ("groups_per_token",)
 
 
 class StepLogger:
@@ -64,10 +72,29 @@ class StepLogger:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
+                elif isinstance(v, list):
+                    self._tb_per_layer(k, v, record["step"])
         if line:
             self.print(line)
         if self.bar is not None and advance:
             self.bar.update(1)
+
+    def _tb_per_layer(self, key: str, values: list, step: int) -> None:
+        for i, v in enumerate(values):
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{key}/layer{i}", v, step)
+            elif isinstance(v, list) and v and key in COUNT_HISTOGRAMS:
+                # v[g] = how many tokens took value g: write the exact histogram
+                total = sum(v)
+                if total:
+                    vals = [g for g, c in enumerate(v) if c]
+                    self.tb.add_histogram_raw(f"{key}/layer{i}", min=min(vals), max=max(vals), num=total,
+                                              sum=sum(g * c for g, c in enumerate(v)),
+                                              sum_squares=sum(g * g * c for g, c in enumerate(v)),
+                                              bucket_limits=[g + 0.5 for g in range(len(v))], bucket_counts=v,
+                                              global_step=step)
+            elif isinstance(v, list) and v:
+                self.tb.add_histogram(f"{key}/layer{i}", torch.tensor(v, dtype=torch.float64), step)
 
     def close(self) -> None:
         if self.bar is not None:
