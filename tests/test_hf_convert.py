@@ -110,9 +110,24 @@ def test_convert_streams_shard_by_shard(tmp_path):
     assert json.load(open(os.path.join(fp8, "config.json")))["quantization_config"]["weight_block_size"] == [128, 128]
 
 
+def move_to_other_shard(path: str, name: str) -> None:
+    from safetensors.torch import load_file
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    old = index["weight_map"][name]
+    new = next(f for f in sorted(set(index["weight_map"].values())) if f != old)
+    a, b = load_file(os.path.join(path, old)), load_file(os.path.join(path, new))
+    b[name] = a.pop(name)
+    save_file(a, os.path.join(path, old), metadata={"format": "pt"})
+    save_file(b, os.path.join(path, new), metadata={"format": "pt"})
+    index["weight_map"][name] = new
+    json.dump(index, open(index_path, "w"))
+
+
 def test_convert_real_model_fp8_to_bf16(tmp_path):
     from test_hf import our_model
     save_hf_checkpoint(our_model(mtp=1), str(tmp_path / "fp8"), fp8=True, max_shard_bytes=40_000)
+    move_to_other_shard(str(tmp_path / "fp8"), "model.layers.1.self_attn.kv_b_proj.weight_scale_inv")
     from dsv3.hf import main
     assert main(["convert", str(tmp_path / "fp8"), str(tmp_path / "bf16"), "--to-bf16"]) == 0
     direct = load_hf_checkpoint(str(tmp_path / "fp8")).state_dict()
