@@ -29,6 +29,7 @@ from dsv3.hf_shards import CheckpointReader, write_checkpoint
 from dsv3.hf_weights import (SCALE_SUFFIX, fused_expert_names, hf_slots, is_fp8_weight, rope_row_permutation,
                              stored_mtp_layers)
 from dsv3.model import Transformer
+from dsv3.rope import rope_cos_sin
 from triton_kernels.quant_ref import FP8_DTYPE, weight_dequant_ref, weight_quant_ref
 
 BLOCK = 128
@@ -131,13 +132,35 @@ def iter_hf_weights(path: str, dequantize: bool = True) -> Iterator[tuple[str, O
         raise CheckpointError(f"{path}: tensor '{hf_name}' is missing ({len(needed)} missing in all)")
 
 
-def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> Transformer:
-    """A Transformer with the weights of a Hugging Face DeepSeek-V3 / V2 checkpoint (FP8 dequantised).
-    Parameters in ``dtype``; the routing bias stays float32."""
-    _, cfg, _ = open_hf_checkpoint(path)
-    model = Transformer(cfg).eval()
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """A Transformer whose parameters are allocated in ``dtype`` but not initialised (no float32 copy,
+    no random init: a 16B model loads in its BF16 size). Buffers get their constructor values."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
     for p in model.parameters():
         p.data = p.data.to(dtype)
+    model.to_empty(device="cpu")
+    cos, sin = rope_cos_sin(cfg.mla, cfg.max_seq_len)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name == "rope_cos":
+                buf.copy_(cos)
+            elif name == "rope_sin":
+                buf.copy_(sin)
+            else:  # routing biases (loaded next when stored) and load counters start at zero
+                buf.zero_()
+    unmapped = set(model.state_dict()) - {s.ours for s in hf_slots(cfg)}
+    unmapped = {k for k in unmapped if not k.endswith("e_score_correction_bias")}
+    if unmapped:  # a parameter the HF layout has no name for would stay uninitialised
+        raise RuntimeError(f"dsv3.hf_weights has no Hugging Face name for {sorted(unmapped)[0]}")
+    return model
+
+
+def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer (in eval mode) with the weights of a Hugging Face DeepSeek-V3 / V2 checkpoint, FP8
+    weights dequantised on CPU. Parameters in ``dtype``; the routing bias stays float32."""
+    _, cfg, _ = open_hf_checkpoint(path)
+    model = _empty_model(cfg, dtype).eval()
     state = model.state_dict()
     with torch.no_grad():
         for ours, expert, tensor, _ in iter_hf_weights(path, dequantize=True):

@@ -117,6 +117,9 @@ def test_import_v2_lite_matches_transformers(tmp_path):
     c = ours.cfg
     assert (c.moe.scoring_func, c.moe.topk_method, c.moe.norm_topk_prob, c.mla.q_lora_rank,
             c.moe.n_shared_experts, c.mtp.depth) == ("softmax", "greedy", False, None, 2, 0)
+    # buffers the loader fills itself (it allocates parameters uninitialised) equal the constructor's
+    fresh = dict(Transformer(c).named_buffers())
+    assert all(torch.equal(b, fresh[n]) for n, b in ours.named_buffers()) and len(fresh) >= 3
     assert max_logit_diff(hf, ours, IDS) < 1e-4
 
 
