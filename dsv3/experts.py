@@ -7,6 +7,8 @@ any dtype) and ``torch._grouped_mm``; dsv3.precision swaps in the FP8 grouped GE
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,11 +62,16 @@ class GroupedExperts(nn.Module):
         self.gmm = GROUPED_MM_IMPLS[impl]
         self.recompute = False
 
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x_sorted: (M, dim) rows grouped by expert; tokens_per_expert: (E,) counts summing to M."""
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_sorted: (M, dim) rows grouped by expert; tokens_per_expert: (E,) counts summing to M;
+        row_weight: optional (M,) gate weight of each row, applied before the (linear) down projection,
+        where the activation is inter_dim wide rather than dim wide."""
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         w1, w2, w3 = (w.to(x_sorted.dtype) for w in (self.w1, self.w2, self.w3))
         gate, up = self.gmm(x_sorted, w1, offsets), self.gmm(x_sorted, w3, offsets)
+        if row_weight is not None:
+            up = up * row_weight.unsqueeze(-1).to(up.dtype)
         if self.recompute and torch.is_grad_enabled():
             h = torch.utils.checkpoint.checkpoint(_swiglu, gate, up, use_reentrant=False)
         else:
@@ -85,7 +92,9 @@ def local_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     N, k = topk_idx.shape
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)            # rows sorted by expert, ties by token
+    token = order // k                                  # source token of each sorted row
     counts = torch.bincount(flat, minlength=experts.n_experts)
-    y_sorted = experts(x[order // k], counts)
-    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, k, -1)
-    return (y * topk_weight.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+    # index_select / index_add: their backwards are each other (plain x[idx] would backward via a
+    # much slower accumulating index_put)
+    y_sorted = experts(x.index_select(0, token), counts, topk_weight.reshape(-1).index_select(0, order))
+    return x.new_zeros(N, y_sorted.shape[-1]).index_add(0, token, y_sorted)

@@ -1,0 +1,103 @@
+"""One MoE layer, forward + backward: ours (dsv3.moe.MoE, grouped GEMM) against transformers'
+DeepseekV3MoE with its two experts backends ("eager": a Python loop over hit experts; "grouped_mm":
+torch grouped GEMM), same weights, same tokens, the small_moe shape (configs/small_moe.yaml).
+
+    python benchmarks/bench_moe.py [--config configs/small_moe.yaml] [--tokens 2048] [--iters 20]
+
+Prints the time per step of each, checks that the outputs agree, and prints last the ratio of the faster
+transformers backend's time to ours (> 1 = ours faster; target ≥ 1.2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from dsv3.config import load_config
+from dsv3.moe import MoE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def hf_moe(dim: int, moe_cfg, backend: str, ours: MoE):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    cfg = DeepseekV3Config(hidden_size=dim, n_routed_experts=moe_cfg.n_routed_experts,
+                           num_experts_per_tok=moe_cfg.n_activated_experts, n_group=moe_cfg.n_group,
+                           topk_group=moe_cfg.topk_group, routed_scaling_factor=moe_cfg.routed_scaling_factor,
+                           norm_topk_prob=moe_cfg.norm_topk_prob, moe_intermediate_size=moe_cfg.moe_inter_dim,
+                           n_shared_experts=moe_cfg.n_shared_experts, experts_implementation=backend)
+    ref = DeepseekV3MoE(cfg)
+    with torch.no_grad():
+        ref.gate.weight.copy_(ours.gate.weight)
+        ref.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
+        ref.experts.gate_up_proj.copy_(torch.cat([ours.experts.w1, ours.experts.w3], dim=1))
+        ref.experts.down_proj.copy_(ours.experts.w2)
+        ref.shared_experts.gate_proj.weight.copy_(ours.shared_experts.w1.weight)
+        ref.shared_experts.up_proj.weight.copy_(ours.shared_experts.w3.weight)
+        ref.shared_experts.down_proj.weight.copy_(ours.shared_experts.w2.weight)
+    return ref
+
+
+def step(module, x, g):
+    module.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    y = module(xi)
+    y.backward(g)
+    return y.detach(), xi.grad
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(REPO, "configs", "small_moe.yaml"))
+    ap.add_argument("--tokens", type=int, default=0, help="0 = micro_batch_size × seq_len of the config")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, ["model.moe.aux_loss_alpha=0"])
+    m = cfg.model
+    n_tok = args.tokens or cfg.train.micro_batch_size * cfg.data.seq_len
+    torch.manual_seed(0)
+    ours = MoE(m.dim, m.moe).train()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, m.init_std * 10)
+        ours.gate.e_score_correction_bias.uniform_(0, 0.01)
+    impls = {"ours": ours, "hf_eager": hf_moe(m.dim, m.moe, "eager", ours),
+             "hf_grouped_mm": hf_moe(m.dim, m.moe, "grouped_mm", ours)}
+    x = torch.randn(1, n_tok, m.dim)
+    g = torch.randn(1, n_tok, m.dim)
+
+    ref_y, ref_dx = step(ours, x, g)
+    for name in ("hf_eager", "hf_grouped_mm"):
+        y, dx = step(impls[name], x, g)
+        err = max((y - ref_y).abs().max().item(), (dx - ref_dx).abs().max().item())
+        print(f"{name}: max |diff| vs ours (output, input grad) = {err:.2e}")
+        assert err < 1e-4, name
+
+    times = {name: [] for name in impls}
+    for name, mod in impls.items():          # warm-up
+        for _ in range(3):
+            step(mod, x, g)
+    for _ in range(args.iters):              # interleaved so a noisy neighbour hits all three alike
+        for name, mod in impls.items():
+            t0 = time.perf_counter()
+            step(mod, x, g)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"shape: tokens {n_tok}, dim {m.dim}, {m.moe.n_routed_experts} experts × {m.moe.moe_inter_dim}, "
+          f"top-{m.moe.n_activated_experts}, groups {m.moe.n_group}/{m.moe.topk_group}, "
+          f"{m.moe.n_shared_experts} shared; torch threads {torch.get_num_threads()}")
+    for name, t in med.items():
+        print(f"{name:14s} fwd+bwd {t * 1e3:8.2f} ms  ({n_tok / t:,.0f} tokens/s)")
+    best_hf = min(med["hf_eager"], med["hf_grouped_mm"])
+    print(f"ratio (faster transformers backend / ours): {best_hf / med['ours']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
