@@ -188,6 +188,20 @@ def draw(res: SimResult, path: str) -> None:
     plt.close(fig)
 
 
+def text_timeline(res: SimResult, step: float = 1.0) -> str:
+    """One text row per rank, one character per ``step`` of time: F, B, b (Bi), W, X (an F&B pair), . idle."""
+    glyph = {"F": "F", "B": "B", "Bi": "b", "W": "W", "FB": "X"}
+    width = int(round(res.makespan / step))
+    rows = []
+    for r, tl in enumerate(res.timeline):
+        row = ["."] * width
+        for s, e, op in tl:
+            for i in range(int(round(s / step)), int(round(e / step))):
+                row[i] = glyph[op.kind]
+        rows.append(f"rank {r:2d} |{''.join(row)}|")
+    return "\n".join(rows)
+
+
 def report(res: SimResult) -> str:
     pub_params, pub_act = published_memory(res.kind, res.num_ranks)
     lines = [f"{res.kind}: N={res.num_ranks} ranks, PP={res.num_stages} stages, C={res.num_chunks}, "
@@ -208,9 +222,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         ap.add_argument(f"--{name}", type=float, default=default)
     ap.add_argument("--FB", type=float, default=None, help="overlapped F&B cost (default F+B)")
     ap.add_argument("--png", default=None, help="write the timeline here")
+    ap.add_argument("--text", type=float, default=None, metavar="STEP", help="print a text timeline, STEP time per char")
     a = ap.parse_args(argv)
     res = simulate(a.kind, a.ranks, a.chunks, Costs(a.F, a.B, a.Bi, a.W, a.FB, a.p2p))
     print(report(res))
+    if a.text:
+        print(text_timeline(res, a.text))
     if a.png:
         draw(res, a.png)
         print(f"timeline: {a.png}")
