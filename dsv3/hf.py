@@ -171,8 +171,8 @@ def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> Transfo
 
 # ------------------------------------------------------------------------------------------ saving
 def save_hf_checkpoint(model: Transformer, path: str, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
-                       max_shard_bytes: int = 5 << 30, copy_files=(), bos_token_id: Optional[int] = None,
-                       eos_token_id: Optional[int] = None) -> list[str]:
+                       max_shard_bytes: int = 5 << 30, extra_files: Optional[dict[str, str]] = None,
+                       copy_files: Optional[dict[str, str]] = None, bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> list[str]:
     """config.json, sharded safetensors and the index in the released layout (per-expert tensors,
     the MTP layer as layer num_hidden_layers with its embed_tokens / shared_head.head copies).
     ``fp8=True`` stores the released set of Linear weights in E4M3 with 128×128 ``weight_scale_inv``
@@ -205,8 +205,8 @@ def save_hf_checkpoint(model: Transformer, path: str, dtype: torch.dtype = torch
 
     dtype_name = str(dtype).replace("torch.", "")
     config = config_to_hf(cfg, dtype_name, fp8, bos_token_id, eos_token_id)
-    return write_checkpoint(path, entries, produce, max_shard_bytes,
-                            extra_files={"config.json": json.dumps(config, indent=2) + "\n"}, copy_files=copy_files)
+    files = dict(extra_files or {}, **{"config.json": json.dumps(config, indent=2) + "\n"})
+    return write_checkpoint(path, entries, produce, max_shard_bytes, extra_files=files, copy_files=copy_files)
 
 
 # ---------------------------------------------------------------------------- run folders, inference
@@ -287,19 +287,25 @@ def load_for_inference(path: str, dtype: torch.dtype = torch.float32, tokenizer_
 
 def export_run(run_dir: str, out_dir: str, fp8: bool = False, dtype: torch.dtype = torch.bfloat16,
                max_shard_bytes: int = 5 << 30) -> list[str]:
-    """A training run's latest checkpoint as a Hugging Face checkpoint (with its tokenizer file)."""
+    """A training run's latest checkpoint as a Hugging Face checkpoint, with its tokenizer as
+    tokenizer.json + tokenizer_config.json (or tokenizer.model) and its EOS id in config.json."""
     model, folder, _ = load_run_checkpoint(run_dir)
     tok_file = find_tokenizer_file(folder)
-    copy, eos = [], None
+    extra, copy, eos = {}, {}, None
     if tok_file is not None:
         tok = load_tokenizer(tok_file)
         eos = getattr(tok, "eos_id", None)
         if tok_file.endswith(".json"):
-            copy.append(tok_file)
-    shards = save_hf_checkpoint(model, out_dir, dtype, fp8, max_shard_bytes, copy_files=copy, eos_token_id=eos)
-    if copy and os.path.basename(copy[0]) != "tokenizer.json":
-        os.replace(os.path.join(out_dir, os.path.basename(copy[0])), os.path.join(out_dir, "tokenizer.json"))
-    return shards
+            with open(tok_file) as f:
+                extra["tokenizer.json"] = f.read()
+            tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_seq_len}
+            if eos is not None:
+                tok_cfg["eos_token"] = tok.backend.id_to_token(eos)
+            extra["tokenizer_config.json"] = json.dumps(tok_cfg, indent=2) + "\n"
+        else:
+            copy["tokenizer.model"] = tok_file
+    return save_hf_checkpoint(model, out_dir, dtype, fp8, max_shard_bytes, extra_files=extra, copy_files=copy,
+                              eos_token_id=eos)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -96,7 +96,7 @@ def convert(src: str, dst: str, to: str = "bf16", max_shard_bytes: int = 5 << 30
     if to == "fp8":
         config["quantization_config"] = fp8_quantization_config()
     skip = {"config.json", INDEX_NAME}
-    extra = [os.path.join(src, f) for f in sorted(os.listdir(src))
-             if f not in skip and not f.endswith(".safetensors") and os.path.isfile(os.path.join(src, f))]
+    extra = {f: os.path.join(src, f) for f in sorted(os.listdir(src))
+             if f not in skip and not f.endswith(".safetensors") and os.path.isfile(os.path.join(src, f))}
     return write_checkpoint(dst, entries, produce, max_shard_bytes,
                             extra_files={"config.json": json.dumps(config, indent=2) + "\n"}, copy_files=extra)

@@ -201,11 +201,11 @@ def _write_file(path: str, entries: list[tuple[str, torch.dtype, tuple]], produc
 
 def write_checkpoint(out_dir: str, entries: list[tuple[str, torch.dtype, tuple]], produce: Callable[[str], Chunks],
                      max_shard_bytes: int = 5 << 30, extra_files: Optional[dict[str, str]] = None,
-                     copy_files: Iterable[str] = ()) -> list[str]:
+                     copy_files: Optional[dict[str, str]] = None) -> list[str]:
     """Write a sharded checkpoint atomically. ``entries``: (name, dtype, shape) in storage order;
     ``produce(name)`` returns the tensor, or an iterator of row blocks whose concatenation is it,
     called once per tensor in that order. ``extra_files``: name -> text (config.json, …);
-    ``copy_files``: paths copied beside the weights (tokenizer files). Returns the shard paths."""
+    ``copy_files``: name -> path of a file copied beside the weights (tokenizers). Returns the shard paths."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp_{os.path.basename(os.path.abspath(out_dir))}_{os.getpid()}")
@@ -228,8 +228,8 @@ def write_checkpoint(out_dir: str, entries: list[tuple[str, torch.dtype, tuple]]
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
-        for src in copy_files:
-            shutil.copy2(src, os.path.join(tmp, os.path.basename(src)))
+        for name, src in (copy_files or {}).items():
+            shutil.copy2(src, os.path.join(tmp, name))
         if os.path.exists(out_dir):
             old = f"{tmp}.old"
             os.rename(out_dir, old)

@@ -3,6 +3,7 @@ decoding; top-p draws follow the renormalised nucleus; the CLI from a run folder
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -91,7 +92,10 @@ def test_generate_cli_from_run_folder_and_its_export(run_dir, tmp_path, capsys):
     out = tmp_path / "hf"
     assert hf_main(["export", str(run), str(out), "--dtype", "fp32"]) == 0
     capsys.readouterr()
-    assert os.path.isfile(out / "tokenizer.json")
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok("hello world", add_special_tokens=False)["input_ids"] == prompt
+    assert hf_tok.eos_token_id == tok.eos_id == json.load(open(out / "config.json"))["eos_token_id"]
     assert generate_main(["--checkpoint", str(out), "--prompt", "hello world", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == expected + "\n"
     assert generate_main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
