@@ -129,11 +129,10 @@ class CheckpointReader:
 
     def names(self) -> list[str]:
         """Every tensor name, shard by shard in file order, each shard's tensors in storage order."""
-        out = []
-        for file, sf in self.files.items():
-            mine = [n for n, f in self.weight_map.items() if f == file]
-            out.extend(sorted(mine, key=lambda n: sf.entries[n][2]))
-        return out
+        per_file: dict[str, list[str]] = {file: [] for file in self.files}
+        for name, file in self.weight_map.items():
+            per_file[file].append(name)
+        return [n for file, names in per_file.items() for n in sorted(names, key=lambda n: self.files[file].entries[n][2])]
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
