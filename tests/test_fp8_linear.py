@@ -1,5 +1,7 @@
 """FP8 Linear (fprop, dgrad, wgrad in E4M3), report §3.3 Fig. 6: triton vs torch backend vs references."""
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
 
@@ -112,3 +114,27 @@ def test_fp8_linear_module_trains():
         losses.append(loss.item())
     assert layer.weight.dtype == torch.float32
     assert losses[-1] < 0.01 * losses[0]
+
+
+def test_torch_path_imports_and_runs_without_triton():
+    """`import triton_kernels`, the references and the autograd entry points must not need triton."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, triton_kernels\n"
+        "from triton_kernels import quant_ref, gemm_ref\n"
+        "from triton_kernels.fp8_linear import fp8_linear\n"
+        "from triton_kernels.grouped_gemm import fp8_grouped_mm\n"
+        "x = torch.randn(5, 130, requires_grad=True); w = torch.randn(7, 130, requires_grad=True)\n"
+        "fp8_linear(x, w).sum().backward()\n"
+        "off = torch.tensor([2, 5], dtype=torch.int32)\n"
+        "fp8_grouped_mm(x, torch.randn(2, 7, 130), off).sum().backward()\n"
+        "try:\n"
+        "    fp8_linear(x, w, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+        "print(dict(triton_kernels.counters))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: backend='triton' needs the triton package" in out.stdout
+    assert "'fp8_linear.wgrad': 1" in out.stdout and "'fp8_grouped_mm.dgrad': 1" in out.stdout
