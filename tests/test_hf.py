@@ -295,3 +295,56 @@ def test_unknown_and_missing_tensor(sharded):
     json.dump(index, open(sharded / "model.safetensors.index.json", "w"))
     with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.shared_experts\.up_proj\.weight' is missing"):
         load_hf_checkpoint(str(sharded))
+
+
+# ------------------------------------------------------------------------ released config.json files
+V3_CONFIG = {  # deepseek-ai/DeepSeek-V3 config.json (auto_map left out)
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "pretraining_tp": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                                    "quant_method": "fp8", "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                            "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280}
+V2_LITE_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite config.json (auto_map left out)
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2", "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+    "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 102400}
+
+
+def test_released_configs_map_to_the_published_sizes():
+    """SPEC §2: 671.03B total / 37.55B activated / MTP 11.6B (13.5B stored); V2-Lite 15.71B / 2.66B."""
+    from dsv3.hf_config import config_from_hf, config_to_hf
+    from dsv3.params import count_params
+    v3 = config_from_hf(V3_CONFIG)
+    m = v3.moe
+    assert (m.n_group, m.topk_group, m.routed_scaling_factor, m.scoring_func, m.topk_method, m.norm_topk_prob,
+            v3.n_dense_layers, v3.mtp.depth, v3.mla.q_lora_rank) == (8, 4, 2.5, "sigmoid", "noaux_tc", True, 3, 1, 1536)
+    assert v3.mla.rope_scaling == RopeScaling(factor=40.0, original_max_position_embeddings=4096)
+    c = count_params(v3)
+    assert (round(c.total / 1e9, 2), round(c.activated / 1e9, 2), round(c.mtp / 1e9, 1),
+            round(c.mtp_stored / 1e9, 1)) == (671.03, 37.55, 11.6, 13.5)
+    lite = config_from_hf(V2_LITE_CONFIG)
+    assert (lite.mla.q_lora_rank, lite.moe.scoring_func, lite.moe.n_shared_experts, lite.mtp.depth,
+            lite.mla.rope_scaling.mscale_all_dim) == (None, "softmax", 2, 0, 0.707)
+    c = count_params(lite)
+    assert (round(c.total / 1e9, 2), round(c.activated / 1e9, 2)) == (15.71, 2.66)
+    for cfg in (v3, lite):  # what we write reads back to the same config
+        assert config_from_hf(config_to_hf(cfg)) == cfg
