@@ -127,7 +127,8 @@ def dense_table(ms: list[int], nks: list[tuple[int, int]], device: str, backend:
 def grouped_table(shapes: list[tuple[int, int, int, int]], device: str, backend: str) -> None:
     from triton_kernels.backend import fp8_ops
     ops = fp8_ops(backend)
-    print(f"\n{'groups':>6} {'M/grp':>6} {'N':>5} {'K':>5} | {'bf16':>7} {'ours':>7} | {'err':>8} {'×bf16':>6} {'%DG':>5}")
+    print(f"\n{'groups':>6} {'M/grp':>6} {'N':>5} {'K':>5} | {'bf16':>7} {'ours':>7} | "
+          f"{'err':>8} {'×bf16':>6} {'%DG':>5}")
     for G, m, N, K in shapes:
         flop = 2 * G * m * N * K
         tflops = lambda t_ms: flop / t_ms / 1e9  # noqa: E731

@@ -38,7 +38,7 @@ def test_fp8_gemm_equals_fp32_matmul_of_dequantised_operands(K):
 
 
 def test_reference_equals_blockwise_promoted_sum_in_fp64():
-    """fp8_gemm_ref = Σ_kb a_scale[:, kb] · b_scale[kb] · (a_kb · b_kbᵀ), each block product exact in FP64."""
+    """fp8_gemm_ref = Σ_kb a_scale[:, kb] · b_scale[kb] · (a_kb · b_kbᵀ), block products exact in FP64."""
     M, N, K = 33, 140, 300
     a, b = _operands(M, N, K, seed=7)
     a_fp8, a_s = R.act_quant_ref(a)

@@ -88,8 +88,8 @@ def test_weight_quant_and_dequant_kernels_match_reference(shape):
     assert s.shape == (*shape[:-2], nb, kb)
     assert torch.equal(s, s_ref) and _same_fp8(w_fp8, w_fp8_ref)
     # checkpoint convention: weight_scale_inv = amax(block)/448 over the zero-padded block
-    torch.testing.assert_close(s_ref[..., -1, -1], w[..., 128 * (nb - 1):, 128 * (kb - 1):].abs().amax((-2, -1)) / 448,
-                               rtol=0, atol=0)
+    last_block = w[..., 128 * (nb - 1):, 128 * (kb - 1):]
+    torch.testing.assert_close(s_ref[..., -1, -1], last_block.abs().amax((-2, -1)) / 448, rtol=0, atol=0)
     w_back = Q.weight_dequant(w_fp8, s, dtype=torch.float32)
     assert torch.equal(w_back, R.weight_dequant_ref(w_fp8, s))
     s_full = s.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :shape[-2], :shape[-1]]

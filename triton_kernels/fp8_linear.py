@@ -36,7 +36,9 @@ class _FP8Linear(torch.autograd.Function):
         ops, dx, dw = ctx.ops, None, None
         if ctx.needs_input_grad[0]:
             dy_fp8, dy_s = ops.act_quant(dy)
-            dx = ops.gemm(dy_fp8, dy_s, w_fp8.t(), w_s.t(), out_dtype=ctx.x_dtype)
+            # a 128×128 block is a block either way round: Wᵀ reuses W's FP8 copy and scales; the
+            # copy makes the contraction dim contiguous (K-major), as the tensor cores read it
+            dx = ops.gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), out_dtype=ctx.x_dtype)
             triton_kernels.counters["fp8_linear.dgrad"] += 1
         if ctx.needs_input_grad[1]:
             dy_t, dy_t_s = ops.act_quant_t(dy)

@@ -61,7 +61,8 @@ def fp8_grouped_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Te
     assert block == BLOCK
     M, K = a_fp8.shape
     E, N, Kb = b_fp8.shape
-    assert K == Kb and offsets.numel() == E, f"shapes: a {tuple(a_fp8.shape)}, b {tuple(b_fp8.shape)}, E={offsets.numel()}"
+    assert K == Kb and offsets.numel() == E, \
+        f"shapes: a {tuple(a_fp8.shape)}, b {tuple(b_fp8.shape)}, {offsets.numel()} offsets"
     # zeros: rows past offsets[-1] belong to no expert and no tile writes them
     out = torch.zeros(M, N, dtype=out_dtype, device=a_fp8.device)
     tile_start, tile_end, tile_group, _ = (t.to(a_fp8.device) for t in token_tiles(offsets, M, block))
@@ -119,7 +120,8 @@ def fp8_grouped_wgrad(dy_t_fp8: torch.Tensor, dy_t_scale: torch.Tensor, x_t_fp8:
     dw = torch.empty(E, N, K, dtype=torch.float32, device=dy_t_fp8.device)
     tile_start, tile_end, _, group_tile = (t.to(dy_t_fp8.device) for t in token_tiles(offsets, M, block))
     T = tile_start.numel()
-    assert dy_t_scale.shape == (N, T) and x_t_scale.shape == (K, T), "scales must come from act_quant_t(…, offsets)"
+    assert dy_t_scale.shape == (N, T) and x_t_scale.shape == (K, T), \
+        "wgrad scales must come from act_quant_t(…, offsets) with the same offsets"
     if dw.numel() == 0:
         return dw
     BLOCK_N, BLOCK_K = 128, 128
@@ -152,9 +154,10 @@ class _FP8GroupedMM(torch.autograd.Function):
         ops, dx, dw = ctx.ops, None, None
         if ctx.needs_input_grad[0]:
             dy_fp8, dy_s = ops.act_quant(dy)
-            # a 128×128 block is a block either way round: wᵀ reuses w's FP8 copy and scales
-            dx = ops.grouped_gemm(dy_fp8, dy_s, w_fp8.transpose(1, 2), w_s.transpose(1, 2), offsets,
-                                  out_dtype=ctx.x_dtype)
+            # a 128×128 block is a block either way round: wᵀ reuses w's FP8 copy and scales;
+            # the copy makes the contraction dim contiguous (K-major) for the tensor cores
+            w_t = w_fp8.transpose(1, 2).contiguous()
+            dx = ops.grouped_gemm(dy_fp8, dy_s, w_t, w_s.transpose(1, 2), offsets, out_dtype=ctx.x_dtype)
             triton_kernels.counters["fp8_grouped_mm.dgrad"] += 1
         if ctx.needs_input_grad[1]:
             dy_t, dy_t_s = ops.act_quant_t(dy, offsets)
