@@ -56,3 +56,11 @@ def test_cli_and_png(tmp_path, capsys):
     main(["--kind", "dualpipev", "--ranks", "2", "--chunks", "5", "--png", str(png)])
     out = capsys.readouterr().out
     assert "closed-form bubble 2" in out and png.stat().st_size > 5000
+
+
+def test_text_timeline_dualpipe_n4():
+    """Rank 0 of DualPipe N=4, C=8 at unit costs: SPEC §4's phases with two idle slots (bubble 2)."""
+    from parallel.simulate import text_timeline
+    rows = text_timeline(simulate("dualpipe", 4, 8, UNIT)).splitlines()
+    assert rows[0] == "rank  0 |FFFFbWFXXX.XXXBB.XXXBBbWbW|"
+    assert rows[1] == "rank  1 |.FFFFFBBXXXXXXXXXBBBB.bbWW|"
