@@ -123,6 +123,12 @@ def test_token_tiles_never_straddle_experts():
 def test_transposed_quant_kernel_matches_reference(with_offsets):
     x = _mixed_magnitudes(330, 150, seed=5)
     offsets = torch.tensor([3, 3, 200, 201, 330], dtype=torch.int32) if with_offsets else None
+    if with_offsets:  # rows past offsets[-1] belong to no expert: zero in both, not mixed into a tile
+        short = torch.tensor([3, 3, 200, 201, 300], dtype=torch.int32)
+        x_t, s = Q.act_quant_t(x, short)
+        x_t_ref, s_ref = R.act_quant_t_ref(x, short)
+        assert torch.equal(s, s_ref) and _same_fp8(x_t, x_t_ref)
+        assert torch.all(x_t[:, 300:].float() == 0)
     x_t, s = Q.act_quant_t(x, offsets)
     x_t_ref, s_ref = R.act_quant_t_ref(x, offsets)
     assert x_t.shape == (150, 330) and s.shape == s_ref.shape
