@@ -138,7 +138,7 @@ def act_quant_t_ref(x: torch.Tensor, offsets: torch.Tensor | None = None, block:
     tile = row_to_tile(offsets, M, block).to(x.device)  # (M,)
     T = token_tiles(offsets, M, block)[0].numel()
     covered = torch.arange(M, device=x.device) < token_tiles(offsets, M, block)[1].to(x.device)[tile]
-    xt = (x.float() * covered[:, None]).t()  # (K, M); rows past offsets[-1] belong to no tile
+    xt = torch.where(covered[:, None], x.float(), 0.0).t()  # (K, M); rows past offsets[-1]: no tile
     amax = torch.zeros(K, T, dtype=torch.float32, device=x.device)
     amax.scatter_reduce_(1, tile.expand(K, M), xt.abs(), reduce="amax", include_self=True)
     scale = scale_from_amax(amax, pow2_scale)
