@@ -47,9 +47,10 @@ def apply_expert_parallel(model: torch.nn.Module, mesh: Mesh, pcfg=None, *, fp8:
                           placement: Optional[Placement] = None, kind: Optional[str] = None,
                           sim_bandwidth: Optional[dict] = None) -> TrafficCounters:
     """Shard every MoE layer's routed experts over the mesh's EP group and install the dispatcher
-    (``pcfg.dispatcher``: flat | two_hop). ``placement`` defaults to contiguous blocks of experts;
-    an EPLB placement with redundant replicas also works (replicas' grads are then reduced by the
-    caller with ``sync_grads``). Returns the traffic counters shared by all layers."""
+    (``pcfg.dispatcher``: flat | two_hop). ``placement`` defaults to contiguous blocks of experts.
+    A placement with redundant replicas (EPLB) routes correctly in forward, but the replicas' grads
+    are not yet summed across the ranks holding them: use it for inference only.
+    Returns the traffic counters shared by all layers (``traffic.per_token()`` for the step log)."""
     kind = kind or getattr(pcfg, "dispatcher", "two_hop")
     traffic = TrafficCounters()
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
@@ -71,8 +72,7 @@ def _replicated_params(model):
 
 
 def sync_grads(model: torch.nn.Module, mesh: Mesh) -> None:
-    """All-reduce: replicated params mean over DP; expert shards summed over expert-DP, ÷ DP.
-    Replicas of one logical expert on several ranks (EPLB) are summed by ``sync_replica_grads``."""
+    """All-reduce: replicated params mean over DP; expert shards summed over expert-DP, ÷ DP."""
     dp = mesh.dp
     for p in _replicated_params(model) + _expert_params(model):
         if p.grad is None:
