@@ -102,7 +102,9 @@ def token_tiles(offsets: torch.Tensor | None, M: int, block: int = BLOCK):
         offsets = torch.tensor([M], dtype=torch.int32)
     device = offsets.device
     E = offsets.numel()
-    ends = offsets.to(torch.int64)
+    # clamped to [0, M] and made non-decreasing on the device (no host sync): whatever the caller
+    # passes, no kernel driven by this schedule can touch a row outside x
+    ends = torch.cummax(offsets.to(torch.int64).clamp(0, M), 0).values if E else offsets.to(torch.int64)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     tiles_per_group = (ends - starts + block - 1) // block
     group_tile_start = torch.cat([ends.new_zeros(1), tiles_per_group.cumsum(0)])  # (E+1,)
