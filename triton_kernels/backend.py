@@ -1,6 +1,7 @@
 """Backend switch for the FP8 ops: Triton kernels on a GPU, the torch fake-quant reference on CPU.
 
-backend="auto": triton when the tensor is on a CUDA device and triton imports, else torch.
+backend="auto": triton when the tensor is on a CUDA device with FP8 tensor cores (sm_89 / sm_90
+and later) and triton imports, else torch.
 backend="triton": the kernels (on CPU only under TRITON_INTERPRET=1 — for tests, far too slow to train).
 backend="torch": the references in quant_ref / gemm_ref (same quantisation, FP32 matmul).
 """
@@ -18,8 +19,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"FP8 backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         from triton_kernels._triton_compat import HAS_TRITON
-        return "triton" if HAS_TRITON and device.type == "cuda" else "torch"
+        return "triton" if HAS_TRITON and device.type == "cuda" and _has_fp8_tensor_cores(device) else "torch"
     return backend
+
+
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    if not torch.cuda.is_available():  # a "cuda" device named on a machine without one: say yes,
+        return True                    # the kernels will then report the missing GPU themselves
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def fp8_ops(backend: str) -> SimpleNamespace:
