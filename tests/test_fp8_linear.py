@@ -86,11 +86,16 @@ def test_dtypes_bf16_activations_fp32_master_weight():
     assert xx2.grad is not None and w.grad is None
 
 
-def test_backend_switch():
-    cpu = torch.device("cpu")
+def test_backend_switch(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cpu) == "torch"
     assert resolve_backend("triton", cpu) == "triton"
-    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert resolve_backend("torch", cuda) == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
+    assert resolve_backend("auto", cuda) == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100: no FP8
+    assert resolve_backend("auto", cuda) == "torch"
     with pytest.raises(ValueError, match="FP8 backend must be one of"):
         resolve_backend("cuda", cpu)
     with pytest.raises(ValueError, match="fp8_linear"):

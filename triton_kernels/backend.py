@@ -24,9 +24,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _has_fp8_tensor_cores(device: torch.device) -> bool:
-    if not torch.cuda.is_available():  # a "cuda" device named on a machine without one: say yes,
-        return True                    # the kernels will then report the missing GPU themselves
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def fp8_ops(backend: str) -> SimpleNamespace:
