@@ -1,0 +1,41 @@
+"""Precision policy (report §3.3, SPEC §3): FP8 (E4M3) for every GEMM of the attention projections,
+dense FFNs, shared and routed experts — fprop, dgrad and wgrad, 1×128 activation and 128×128 weight
+scales — while the embedding, output head, MoE gate, normalisations, the core attention (QKᵀ, softmax,
+·V) and the MTP eh_proj stay in BF16/FP32. Applied by swapping the model's hooks, so model files
+never import the kernels: ``Linear.impl`` (linear_impl) and ``GroupedExperts.gmm`` (grouped_mm_impl).
+
+On CPU the kernels' torch fake-quant reference runs (backend "auto"); on a GPU the Triton kernels.
+"""
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+from dsv3.config import FP8Config
+from dsv3.experts import GroupedExperts
+from dsv3.layers import Linear
+
+
+def apply_fp8(model: nn.Module, cfg: FP8Config) -> dict:
+    """Route every non-exempt Linear and every routed-expert GEMM through FP8. Returns the counts
+    {"fp8_linear": n, "exempt_linear": n, "fp8_grouped": n} of modules switched or kept."""
+    if cfg.block != 128:
+        raise ValueError(f"fp8.block={cfg.block}: the kernels implement the report's 128 (1×128 and 128×128 tiles)")
+    from triton_kernels.fp8_linear import fp8_linear
+    from triton_kernels.grouped_gemm import fp8_grouped_mm
+
+    linear = functools.partial(fp8_linear, backend=cfg.backend)
+    grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend)
+    counts = {"fp8_linear": 0, "exempt_linear": 0, "fp8_grouped": 0}
+    for module in model.modules():
+        if isinstance(module, Linear):
+            if module.fp8_exempt:
+                counts["exempt_linear"] += 1
+            else:
+                module.impl = linear
+                counts["fp8_linear"] += 1
+        elif isinstance(module, GroupedExperts):
+            module.gmm = grouped
+            counts["fp8_grouped"] += 1
+    return counts
