@@ -32,7 +32,10 @@ def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) ->
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch._grouped_mm needs fp32/bf16/fp16 operands with 16-byte aligned row strides."""
+    """torch._grouped_mm needs fp32/bf16/fp16 operands with 16-byte aligned row strides, and at least
+    one row (its backward fails on an empty input, as on an expert-parallel rank that received nothing)."""
+    if x.shape[0] == 0:
+        return False
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if w.dtype != x.dtype:

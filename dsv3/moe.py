@@ -47,7 +47,7 @@ class Gate(nn.Module):
         if c.topk_method == "noaux_tc":
             choice = scores + self.e_score_correction_bias.to(scores.dtype)
         if c.n_group > 1 and c.topk_method != "greedy":
-            grouped = choice.view(x.shape[0], c.n_group, -1)
+            grouped = choice.view(x.shape[0], c.n_group, c.n_routed_experts // c.n_group)  # N may be 0
             if c.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:
@@ -57,7 +57,8 @@ class Gate(nn.Module):
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         indices = stable_topk(choice, c.n_activated_experts)
         weights = scores.gather(1, indices)
-        if c.norm_topk_prob and c.n_activated_experts > 1:
+        # the official V3 gate normalises even a single choice; V2 only when top_k > 1
+        if c.norm_topk_prob and (c.topk_method == "noaux_tc" or c.n_activated_experts > 1):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * c.routed_scaling_factor, indices, scores
 
@@ -133,7 +134,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         y = y.view(B, T, D)
-        if self.cfg.aux_loss_alpha > 0 and self.training:
+        if self.cfg.aux_loss_alpha > 0 and self.training and B * T > 0:
             aux = balance_loss(scores, indices, B, self.cfg.aux_loss_alpha, self.cfg.aux_loss_type == "sequence")
             self.last_balance_loss = aux.detach()
             if torch.is_grad_enabled():

@@ -142,3 +142,19 @@ def test_dispatcher_hook_is_used():
     moe.dispatcher = spy
     torch.testing.assert_close(moe(x), y0, rtol=0, atol=0)
     assert calls == [((10, 16), (10, 2), (10, 2))]
+
+
+def test_moe_with_zero_tokens_gives_empty_output_and_zero_grads():
+    """An expert-parallel rank may route no tokens: the layer must still run forward and backward."""
+    import dsv3.config as C
+    from dsv3.moe import MoE
+    torch.manual_seed(0)
+    cfg = C.MoEConfig(n_routed_experts=8, n_group=4, topk_group=2, n_activated_experts=2, moe_inter_dim=16)
+    moe = MoE(32, cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.zeros(0, 5, 32, requires_grad=True)
+    y = moe(x)
+    y.sum().backward()
+    assert y.shape == (0, 5, 32)
+    assert moe.experts.w1.grad is None or moe.experts.w1.grad.abs().sum().item() == 0.0
