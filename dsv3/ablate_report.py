@@ -44,8 +44,9 @@ def fmt(xs: list[float], digits: int) -> str:
     return f"{m:.{digits}f} ± {'n/a' if math.isnan(s) else f'{s:.{digits}f}'}"
 
 
-def verdict(name: str, base: str, a: list[float], b: list[float], digits: int, what: str) -> str:
-    delta, sigma, resolved = compare(a, b)
+def verdict(name: str, base: str, a: list[float], b: list[float], digits: int, what: str,
+            paired: bool = False) -> str:
+    delta, sigma, resolved = compare(a, b, paired=paired)
     if math.isnan(sigma):
         return (f"- {name} vs {base}, {what}: Δ = {delta:+.{digits}f}; not resolved at this scale "
                 f"(fewer than 2 seeds, no σ)")
@@ -277,12 +278,15 @@ def write_report(out: str, spec: dict, variants) -> str:
     best = min(table, key=lambda n: mean_std(table[n]["maxvio_mean"])[0])
     worst = max(table, key=lambda n: mean_std(table[n]["maxvio_mean"])[0])
     lines += ["", f"## Differences from `{base}`", "",
-              "A difference is called one only when |Δ of the seed means| > 2σ, σ = √(s_a²/n_a + s_b²/n_b).", ""]
+              "A difference is called one only when |Δ| > 2σ. Variants that ran the same seeds are compared "
+              "paired by seed (same initialisation and data order): Δ = mean of the per-seed differences, "
+              "σ = their std / √n; otherwise σ = √(s_a²/n_a + s_b²/n_b).", ""]
     for name, row in table.items():
         if name == base:
             continue
-        lines.append(verdict(name, base, row["val_loss"], table[base]["val_loss"], 4, "validation loss"))
-        lines.append(verdict(name, base, row["maxvio_mean"], table[base]["maxvio_mean"], 3, "MaxVio mean"))
+        paired = row["seeds"] == table[base]["seeds"]
+        for col, digits, what in (("val_loss", 4, "validation loss"), ("maxvio_mean", 3, "MaxVio mean")):
+            lines.append(verdict(name, base, row[col], table[base][col], digits, what, paired))
     plot_maxvio(table, os.path.join(out, "maxvio.png"))
     plot_val_loss(table, os.path.join(out, "val_loss.png"))
     plot_load_heatmap(best, table[best], os.path.join(out, "load_best.png"), "best balanced")

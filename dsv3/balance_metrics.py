@@ -188,12 +188,20 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
 
 
-def compare(a: list[float], b: list[float], k: float = 2.0) -> tuple[float, float, bool]:
-    """Δ = mean(a) − mean(b), σ_Δ = √(s_a²/n_a + s_b²/n_b) (standard error of the difference of the
-    seed means), and whether |Δ| > k·σ_Δ. Fewer than 2 seeds on a side: σ_Δ is nan, never resolved."""
+def compare(a: list[float], b: list[float], k: float = 2.0, paired: bool = False) -> tuple[float, float, bool]:
+    """Δ = mean(a) − mean(b) and whether |Δ| > k·σ_Δ. Unpaired: σ_Δ = √(s_a²/n_a + s_b²/n_b), the standard
+    error of the difference of the seed means. Paired (a[i], b[i] share seed i, so the same
+    initialisation and data order): σ_Δ = s_d/√n of the per-seed differences d_i = a_i − b_i, which
+    removes the seed-to-seed spread both share. Fewer than 2 seeds: σ_Δ is nan, never resolved."""
     ma, sa = mean_std(a)
     mb, sb = mean_std(b)
     if len(a) < 2 or len(b) < 2:
         return ma - mb, float("nan"), False
+    if paired:
+        if len(a) != len(b):
+            raise ValueError("a paired comparison needs one value per seed on both sides")
+        md, sd = mean_std([x - y for x, y in zip(a, b)])
+        sigma = sd / math.sqrt(len(a))
+        return md, sigma, abs(md) > k * sigma
     sigma = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
     return ma - mb, sigma, abs(ma - mb) > k * sigma

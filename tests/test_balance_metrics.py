@@ -116,3 +116,10 @@ def test_summary_and_two_sigma_rule(tmp_path):
     delta, sigma, resolved = compare([2.253, 2.251, 2.255], [2.258, 2.250, 2.266])
     assert delta == pytest.approx(-0.005) and not resolved     # Table 5's 0.005 gap, with this spread
     assert not compare([1.0], [5.0])[2] and math.isnan(compare([1.0], [5.0])[1])
+
+
+def test_paired_comparison_removes_the_shared_seed_spread():
+    a, b = [5.60, 5.40, 6.00], [5.65, 5.46, 6.04]   # seed spread 0.3, per-seed differences −0.05 ± 0.01
+    assert not compare(a, b)[2]
+    delta, sigma, resolved = compare(a, b, paired=True)
+    assert delta == pytest.approx(-0.05) and sigma == pytest.approx(0.01 / math.sqrt(3)) and resolved
