@@ -3,9 +3,9 @@
 # and batch-wise auxiliary loss, aux-loss-free sign update with and without the sequence-wise loss,
 # proportional update) x 3 seeds, the same data order per seed. Writes runs/ablate_small_moe/report.md
 # and its plots. Resumable: rerunning skips finished runs. Not run in CI.
-#   bash benchmarks/ablate_small_moe.sh                 # STEPS=150 by default (~90 min on 2 CPU cores)
+#   bash benchmarks/ablate_small_moe.sh                 # STEPS=400 (the config's own schedule): ~75-90 min on 2 CPU cores
 #   STEPS=400 SEEDS=3 OUT=runs/abl bash benchmarks/ablate_small_moe.sh train.micro_batch_size=8
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/env.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-exec "$PY" -m dsv3.ablate --config configs/small_moe.yaml --steps "${STEPS:-150}" --seeds "${SEEDS:-3}" \
+exec "$PY" -m dsv3.ablate --config configs/small_moe.yaml --steps "${STEPS:-400}" --seeds "${SEEDS:-3}" \
   --out "${OUT:-runs/ablate_small_moe}" --baseline aux_seq "$@"
