@@ -13,7 +13,8 @@ unfinished ones from scratch. The compared settings (Wang et al. 2024; DeepSeek-
 (α), ``aux_loss_type`` (sequence | batch), ``topk_group`` (= ``n_group`` turns the group limit off).
 
 A variants file is YAML: ``variants:`` a list of ``{name: NAME, overrides: [a.b=value, ...]}`` (a
-mapping ``{a.b: value}`` works too). Extra ``key=value`` arguments apply to every run.
+mapping ``{a.b: value}`` works too); the pseudo-override ``GROUP_LIMIT_OFF`` sets ``topk_group`` to the
+resolved config's ``n_group``. Extra ``key=value`` arguments apply to every run.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def load_variants(path: str) -> list[Variant]:
         ov = item.get("overrides") or []
         if isinstance(ov, dict):
             ov = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in ov.items()]
-        if not isinstance(ov, list) or not all(isinstance(o, str) and "=" in o for o in ov):
+        ok = isinstance(ov, list) and all(isinstance(o, str) and ("=" in o or o == "GROUP_LIMIT_OFF") for o in ov)
+        if not ok:
             raise UserError(f"{where}: overrides must be a list of 'a.b.c=value' strings or a mapping")
         out.append(Variant(str(item["name"]), tuple(ov), str(item.get("note", ""))))
     return out

@@ -192,3 +192,15 @@ def test_bad_variants_file_is_one_clear_error(tmp_path, capsys):
                         "--steps", "2", "--out", str(tmp_path / "o")]) == 2
     assert "variant 'x': model.moe.aux_loss_type" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "runs")
+
+
+def test_full_matrix_is_valid_and_group_limit_off_resolves_n_group():
+    spec = dict(config=os.path.join(ROOT, "configs", "small_moe.yaml"), steps=10, seeds=1, out="/tmp/unused",
+                overrides=[])
+    ablate.check_variants(spec, ablate.FULL_MATRIX)
+    assert [v.name for v in ablate.DEFAULT_MATRIX] == ["no_balance", "aux_seq", "aux_batch", "alf_sign",
+                                                       "alf_sign_seq", "alf_prop"]
+    nogroup = next(v for v in ablate.FULL_MATRIX if "GROUP_LIMIT_OFF" in v.overrides)
+    cfg = ablate.load_config(spec["config"], ablate.run_overrides(spec, nogroup, 0))
+    assert (cfg.model.moe.n_group, cfg.model.moe.topk_group) == (4, 4)
+    assert cfg.model.moe.bias_update == "sign" and cfg.train.seed == 0
