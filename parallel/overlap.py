@@ -1,0 +1,308 @@
+"""Computation–communication overlap of a paired forward and backward chunk (report §3.2.1, Figure 4).
+
+A MoE ``Block`` runs as parts with autograd cut between them (each part's inputs are fresh leaves):
+
+    forward:  attn (norms, MLA, gate; launches dispatch) | mlp (experts; launches combine) + shared experts | out
+    backward: out (launches combine-bwd) + shared-bwd | mlp B (launches dispatch-bwd), mlp W | attn B, attn W
+
+Each chunk is a generator that yields right before it waits on an all-to-all. ``run_pair`` alternates
+the backward chunk of micro-batch b and the forward chunk of micro-batch f at every yield, starting
+with the backward, so every all-to-all of one is in flight while the other computes (Figure 4):
+
+    B: combine-bwd ▶, shared B | F: attn ▶ dispatch | B: mlp B ▶ dispatch-bwd, mlp W | F: mlp ▶ combine, shared |
+    B: attn B, attn W, next layer's combine-bwd ▶ … | F: + residual, next layer's attn ▶ …
+
+Without ``overlap`` the same parts run F then B, so results are bitwise those of the overlapped run; the
+parts are the very ops of ``Block.forward`` and its autograd backward, in the same order, so they are
+also bitwise those of the unsplit module. On CPU the all-to-alls are gloo ``async_op`` collectives
+(``parallel.all_to_all``); on GPU the same yields are where a communication stream takes over.
+
+``parallel.overlap_pipeline.OverlapPipeline`` runs every pipeline stage this way.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Generator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsv3.block import Block
+from dsv3.moe import AuxLossScaler, MoE, balance_loss
+from parallel.all_to_all import EPDispatcher, _pack, _Pending, _unpack
+from parallel.schedules import Op
+from parallel.trace import A2A, SerialLink, Tracer
+from parallel.weight_grad import backward_input
+
+WSink = Callable[[str, Callable[[], None]], None]   # receives each part's weight-grad closure
+
+
+# ----------------------------------------------------------------- modelled, traced transport
+class LinkDispatcher(EPDispatcher):
+    """An ``EPDispatcher`` whose every all-to-all also holds this rank's ``SerialLink`` (the modelled
+    IB/NVLink time, slept out in ``wait``) and is recorded in ``tracer``. Shared, not copied, when a
+    pipeline deep-copies its stages: it is this rank's communication, not a model weight."""
+
+    def __init__(self, base: EPDispatcher, link: SerialLink, tracer: Optional[Tracer] = None):
+        self.__dict__.update(base.__dict__)
+        self.link, self.tracer = link, tracer
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def _send(self, hop, buf, send_counts, recv_counts, direction, async_op) -> _Pending:
+        row_bytes = buf.shape[1]
+        per_link: dict[str, int] = {}
+        for peer, c in enumerate(send_counts):
+            lk = hop.links[peer]
+            self.traffic.add(direction, lk, c * row_bytes, c)
+            if lk != "self":
+                per_link[lk] = per_link.get(lk, 0) + c * row_bytes
+        start, done = self.link.reserve(per_link)
+        if self.tracer is not None:
+            self.tracer.add(direction, A2A, start, done)
+        out = buf.new_empty(sum(recv_counts), row_bytes)
+        work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=async_op)
+        return _Pending(work if async_op else None, out, done)
+
+
+def use_link_model(model: nn.Module, link: SerialLink, tracer: Optional[Tracer] = None) -> None:
+    """Wrap every MoE layer's ``EPDispatcher`` (from ``apply_expert_parallel``) in a ``LinkDispatcher``."""
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        if isinstance(moe.dispatcher, EPDispatcher):
+            moe.dispatcher = LinkDispatcher(moe.dispatcher, link, tracer)
+
+
+class _RouteForward:
+    """Combine's backward as an asynchronous all-to-all: dy out along the dispatch route (the same ops
+    as ``_CombineAttach.backward``); later hops start when the earlier one is waited on."""
+
+    def __init__(self, disp: EPDispatcher, hops: list, gy: torch.Tensor):
+        self.disp, self.hops, self.i = disp, hops, 0
+        self._launch(gy.contiguous())
+
+    def _launch(self, g: torch.Tensor) -> None:
+        hop = self.hops[self.i]
+        self.spec = [(g.dtype, tuple(g.shape[1:]))]
+        buf = _pack([g[hop.plan.send_rows]])
+        self.pend = self.disp._send(hop, buf, hop.send_counts, hop.recv_counts, "combine_bwd", True)
+
+    def wait(self) -> torch.Tensor:
+        while True:
+            g = _unpack(self.pend.wait(), self.spec)[0]
+            self.i += 1
+            if self.i == len(self.hops):
+                return g
+            self._launch(g)
+
+
+class _RouteReverse:
+    """Dispatch's backward as an asynchronous all-to-all: (dx, dw) back along the route, summed at every
+    relay and at the source (the same ops as ``_DispatchAttach.backward``)."""
+
+    def __init__(self, disp: EPDispatcher, hops: list, parts: list[torch.Tensor]):
+        self.disp, self.hops = disp, hops
+        self.finish = disp._reverse_hop(hops[-1], parts, "dispatch_bwd", True)
+
+    def wait(self) -> list[torch.Tensor]:
+        parts = self.finish()
+        for hop in reversed(self.hops[:-1]):
+            parts = self.disp._reverse_hop(hop, parts, "dispatch_bwd", False)()
+        return parts
+
+
+# --------------------------------------------------------------------------------- pieces
+@dataclass
+class Piece:
+    """One step of a stage: ``fn(x, mb) -> y``. With ``block`` set (a MoE Block whose dispatcher is an
+    ``EPDispatcher``) it runs as overlappable parts, with ``rope(T) -> (cos, sin)``; else as one part."""
+    name: str
+    fn: Callable
+    params: list
+    block: Optional[Block] = None
+    rope: Optional[Callable] = None
+
+    @property
+    def splits(self) -> bool:
+        b = self.block
+        return b is not None and isinstance(b.ffn, MoE) and isinstance(b.ffn.dispatcher, EPDispatcher)
+
+
+def _params(*modules) -> list[nn.Parameter]:
+    return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def stage_pieces(module: nn.Module) -> list[Piece]:
+    """A stage's pieces: its own ``overlap_pieces()`` if it has one, else the whole stage as one part."""
+    if hasattr(module, "overlap_pieces"):
+        return module.overlap_pieces()
+    return [Piece(type(module).__name__, module, _params(module))]
+
+
+def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generator:
+    """The ops of ``Block.forward`` + ``MoE.forward`` in their order, cut at the all-to-alls."""
+    moe: MoE = block.ffn
+    disp: EPDispatcher = moe.dispatcher
+    with tr.span("attn F"):
+        h = x + block.attn(block._norm(block.attn_norm, x), cos, sin, None, 0)
+        xn = block._norm(block.ffn_norm, h)
+        B, T, D = xn.shape
+        flat = xn.reshape(B * T, D)
+        weights, indices, scores = moe.gate(flat)
+        if moe.training:
+            with torch.no_grad():
+                counts = torch.bincount(indices.flatten(), minlength=moe.cfg.n_routed_experts)
+                moe.tokens_per_expert += counts.to(moe.tokens_per_expert.dtype)
+        w = weights.to(flat.dtype)
+        handle = disp.dispatch(flat.detach(), indices, w.detach())
+        aux = None
+        if moe.cfg.aux_loss_alpha > 0 and moe.training and B * T > 0:
+            aux = balance_loss(scores, indices, B, moe.cfg.aux_loss_alpha, moe.cfg.aux_loss_type == "sequence")
+            moe.last_balance_loss = aux.detach()
+    yield
+    recv = handle.wait()
+    with tr.span("mlp F"):
+        rx, rw = recv.x.detach().requires_grad_(), recv.weight.detach().requires_grad_()
+        recv = dataclasses.replace(recv, x=rx, weight=rw)
+        y_rows = disp.run_experts(recv, moe.experts)
+        combine = disp.combine(y_rows.detach(), recv)
+    flat_s = s = None
+    if moe.shared_experts is not None:
+        with tr.span("shared F"):
+            flat_s = flat.detach().requires_grad_()
+            s = moe.shared_experts(flat_s)
+    yield
+    yc = combine.wait().detach().requires_grad_()
+    with tr.span("out F"):
+        h_o = h.detach().requires_grad_()
+        s_o = None if s is None else s.detach().requires_grad_()
+        y = yc if s_o is None else yc + s_o
+        y = y.view(B, T, D)
+        aux_o = None
+        if aux is not None:
+            aux_o = aux.detach().requires_grad_()
+            y = AuxLossScaler.apply(y, aux_o, moe.aux_loss_scale)
+        out = h_o + y
+    return out, dict(x=x, h=h, flat=flat, w=w, aux=aux, hops=recv.hops, rx=rx, rw=rw, y_rows=y_rows,
+                     flat_s=flat_s, s=s, h_o=h_o, yc=yc, s_o=s_o, aux_o=aux_o, out=out)
+
+
+def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: WSink) -> Generator:
+    moe: MoE = block.ffn
+    disp: EPDispatcher = moe.dispatcher
+    with tr.span("out B"):
+        leaves = [t for t in (r["h_o"], r["yc"], r["s_o"], r["aux_o"]) if t is not None]
+        g = dict(zip([id(t) for t in leaves], torch.autograd.grad(r["out"], leaves, g_out)))
+        route = _RouteForward(disp, r["hops"], g[id(r["yc"])])
+    g_flat = None
+    if r["s"] is not None:
+        with tr.span("shared B"):
+            (g_flat,), weight = backward_input([r["s"]], [g[id(r["s_o"])]], [r["flat_s"]], _params(moe.shared_experts))
+        sink("shared W", weight)
+    yield
+    g_rows = route.wait()
+    with tr.span("mlp B"):
+        (g_rx, g_rw), weight = backward_input([r["y_rows"]], [g_rows], [r["rx"], r["rw"]], _params(moe.experts))
+        g_rx = torch.zeros_like(r["rx"]) if g_rx is None else g_rx
+        g_rw = torch.zeros_like(r["rw"]) if g_rw is None else g_rw
+        route = _RouteReverse(disp, r["hops"], [g_rx.to(r["flat"].dtype).contiguous(), g_rw.float().contiguous()])
+    sink("mlp W", weight)
+    yield
+    g_flat_d, g_w = route.wait()
+    with tr.span("attn B"):
+        g_flat = g_flat_d if g_flat is None else g_flat + g_flat_d
+        outs, grads = [r["h"], r["flat"], r["w"]], [g[id(r["h_o"])], g_flat, g_w.to(r["w"].dtype)]
+        if r["aux_o"] is not None:
+            outs.append(r["aux"])
+            grads.append(g[id(r["aux_o"])])
+        params = _params(block.attn_norm, block.attn, block.ffn_norm, moe.gate)
+        (g_x,), weight = backward_input(outs, grads, [r["x"]], params)
+    sink("attn W", weight)
+    return g_x
+
+
+def stage_forward(pieces: Sequence[Piece], x: Optional[torch.Tensor], mb: dict, tr: Tracer) -> Generator:
+    """Generator over a stage's forward; returns (output, record for ``stage_backward``)."""
+    record = []
+    for i, p in enumerate(pieces):
+        if i > 0:
+            x = x.detach().requires_grad_()
+        if p.splits:
+            y, r = yield from _moe_forward(p.block, x, *p.rope(x.shape[1]), tr)
+        else:
+            with tr.span(f"{p.name} F"):
+                y = p.fn(x, mb)
+            r = dict(x=x, out=y)
+        record.append((p, r))
+        x = y
+    return x, record
+
+
+def stage_backward(record: list, g: Optional[torch.Tensor], tr: Tracer, sink: WSink) -> Generator:
+    """Generator over a stage's backward; returns the input's gradient (None on a first stage)."""
+    for p, r in reversed(record):
+        if p.splits:
+            g = yield from _moe_backward(p.block, r, g, tr, sink)
+        else:
+            with tr.span(f"{p.name} B"):
+                inputs = [] if r["x"] is None else [r["x"]]
+                grads, weight = backward_input([r["out"]], [g], inputs, p.params)
+                g = grads[0] if inputs else None
+            sink(f"{p.name} W", weight)
+    return g
+
+
+def drain(gen: Generator):
+    """Runs a chunk to its end without interleaving (each all-to-all waited on right after launch)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as e:
+            return e.value
+
+
+def run_pair(f_gen: Generator, b_gen: Generator, tr: Tracer, f_mb: int = -1, b_mb: int = -1,
+             overlap: bool = True):
+    """A paired F&B: (forward's return, backward's return). ``overlap``: Figure 4's interleaving,
+    backward first; else the forward to its end, then the backward."""
+    chunks = [["B", b_mb, b_gen], ["F", f_mb, f_gen]] if overlap else [["F", f_mb, f_gen], ["B", b_mb, b_gen]]
+    done = {}
+    while chunks:
+        for c in list(chunks):
+            phase, mb, gen = c
+            with tr.context(phase, mb):
+                try:
+                    while True:
+                        next(gen)
+                        if overlap:
+                            break
+                except StopIteration as e:
+                    done[phase] = e.value
+                    chunks.remove(c)
+    return done["F"], done["B"]
+
+
+def run_now(tr: Tracer) -> WSink:
+    def sink(name: str, weight: Callable[[], None]) -> None:
+        with tr.span(name):
+            weight()
+    return sink
+
+
+def pair_1f1b(ops: Sequence[Op]) -> list[Op]:
+    """1F1B's steady state F(i+w), B(i) as one FB op (micro-batches differ; the last stage's F and B of
+    one micro-batch stay apart). Waiting for both inputs first cannot deadlock: F(i+w)'s activation was
+    sent in the previous op, B(i)'s gradient comes from a rank whose B(i) needs nothing of this op."""
+    out, i = [], 0
+    while i < len(ops):
+        a, b = ops[i], ops[i + 1] if i + 1 < len(ops) else None
+        if a.kind == "F" and b is not None and b.kind == "B" and a.mb != b.mb:
+            out.append(Op("FB", f=a, b=b, sends=a.sends + b.sends, recvs=a.recvs + b.recvs))
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
