@@ -293,8 +293,12 @@ def run_now(tr: Tracer) -> WSink:
 
 def pair_1f1b(ops: Sequence[Op]) -> list[Op]:
     """1F1B's steady state F(i+w), B(i) as one FB op (micro-batches differ; the last stage's F and B of
-    one micro-batch stay apart). Waiting for both inputs first cannot deadlock: F(i+w)'s activation was
-    sent in the previous op, B(i)'s gradient comes from a rank whose B(i) needs nothing of this op."""
+    one micro-batch stay apart). It cannot deadlock (F(i+w)'s activation came in the previous op, B(i)'s
+    gradient from a rank whose B(i) needs nothing of this op), but on plain 1F1B it does not pay: rank
+    r's pair i waits for rank r+1's pair i, which waits for rank r's pair i−1's forward output, so the
+    steady state issues one pair per 2·(F&B) instead of one F and one B per F + B. Megatron pairs
+    chunks of different virtual stages (interleaved 1F1B) to break that cycle; DualPipe pairs the two
+    directions. Kept for the comparison (``OverlapPipeline(pair_steady=True)``)."""
     out, i = [], 0
     while i < len(ops):
         a, b = ops[i], ops[i + 1] if i + 1 < len(ops) else None

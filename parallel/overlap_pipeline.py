@@ -5,8 +5,8 @@
     losses = pipe.step(microbatches)
 
 Every stage runs as the parts of ``parallel.overlap`` (``stage_pieces``): DualPipe's and DualPipeV's FB
-ops interleave the forward and backward chunks, and 1F1B's steady state is paired F(i+w)&B(i) as in
-Megatron's combined 1F1B all-to-all overlap. ``overlap=False`` runs the same parts F then B: the
+ops interleave the forward and backward chunks. 1F1B's steady state can be paired F(i+w)&B(i)
+(``pair_steady``; see ``pair_1f1b`` for why that lengthens plain 1F1B's step). ``overlap=False`` runs the same parts F then B: the
 non-overlapped execution, bitwise equal. ``BlockStage`` cuts a dsv3 ``Transformer`` into stages of
 Blocks (embedding on the first, norm + head + cross-entropy on the last).
 """
@@ -27,7 +27,7 @@ from parallel.trace import P2P, Tracer
 
 
 @contextlib.contextmanager
-def _member_only_groups():
+def member_only_groups_ctx():
     """``Pipeline`` makes its copy groups with ``dist.new_group``, which every rank of the world must
     enter in the same order; with several pipelines side by side (one per expert rank, PP × EP) each
     builds different groups, so let only the members of each group take part."""
@@ -60,8 +60,8 @@ class OverlapPipeline(Pipeline):
     all-to-all (through ``LinkDispatcher``) and blocking receive. ``member_only_groups``: PP × EP meshes."""
 
     def __init__(self, model, stages, kind, num_chunks, *, overlap: bool = True, tracer: Optional[Tracer] = None,
-                 pair_steady: bool = True, member_only_groups: bool = False, **kw):
-        with _member_only_groups() if member_only_groups else contextlib.nullcontext():
+                 pair_steady: bool = False, member_only_groups: bool = False, **kw):
+        with member_only_groups_ctx() if member_only_groups else contextlib.nullcontext():
             super().__init__(model, stages, kind, num_chunks, **kw)
         self.overlap = overlap
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
