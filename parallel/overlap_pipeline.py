@@ -23,7 +23,7 @@ from torch import nn
 from parallel.overlap import Piece, drain, pair_1f1b, run_now, run_pair, stage_backward, stage_forward, stage_pieces
 from parallel.pipeline import Pipeline
 from parallel.schedules import Op
-from parallel.trace import P2P, Tracer
+from parallel.trace import OP, P2P, Tracer
 
 
 @contextlib.contextmanager
@@ -103,6 +103,10 @@ class OverlapPipeline(Pipeline):
                             w()
             self.wqueue.append((b.stage, b.mb, weight))
         self._after_backward(b, dx)
+
+    def _run(self, op: Op) -> None:
+        with self.tracer.context("", op.mb if op.kind != "FB" else op.f.mb), self.tracer.span(repr(op), OP):
+            super()._run(op)
 
     def _forward_backward(self, op: Op) -> None:
         self._fb = op

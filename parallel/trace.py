@@ -24,13 +24,13 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-COMPUTE, A2A, P2P = "compute", "a2a", "p2p"
+COMPUTE, A2A, P2P, OP = "compute", "a2a", "p2p", "op"   # op: a whole schedule op (F, B, W, FB)
 
 
 @dataclass
 class Event:
     name: str
-    cat: str              # compute | a2a | p2p
+    cat: str              # compute | a2a | p2p | op
     start: float          # seconds, time.perf_counter (CLOCK_MONOTONIC: one clock for all local processes)
     end: float
     phase: str = ""       # F | B | W: which half of a paired op it belongs to
@@ -137,7 +137,7 @@ def _lanes(events: Sequence[Event]) -> list[int]:
 def chrome_trace(ranks: Sequence[Sequence[Event]]) -> dict:
     t0 = min((e.start for evs in ranks for e in evs), default=0.0)
     out = []
-    tids = {COMPUTE: 0, A2A: 10, P2P: 20}
+    tids = {OP: 0, COMPUTE: 10, A2A: 20, P2P: 30}
     for rank, evs in enumerate(ranks):
         out.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
         for cat, base in tids.items():
