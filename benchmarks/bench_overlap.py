@@ -8,7 +8,7 @@ all-to-all holds its rank's serial link for latency + max(IB bytes / IB bandwidt
 NVLink bandwidth), bytes being the real split sizes of this step's routing (IB : NVLink = 50 : 160).
 The model is dsv3 Blocks (MLA + DeepSeekMoE) cut into 2 stages (``block_stages``).
 
-    python benchmarks/bench_overlap.py                   # ≈ 2 min on 2 cores
+    python benchmarks/bench_overlap.py                   # ≈ 3 min on 2 cores
     python benchmarks/bench_overlap.py --chunks 20 --trace /tmp/overlap.json   # open in ui.perfetto.dev
 """
 from __future__ import annotations
@@ -87,14 +87,14 @@ def _summary(events) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chunks", type=int, default=40, help="micro-batches per step (DualPipe: even, ≥ 4)")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--attn-ms", type=float, default=6.0, help="modelled attention forward (backward 2×)")
-    ap.add_argument("--mlp-ms", type=float, default=6.0, help="modelled routed-experts forward")
-    ap.add_argument("--shared-ms", type=float, default=3.0, help="modelled shared-expert forward")
-    ap.add_argument("--latency-ms", type=float, default=1.0, help="fixed cost of each all-to-all")
-    ap.add_argument("--ib-mbps", type=float, default=4.0, help="modelled IB MB/s per rank (NVLink 3.2×)")
+    ap.add_argument("--attn-ms", type=float, default=20.0, help="modelled attention forward (backward 2×)")
+    ap.add_argument("--mlp-ms", type=float, default=20.0, help="modelled routed-experts forward")
+    ap.add_argument("--shared-ms", type=float, default=10.0, help="modelled shared-expert forward")
+    ap.add_argument("--latency-ms", type=float, default=3.0, help="fixed cost of each all-to-all")
+    ap.add_argument("--ib-mbps", type=float, default=1.2, help="modelled IB MB/s per rank (NVLink 3.2×)")
     ap.add_argument("--trace", default="", help="write the overlapped step's Chrome trace here")
     args = ap.parse_args()
 

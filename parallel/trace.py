@@ -143,7 +143,7 @@ def chrome_trace(ranks: Sequence[Sequence[Event]]) -> dict:
         for cat, base in tids.items():
             mine = sorted((e for e in evs if e.cat == cat), key=lambda e: e.start)
             for e, lane in zip(mine, _lanes(mine)):
-                label = f"{e.name} {e.phase}{e.mb}" if e.mb >= 0 else e.name
+                label = f"{e.name} {e.phase}{e.mb}" if e.mb >= 0 and cat != OP else e.name
                 out.append({"name": label, "cat": cat, "ph": "X", "pid": rank, "tid": base + lane,
                             "ts": (e.start - t0) * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6,
                             "args": asdict(e)})
