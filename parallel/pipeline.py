@@ -74,7 +74,7 @@ class Pipeline:
         global_ranks = dist.get_process_group_ranks(self.group)
         self._copy_groups: dict[tuple[int, ...], Optional[dist.ProcessGroup]] = {}
         for hs in sorted({h for h in holders.values() if len(h) > 1}):
-            pg = dist.new_group([global_ranks[r] for r in hs])
+            pg = _copy_group(tuple(global_ranks[r] for r in hs))
             self._copy_groups[hs] = pg if self.rank in hs else None
 
     # ------------------------------------------------------------------------------ a step
@@ -233,6 +233,20 @@ class Pipeline:
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, each once (for the optimizer)."""
         return list(self.params.values())
+
+
+_GROUPS: dict = {"world": None, "by_ranks": {}}
+
+
+def _copy_group(ranks: tuple[int, ...]):
+    """One process group per set of global ranks for the life of the default group: pipelines built
+    again over the same ranks (another dtype, another schedule) reuse it, so ``new_group`` under
+    ``use_local_synchronization`` (hashed names: one name per rank set) never rendezvouses twice."""
+    if _GROUPS["world"] is not dist.group.WORLD:
+        _GROUPS.update(world=dist.group.WORLD, by_ranks={})
+    if ranks not in _GROUPS["by_ranks"]:
+        _GROUPS["by_ranks"][ranks] = dist.new_group(list(ranks))
+    return _GROUPS["by_ranks"][ranks]
 
 
 def _tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:

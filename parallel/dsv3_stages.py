@@ -1,0 +1,144 @@
+"""A dsv3 ``Transformer`` cut into pipeline stages for any schedule (SPEC §4; report §3.2.1).
+
+    stages = dsv3_stages(model, layout("dualpipe", N).num_model_stages)
+    pipe = Pipeline(model, stages, "dualpipe", C, act_shape=(B, T, dim), act_dtype=torch.float32)
+    losses = pipe.step(dsv3_microbatches(batch, C))     # each: lm_loss + λ·mtp_loss, as Transformer.forward
+    pipe.sync_grads()
+    update_bias_pipelined(pipe, sum_loads=lambda loads: ...)   # loads over the DualPipe copies, then ranks
+
+The first stage embeds ``mb["tokens"]``; the last applies the final norm and head (next-token CE on
+``mb["labels"]``) and runs the D MTP modules with the embedding and head it shares with the main model
+(report §2.2), so with DualPipe a rank holding the first stage of one direction and the last of the other
+keeps a single embedding tensor for both. Every stage runs the very ops of ``Transformer.forward``, so
+a pipelined micro-batch's loss is bitwise the single-process ``out.lm_loss + λ·out.mtp_loss``. The
+balance loss needs no threading: each MoE layer attaches its gradient through ``AuxLossScaler``; its
+value (and the LM / MTP parts) are summed per stage copy for the step log (``take_loss_parts``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.model import Transformer, _at_least_fp32
+from dsv3.moe import MoE
+
+
+class DSV3Stage(nn.Module):
+    """Layers [lo, hi) of ``model``; submodules and buffers are the model's own objects, so ``Pipeline``
+    names every tensor by the single-process model's names."""
+
+    rope = Transformer.rope            # the same slicing of the same buffers
+    mtp_loss = Transformer.mtp_loss    # the same MTP ops (needs embed, head, mtp, cfg, rope)
+
+    def __init__(self, model: Transformer, lo: int, hi: int, first: bool, last: bool):
+        super().__init__()
+        self.cfg, self.first, self.last = model.cfg, first, last
+        self.layers = nn.ModuleList(model.layers[lo:hi])
+        self.embed = model.embed if first or (last and len(model.mtp) > 0) else None
+        if last:
+            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+        self.mtp_weight = model.mtp_weight
+        self.loss_parts = dict(lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, x: Optional[torch.Tensor], mb: dict) -> torch.Tensor:
+        """x: (B, T, dim) from the previous stage (None on the first); mb: tokens (B, T), labels (B, T).
+        Returns the hidden states (B, T, dim), or on the last stage the scalar loss."""
+        ids = mb["tokens"]
+        cos, sin = self.rope(0, ids.shape[1])
+        moes = self.moe_layers()
+        for moe in moes:
+            moe.last_balance_loss = None
+        if self.first:
+            x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, 0)
+        if self.last:
+            logits = self.head(self.norm(x))
+            V = logits.shape[-1]
+            lm_loss = F.cross_entropy(_at_least_fp32(logits).reshape(-1, V), mb["labels"].reshape(-1), ignore_index=-100)
+            mtp_loss = self.mtp_loss(x, ids, mb["labels"])
+            self.loss_parts["lm_loss"] += float(lm_loss.detach())
+            self.loss_parts["mtp_loss"] += float(mtp_loss.detach())
+            x = lm_loss + self.mtp_weight * mtp_loss
+        self.loss_parts["balance_loss"] += sum(float(m.last_balance_loss) for m in moes if m.last_balance_loss is not None)
+        return x
+
+
+def dsv3_stages(model: Transformer, num_stages: int) -> list[DSV3Stage]:
+    """The layers split as evenly as possible, earlier stages taking the remainder (the last stage also
+    carries the head and the MTP modules)."""
+    n = len(model.layers)
+    if num_stages > n:
+        raise ValueError(f"{num_stages} pipeline stages need at least as many layers; model.n_layers={n}")
+    b = [sum(n // num_stages + (i < n % num_stages) for i in range(s)) for s in range(num_stages + 1)]
+    return [DSV3Stage(model, b[s], b[s + 1], s == 0, s == num_stages - 1) for s in range(num_stages)]
+
+
+def dsv3_microbatches(batch: torch.Tensor, num: int) -> list[dict]:
+    """(B·num, T+1) token rows → ``num`` micro-batches of inputs and next-token labels, B rows each."""
+    if batch.shape[0] % num:
+        raise ValueError(f"a batch of {batch.shape[0]} sequences does not split into {num} micro-batches")
+    return [{"tokens": b[:, :-1], "labels": b[:, 1:]} for b in batch.chunk(num)]
+
+
+def stage_modules(pipe) -> list[DSV3Stage]:
+    """This rank's stage copies (both DualPipe directions)."""
+    return list(pipe.stage_module.values())
+
+
+def set_mtp_weight(pipe, weight: float) -> None:
+    for s in stage_modules(pipe):
+        s.mtp_weight = weight
+
+
+def set_aux_loss_scale(pipe, scale: float) -> None:
+    for s in stage_modules(pipe):
+        for moe in s.moe_layers():
+            moe.aux_loss_scale = scale
+
+
+def take_loss_parts(pipe) -> dict[str, float]:
+    """LM, MTP and balance loss summed over this rank's stage copies and the micro-batches since the
+    last call (each micro-batch's LM/MTP parts appear once, on its last stage); resets them."""
+    out = dict(lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
+    for s in stage_modules(pipe):
+        for k in out:
+            out[k] += s.loss_parts[k]
+            s.loss_parts[k] = 0.0
+    return out
+
+
+def moe_by_name(pipe) -> dict[str, MoE]:
+    """Model-level MoE prefix (e.g. ``layers.2.ffn``) → this rank's copy of that MoE layer."""
+    name_of = {id(t): n for n, t in pipe.buffers.items()}
+    out = {}
+    for s in stage_modules(pipe):
+        for moe in s.moe_layers():
+            out[name_of[id(moe.tokens_per_expert)].rsplit(".", 1)[0]] = moe
+    return out
+
+
+def update_bias_pipelined(pipe, sum_loads: Optional[Callable[[list[torch.Tensor]], None]] = None,
+                          gamma: Optional[float] = None) -> dict[str, torch.Tensor]:
+    """Aux-loss-free bias update on this rank's MoE copies: loads summed over the copies of each stage
+    (DualPipe's two directions see different micro-batches), then by ``sum_loads`` (in place; e.g. an
+    all-reduce over the data-parallel ranks of this stage), then b ← b + γ·sign(mean − load).
+    Returns the summed loads by MoE name; resets the counts."""
+    moes = moe_by_name(pipe)
+    names = sorted(moes)
+    pipe.sum_buffers([f"{n}.tokens_per_expert" for n in names])
+    loads = [moes[n].tokens_per_expert.clone() for n in names]
+    if sum_loads is not None and loads:
+        sum_loads(loads)
+    for n, load in zip(names, loads):
+        moes[n].update_bias(load, gamma)
+        moes[n].tokens_per_expert.zero_()
+    return dict(zip(names, loads))
