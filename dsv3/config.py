@@ -118,6 +118,8 @@ class ParallelConfig:
     dispatcher: Literal["flat", "two_hop"] = "two_hop"
     zero1: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    num_chunks: int = 0                      # pipeline micro-batches per step; 0 = the fewest the schedule allows
+    timeout_s: float = 300.0                 # a collective or pipeline receive waiting longer fails the run
 
 
 @dataclass(frozen=True)

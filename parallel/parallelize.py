@@ -1,0 +1,181 @@
+"""One function applies the parallelism to a built model (report §3.2, §3.4; SPEC §5 training layout):
+pipeline parallelism (any schedule of parallel/schedules.py) × data parallelism, expert parallelism
+carved out of the data-parallel ranks of each stage, ZeRO-1 over "dp" (dense) and "edp" (experts).
+
+    mesh = Mesh.from_config(cfg.parallel)
+    pm = parallelize(model, mesh, cfg)
+    stats = pm.train_step(rows, lr=lr, mtp_weight=λ, gamma=None)   # rows: this DP replica's (n, T+1) tokens
+
+The gradient of a step is the mean over the global batch: every micro-batch's loss (lm + λ·mtp, with
+the balance loss's gradient injected by each MoE layer) is back-propagated unscaled and the reduced sum
+divided by the global number of micro-batches. Expert loads are summed over the DualPipe copies, then
+over the data-parallel ranks of the stage (every rank that routed tokens), before ``update_bias``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dsv3.config import Config
+from dsv3.errors import UserError
+from dsv3.model import Transformer
+from parallel.dsv3_stages import (dsv3_microbatches, dsv3_stages, set_aux_loss_scale, set_mtp_weight,
+                                  take_loss_parts, update_bias_pipelined, moe_by_name)
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.mesh import Mesh
+from parallel.pipeline import Pipeline
+from parallel.schedules import layout
+from parallel.zero import Zero1
+
+
+def num_chunks(pcfg) -> int:
+    """Pipeline micro-batches per step: ``parallel.num_chunks``, or the fewest the schedule allows."""
+    if pcfg.num_chunks > 0:
+        return pcfg.num_chunks
+    return 2 * pcfg.pp if pcfg.pp_schedule in ("dualpipe", "dualpipev") else pcfg.pp
+
+
+def _ready_after(pipe: Pipeline) -> dict[str, Optional[int]]:
+    """Per parameter: how many hook-visible gradient accumulations it receives in a step, when its
+    last gradient comes from a full backward (B, or the B of an FB); None when a deferred weight grad
+    (W, which assigns ``.grad`` without the hook) may come last — then its bucket waits for the step."""
+    lay = pipe.layout
+    names_of = {}
+    by_id = {id(p): n for n, p in pipe.params.items()}
+    for s, mod in pipe.stage_module.items():
+        names_of[s] = [by_id[id(p)] for p in mod.parameters()]
+    count: dict[str, int] = {}
+    last_is_w: dict[str, bool] = {}
+    for op in pipe.ops:
+        for part in op.parts():
+            if part.kind in ("B", "W"):
+                for n in names_of[lay.model_stage[part.stage]]:
+                    count[n] = count.get(n, 0) + (part.kind == "B")
+                    last_is_w[n] = part.kind == "W"
+    return {n: (None if last_is_w.get(n, True) else count[n]) for n in pipe.params}
+
+
+class ParallelModel:
+    def __init__(self, model: Transformer, mesh: Mesh, cfg: Config):
+        pc = cfg.parallel
+        self.model, self.mesh, self.cfg = model, mesh, cfg
+        self.dp, self.dp_index = mesh.dp, dist.get_rank(mesh.group("dp")) if mesh.dp > 1 else 0
+        self.moe_names = [n.rsplit(".", 1)[0] for n, _ in model.named_buffers() if n.endswith("tokens_per_expert")]
+        self.traffic = None
+        if pc.ep > 1:
+            self.traffic = apply_expert_parallel(model, mesh, pc, fp8=cfg.fp8.enabled and cfg.fp8.dispatch)
+        expert_names = {n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
+        self.pipe: Optional[Pipeline] = None
+        if pc.pp > 1:
+            from parallel.overlap_pipeline import member_only_groups_ctx
+            dispatchers = {}
+            for n, moe in zip(self.moe_names, (m for m in model.moe_layers())):
+                dispatchers[n], moe.dispatcher = moe.dispatcher, None   # process groups do not deep-copy
+            self.num_chunks = num_chunks(pc)
+            T, D = cfg.data.seq_len, cfg.model.dim
+            rows = cfg.train.micro_batch_size * cfg.train.grad_accum
+            if rows % self.num_chunks:
+                raise UserError(f"train.micro_batch_size × train.grad_accum = {rows} sequences per pipeline step do "
+                                f"not split into parallel.num_chunks={self.num_chunks} micro-batches")
+            with member_only_groups_ctx():
+                self.pipe = Pipeline(model, dsv3_stages(model, layout(pc.pp_schedule, pc.pp).num_model_stages),
+                                     pc.pp_schedule, self.num_chunks, act_shape=(rows // self.num_chunks, T, D),
+                                     act_dtype=next(model.parameters()).dtype, group=mesh.group("pp"),
+                                     recv_timeout=pc.timeout_s)
+            for n, moe in moe_by_name(self.pipe).items():
+                moe.dispatcher = dispatchers[n]
+            set_aux_loss_scale(self.pipe, 1.0)
+            self.params = dict(self.pipe.params)
+            copies = {n: ((self.pipe._copy_groups.get(self.pipe.holders[n]), len(self.pipe.holders[n]))
+                          if len(self.pipe.holders[n]) > 1 else (None, 1)) for n in self.params}
+            ready = _ready_after(self.pipe)
+        else:
+            model.set_aux_loss_scale(1.0)
+            self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            copies = {n: (None, 1) for n in self.params}
+            ready = {n: cfg.train.grad_accum for n in self.params}
+        self.expert_names = expert_names
+        groups = {"dense": _shard_group(mesh, "dp")}
+        groups["expert"] = _shard_group(mesh, "edp") if pc.ep > 1 else groups["dense"]
+        self.zero = Zero1(self.params, groups, cfg.train, expert_names=expert_names if pc.ep > 1 else set(),
+                          ready_after=ready, copies=copies)
+
+    # ------------------------------------------------------------------------------ a step
+    def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float] = None,
+                   autocast=None) -> dict:
+        """rows: this DP replica's sequences for the step (n, T+1), the same on every rank of its pipeline.
+        Returns the global mean loss and its parts, the grad norm and the summed loads per MoE name."""
+        from contextlib import nullcontext
+        autocast = autocast or nullcontext
+        sums = torch.zeros(4, dtype=torch.float64)   # lm + λ·mtp, lm, mtp, balance; summed over micro-batches
+        if self.pipe is not None:
+            C = self.num_chunks
+            set_mtp_weight(self.pipe, mtp_weight)
+            with autocast():
+                losses = self.pipe.step(dsv3_microbatches(rows, C))
+            sums[0] = sum(float(l) for l in losses if l is not None)
+            parts = take_loss_parts(self.pipe)
+            sums[1:] = torch.tensor([parts["lm_loss"], parts["mtp_loss"], parts["balance_loss"]], dtype=torch.float64)
+        else:
+            C = rows.shape[0] // self.cfg.train.micro_batch_size
+            self.model.mtp_weight = mtp_weight
+            for e in self.zero.entries.values():
+                e.ready_after = C
+            for mb in dsv3_microbatches(rows, C):
+                with autocast():
+                    out = self.model(mb["tokens"], labels=mb["labels"])
+                out.loss.backward()
+                sums += torch.tensor([float(out.lm_loss + mtp_weight * out.mtp_loss), float(out.lm_loss),
+                                      float(out.mtp_loss), float(out.balance_loss)], dtype=torch.float64)
+        divisor = C * self.dp
+        grad_norm = self.zero.step(lr, divisor)
+        dist.all_reduce(sums)
+        sums /= divisor
+        loads = self._update_bias(gamma)
+        return dict(loss=float(sums[0] + sums[3]), lm_loss=float(sums[1]), mtp_loss=float(sums[2]),
+                    balance_loss=float(sums[3]), grad_norm=grad_norm, loads=loads)
+
+    def _sum_over_dp(self, loads: list[torch.Tensor]) -> None:
+        if self.dp > 1:
+            flat = torch.cat(loads)
+            dist.all_reduce(flat, group=self.mesh.group("dp"))
+            for t, piece in zip(loads, flat.split([t.numel() for t in loads])):
+                t.copy_(piece)
+
+    def _update_bias(self, gamma: Optional[float]) -> dict[str, torch.Tensor]:
+        if self.pipe is not None:
+            return update_bias_pipelined(self.pipe, self._sum_over_dp, gamma)
+        loads = self.model.expert_loads()
+        self._sum_over_dp(loads)
+        self.model.update_bias(loads, gamma)
+        return dict(zip(self.moe_names, loads))
+
+    def all_layer_loads(self, loads: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Every MoE layer's summed load in ``model.moe_layers()`` order, on every rank (pipeline stages
+        hold different layers; DualPipe copies hold the same, counted once)."""
+        E = self.cfg.model.moe.n_routed_experts
+        out = torch.zeros(len(self.moe_names), E + 1, dtype=torch.float64)
+        for i, n in enumerate(self.moe_names):
+            if n in loads:
+                out[i, :E], out[i, E] = loads[n].double(), 1.0
+        dist.all_reduce(out)
+        return [(row[:E] / row[E]).float() for row in out]
+
+
+def _shard_group(mesh: Mesh, kind: str) -> tuple[object, int, int]:
+    """ZeRO's own copy of a mesh group (so its asynchronous collectives never interleave with the
+    expert all-to-all on the same group). Every rank creates every such group, in the same order."""
+    mine = None
+    for ranks in mesh.all_groups()[kind]:
+        g = dist.new_group(ranks) if len(ranks) > 1 else None
+        if dist.get_rank() in ranks:
+            mine = (g, len(ranks), ranks.index(dist.get_rank()))
+    return mine
+
+
+def parallelize(model: Transformer, mesh: Mesh, cfg: Config) -> ParallelModel:
+    """PP × DP (EP inside DP) × ZeRO-1 on a built model; the model object is modified in place (its
+    experts sharded when ``parallel.ep > 1``) and, with PP, its stages copied into the pipeline."""
+    return ParallelModel(model, mesh, cfg)
