@@ -38,7 +38,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 class Dist:
     """This process's place in a data-parallel run (world 1 without torchrun)."""
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", timeout_s: float = 1800.0):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = torch.device("cpu")
@@ -48,7 +48,8 @@ class Dist:
         if self.world > 1 and not dist.is_initialized():
             if backend == "auto":
                 backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend)
+            from datetime import timedelta
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
     def all_reduce_(self, tensors: list[torch.Tensor], average: bool) -> None:
         if self.world == 1:
@@ -99,7 +100,7 @@ def train(cfg: Config) -> dict:
     """Run training; returns final metrics (val_loss, val_unigram_entropy, val_maxvio per MoE layer,
     losses per step)."""
     t = cfg.train
-    env = Dist(cfg.parallel.backend)
+    env = Dist(cfg.parallel.backend, cfg.parallel.timeout_s)
     rank0 = env.rank == 0
     torch.manual_seed(t.seed)
     os.makedirs(t.out_dir, exist_ok=True)
@@ -120,6 +121,8 @@ def train(cfg: Config) -> dict:
         apply_fp8(model, cfg.fp8)
     model.set_recompute(t.recompute)
     model.train()
+    if env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1 or cfg.parallel.zero1):
+        return train_parallel(cfg, env, data, model)
     optimizer = build_optimizer(model, t)
     sampler = data.train_sampler(t.micro_batch_size, t.seed, env.rank, env.world)
 
@@ -213,6 +216,65 @@ def train(cfg: Config) -> dict:
         result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
     log.close()
     return result
+
+
+def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer) -> dict:
+    """The loop through ``parallel.parallelize``: PP × DP (EP inside DP) with ZeRO-1. Every rank of a
+    pipeline reads its data-parallel replica's rows; rank 0 logs the global batch's losses."""
+    from parallel.dist_checkpoint import latest_sharded, load_sharded, save_sharded
+    from parallel.mesh import Mesh
+    from parallel.parallelize import parallelize
+    t, rank0 = cfg.train, env.rank == 0
+    mesh = Mesh.from_config(cfg.parallel)
+    pm = parallelize(model, mesh, cfg)
+    sampler = data.train_sampler(t.micro_batch_size, t.seed, pm.dp_index, pm.dp)
+    step, tokens = 0, 0
+    ckpt = latest_sharded(t.out_dir) if t.resume == "auto" else (None if t.resume == "none" else t.resume)
+    if ckpt is not None:
+        state = load_sharded(ckpt, pm)
+        step, tokens = state["step"], state["tokens"]
+        sampler.load_state_dict(state["sampler"])
+        if rank0:
+            print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
+    counts = count_params(cfg.model)
+    fpt = flops_per_token(cfg, counts.activated_no_embed)
+    peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, env.device.type) * env.world
+    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if t.dtype == "bf16" else nullcontext
+    log = StepLogger(t.out_dir, t.steps, step, enabled=rank0)
+    pc = cfg.parallel
+    if rank0:
+        log.print(f"model: {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated | "
+                  f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens | world {env.world} "
+                  f"(pp {pc.pp} {pc.pp_schedule if pc.pp > 1 else ''} × dp {mesh.dp}, ep {pc.ep}, ZeRO-1)")
+    losses: list[float] = []
+    moe_cfg, mtp_cfg = cfg.model.moe, cfg.model.mtp
+    mtp_weight = model.mtp_weight
+    while step < t.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(t, step, tokens)
+        if mtp_cfg.lambda_switch_tokens is not None and tokens >= mtp_cfg.lambda_switch_tokens:
+            mtp_weight = mtp_cfg.lambda_end
+        n_micro = micro_batches_at(t, tokens, pm.dp) if pc.pp == 1 else t.grad_accum
+        rows = torch.cat([sampler.next_batch() for _ in range(n_micro)]).to(env.device)
+        gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
+        stats = pm.train_step(rows, lr, mtp_weight, gamma, autocast)
+        step_tokens = rows[:, :-1].numel() * pm.dp
+        tokens += step_tokens
+        step += 1
+        loads = pm.all_layer_loads(stats.pop("loads"))
+        maxvio = [max_violation(load) for load in loads]
+        dt = time.perf_counter() - t0
+        record = dict(step=step, tokens=tokens, **stats, lr=lr, tokens_per_s=step_tokens / dt,
+                      mfu=step_tokens * fpt / dt / peak, maxvio_mean=sum(maxvio) / max(len(maxvio), 1),
+                      maxvio_max=max(maxvio, default=0.0), maxvio=maxvio,
+                      tokens_per_expert=[load.tolist() for load in loads])
+        losses.append(stats["loss"])
+        log.log(record, step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None)
+        fault_point("step", step)
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
+            save_sharded(t.out_dir, step, pm, dict(tokens=tokens, sampler=sampler.state_dict()))
+    log.close()
+    return dict(losses=losses)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
