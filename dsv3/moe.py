@@ -121,14 +121,19 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.last_balance_loss: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        flat = x.reshape(B * T, D)
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate on (N, dim) tokens; in training also adds the step's per-expert loads."""
         weights, indices, scores = self.gate(flat)
         if self.training:
             with torch.no_grad():
                 counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        return weights, indices, scores
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, indices, scores = self.route(flat)
         dispatch = self.dispatcher or local_dispatch
         y = dispatch(flat, indices, weights.to(flat.dtype), self.experts)
         if self.shared_experts is not None:

@@ -150,11 +150,7 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generat
         xn = block._norm(block.ffn_norm, h)
         B, T, D = xn.shape
         flat = xn.reshape(B * T, D)
-        weights, indices, scores = moe.gate(flat)
-        if moe.training:
-            with torch.no_grad():
-                counts = torch.bincount(indices.flatten(), minlength=moe.cfg.n_routed_experts)
-                moe.tokens_per_expert += counts.to(moe.tokens_per_expert.dtype)
+        weights, indices, scores = moe.route(flat)
         w = weights.to(flat.dtype)
         handle = disp.dispatch(flat.detach(), indices, w.detach())
         aux = None
