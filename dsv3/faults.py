@@ -2,14 +2,48 @@
 SIGKILL itself when it reaches that point of that step (a real, unclean kill, no handlers run).
 
 Points: ``micro`` (after the first micro-batch's backward, mid gradient accumulation),
-``ckpt`` (checkpoint files written, not yet renamed into place), ``step`` (after the optimizer step)."""
+``ckpt`` (checkpoint files written, not yet renamed into place), ``step`` (after the optimizer step),
+``p2p`` (a pipeline send just posted, the transfer in flight), ``a2a`` (an expert all-to-all dispatch
+just started, in flight).
+
+Multi-rank runs: ``DSV3_FAULT=point:step:rank`` (or ``DSV3_FAULT_RANK=rank``) kills only that rank
+(``RANK`` of the environment); without a rank every process reaching the point dies. Points deep in
+the parallel code do not know the step: they pass none and match the step the training loop last
+announced with ``set_step`` (the step being run, counted from 1). ``DSV3_FAULT_SIGNAL=SIGSTOP`` freezes
+the process instead (a hung rank)."""
 from __future__ import annotations
 
 import os
 import signal
+from typing import Optional
+
+_current_step = 0
 
 
-def fault_point(point: str, step: int) -> None:
+class PeerError(RuntimeError):
+    """A transfer with another rank failed or timed out: that rank most likely died or hangs."""
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def set_step(step: int) -> None:
+    """The training loop announces the step it is running (1-based) for points that pass no step."""
+    global _current_step
+    _current_step = step
+
+
+def fault_point(point: str, step: Optional[int] = None) -> None:
     spec = os.environ.get("DSV3_FAULT")
-    if spec and spec == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[0] != point:
+        return
+    if parts[1] != str(_current_step if step is None else step):
+        return
+    rank = parts[2] if len(parts) == 3 else (os.environ.get("DSV3_FAULT_RANK") or None)
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
+    os.kill(os.getpid(), getattr(signal, os.environ.get("DSV3_FAULT_SIGNAL") or "SIGKILL"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
@@ -24,7 +24,7 @@ from dsv3.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsv3.config import Config, load_config, to_dict
 from dsv3.data import Dataset, prepare_data
 from dsv3.errors import CheckpointError, UserError
-from dsv3.faults import fault_point
+from dsv3.faults import PeerError, fault_point, first_line, set_step
 from dsv3.lr_schedule import lr_at, micro_batches_at
 from dsv3.model import Transformer
 from dsv3.moe import max_violation
@@ -218,15 +218,58 @@ def train(cfg: Config) -> dict:
     return result
 
 
+class RankFailure(Exception):
+    """Another rank died or hangs: this one cannot go on. ``main`` prints the message and exits 1
+    at once (no process-group teardown, which could wait on the dead rank)."""
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    msg = str(e)
+    return (isinstance(e, (PeerError, getattr(dist, "DistError", PeerError)))
+            or any(s in msg for s in ("gloo", "Connection closed", "Connection reset", "Timed out", "timed out")))
+
+
+@contextmanager
+def _group_timeout(timeout_s: float):
+    """Sub-groups made by ``dist.new_group`` default to 30 minutes; give them parallel.timeout_s too,
+    so a hung peer fails every collective within the configured time."""
+    from datetime import timedelta
+    orig = dist.new_group
+
+    def new_group(ranks=None, timeout=None, **kw):
+        return orig(ranks, timeout=timeout or timedelta(seconds=timeout_s), **kw)
+    dist.new_group = new_group
+    try:
+        yield
+    finally:
+        dist.new_group = orig
+
+
 def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer) -> dict:
     """The loop through ``parallel.parallelize``: PP × DP (EP inside DP) with ZeRO-1. Every rank of a
-    pipeline reads its data-parallel replica's rows; rank 0 logs the global batch's losses."""
+    pipeline reads its data-parallel replica's rows; rank 0 logs the global batch's losses.
+    A transfer or collective that fails or times out because another rank died or hangs raises
+    ``RankFailure`` (one line: this rank, the step, the operation, parallel.timeout_s)."""
+    where = {"step": 0, "log": None}
+    try:
+        return _train_parallel(cfg, env, data, model, where)
+    except Exception as e:  # noqa: BLE001 - only peer failures are rewritten
+        if not _is_peer_failure(e):
+            raise
+        if where["log"] is not None:
+            where["log"].close()
+        raise RankFailure(f"rank {env.rank}/{env.world}: step {where['step']}: {first_line(e)} -- another rank "
+                          f"likely died or hangs (parallel.timeout_s={cfg.parallel.timeout_s:g}); giving up") from e
+
+
+def _train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, where: dict) -> dict:
     from parallel.dist_checkpoint import latest_sharded, load_sharded, save_sharded
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
     t, rank0 = cfg.train, env.rank == 0
-    mesh = Mesh.from_config(cfg.parallel)
-    pm = parallelize(model, mesh, cfg)
+    with _group_timeout(cfg.parallel.timeout_s):
+        mesh = Mesh.from_config(cfg.parallel)
+        pm = parallelize(model, mesh, cfg)
     sampler = data.train_sampler(t.micro_batch_size, t.seed, pm.dp_index, pm.dp)
     step, tokens = 0, 0
     ckpt = latest_sharded(t.out_dir) if t.resume == "auto" else (None if t.resume == "none" else t.resume)
@@ -241,6 +284,7 @@ def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer) ->
     peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, env.device.type) * env.world
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if t.dtype == "bf16" else nullcontext
     log = StepLogger(t.out_dir, t.steps, step, enabled=rank0)
+    where["log"] = log
     pc = cfg.parallel
     if rank0:
         log.print(f"model: {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated | "
@@ -257,6 +301,8 @@ def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer) ->
         n_micro = micro_batches_at(t, tokens, pm.dp) if pc.pp == 1 else t.grad_accum
         rows = torch.cat([sampler.next_batch() for _ in range(n_micro)]).to(env.device)
         gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
+        where["step"] = step + 1
+        set_step(step + 1)
         stats = pm.train_step(rows, lr, mtp_weight, gamma, autocast)
         step_tokens = rows[:, :-1].numel() * pm.dp
         tokens += step_tokens
@@ -291,6 +337,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

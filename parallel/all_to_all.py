@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dsv3.faults import PeerError, fault_point, first_line
 from parallel.placement import Placement
 from parallel.routing_plan import HopPlan, Topology, plan_experts, plan_hop, ExpertPlan
 
@@ -109,6 +110,16 @@ def _unpack(buf: torch.Tensor, specs: list[tuple[torch.dtype, tuple[int, ...]]])
     return out
 
 
+def _peer_error(group, e: BaseException) -> PeerError:
+    if isinstance(e, PeerError):
+        return e
+    try:
+        ranks = dist.get_process_group_ranks(group)
+    except Exception:  # noqa: BLE001 - only for the message
+        ranks = "?"
+    return PeerError(f"expert all-to-all over ranks {ranks} failed: {first_line(e)}")
+
+
 @dataclass
 class Hop:
     """One collective of a route: its group, the link kind to each peer, and this rank's plan."""
@@ -123,12 +134,15 @@ class Hop:
 class _Pending:
     """An in-flight all_to_all_single; ``wait`` also sleeps out the simulated link time."""
 
-    def __init__(self, work, out, t_done: float):
-        self.work, self.out, self.t_done = work, out, t_done
+    def __init__(self, work, out, t_done: float, group=None):
+        self.work, self.out, self.t_done, self.group = work, out, t_done, group
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
-            self.work.wait()
+            try:
+                self.work.wait()
+            except RuntimeError as e:
+                raise _peer_error(self.group, e) from e
         delay = self.t_done - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -176,12 +190,18 @@ class EPDispatcher:
                 secs[lk] += c * row_bytes / self.sim_bandwidth[lk]
         t_done = time.perf_counter() + max(secs.values(), default=0.0)
         out = buf.new_empty(sum(recv_counts), row_bytes)
-        work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=async_op)
-        return _Pending(work if async_op else None, out, t_done)
+        try:
+            work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=async_op)
+        except RuntimeError as e:
+            raise _peer_error(hop.group, e) from e
+        return _Pending(work if async_op else None, out, t_done, hop.group)
 
     def _exchange_counts(self, hop: Hop, send_counts: torch.Tensor) -> list[int]:
         recv = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv, send_counts, group=hop.group)
+        try:
+            dist.all_to_all_single(recv, send_counts, group=hop.group)
+        except RuntimeError as e:
+            raise _peer_error(hop.group, e) from e
         return recv.tolist()
 
     def _reverse_hop(self, hop: Hop, parts: list[torch.Tensor], direction: str, async_op: bool):
@@ -281,6 +301,7 @@ class DispatchHandle:
         self._specs = [(p.dtype, tuple(p.shape[1:])) for p in parts]
         self.hops.append(hop)
         self._pending = d._send(hop, _pack(parts), hop.send_counts, hop.recv_counts, "dispatch", True)
+        fault_point("a2a")   # DSV3_FAULT=a2a:step:rank dies with this dispatch in flight
 
     def wait(self) -> Dispatched:
         d = self.disp

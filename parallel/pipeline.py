@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv3.faults import PeerError, fault_point, first_line as _first_line
 from parallel.schedules import Msg, Op, layout, schedule
 from parallel.weight_grad import backward_input
 
@@ -92,7 +93,10 @@ class Pipeline:
         for op in self.ops:
             self._run(op)
         for work, _ in self.pending_sends:
-            work.wait()
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise PeerError(f"pipeline send on rank {dist.get_rank()} failed: {_first_line(e)}") from e
         assert not self.saved and not self.wqueue and not self.inbox, "schedule left state behind"
         self.pending_sends = []
         return self.losses
@@ -100,8 +104,15 @@ class Pipeline:
     def _run(self, op: Op) -> None:
         recvs = [(m, self._irecv(m)) for m in op.recvs]
         for m, (work, buf) in recvs:
-            if not work.wait(timedelta(seconds=self.recv_timeout)):
-                raise RuntimeError(f"rank {self.rank}: receive of {m} timed out")
+            peer = dist.get_global_rank(self.group, m.peer)
+            try:
+                done = work.wait(timedelta(seconds=self.recv_timeout))
+            except RuntimeError as e:  # gloo: the peer's connection closed (it died) or its own timeout
+                raise PeerError(f"pipeline receive of {m.what} {m.src}->{m.dst} mb {m.mb} from rank {peer} "
+                                f"failed (recv timeout {self.recv_timeout:g}s): {_first_line(e)}") from e
+            if not done:
+                raise PeerError(f"pipeline receive of {m.what} {m.src}->{m.dst} mb {m.mb} from rank {peer} "
+                                f"timed out after {self.recv_timeout:g}s")
             self.inbox[m.key] = buf
         if op.kind == "F":
             self._forward(op)
@@ -203,6 +214,7 @@ class Pipeline:
                              f"act_shape={self.act_shape}, act_dtype={self.act_dtype}")
         peer = dist.get_global_rank(self.group, m.peer)
         self.pending_sends.append((dist.isend(t, peer, group=self.group, tag=self._tag(m)), t))
+        fault_point("p2p")   # DSV3_FAULT=p2p:step:rank dies with this send in flight
 
     # ------------------------------------------------------------------------ copies
     def sync_grads(self) -> None:
