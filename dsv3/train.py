@@ -71,6 +71,20 @@ def flops_per_token(cfg: Config, activated_no_embed: int) -> float:
     return 6.0 * activated_no_embed + attn
 
 
+def run_setup(cfg: Config, env: "Dist", data: Dataset, step: int, layout: str = ""):
+    """What every training loop needs before its first step: FLOPs per token and the measured peak for
+    MFU, the autocast context, and the step logger (which prints the run's one-line summary)."""
+    t = cfg.train
+    counts = count_params(cfg.model)
+    fpt = flops_per_token(cfg, counts.activated_no_embed)
+    peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, env.device.type) * env.world
+    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if t.dtype == "bf16" else nullcontext
+    log = StepLogger(t.out_dir, t.steps, step, enabled=env.rank == 0)
+    log.print(f"model: {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated | "
+              f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens | world {env.world}{layout}")
+    return fpt, peak, autocast, log
+
+
 def evaluate(model: Transformer, data: Dataset, cfg: Config, autocast,
              monitor: Optional[BalanceMonitor] = None) -> float:
     """Mean LM loss over the fixed validation batches; with a monitor, the routers' choices are also
@@ -137,14 +151,7 @@ def train(cfg: Config) -> dict:
         if rank0:
             print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
 
-    counts = count_params(cfg.model)
-    fpt = flops_per_token(cfg, counts.activated_no_embed)
-    peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, env.device.type) * env.world
-    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if t.dtype == "bf16" else nullcontext
-    log = StepLogger(t.out_dir, t.steps, step, enabled=rank0)
-    if rank0:
-        log.print(f"model: {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated | "
-                  f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens | world {env.world}")
+    fpt, peak, autocast, log = run_setup(cfg, env, data, step)
     losses: list[float] = []
     params = [p for p in model.parameters() if p.requires_grad]
     monitor = BalanceMonitor(model)  # per-layer balance fields (dsv3/balance_metrics.py), after any resume
@@ -279,17 +286,10 @@ def _train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, w
         sampler.load_state_dict(state["sampler"])
         if rank0:
             print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
-    counts = count_params(cfg.model)
-    fpt = flops_per_token(cfg, counts.activated_no_embed)
-    peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, env.device.type) * env.world
-    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if t.dtype == "bf16" else nullcontext
-    log = StepLogger(t.out_dir, t.steps, step, enabled=rank0)
-    where["log"] = log
     pc = cfg.parallel
-    if rank0:
-        log.print(f"model: {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated | "
-                  f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens | world {env.world} "
-                  f"(pp {pc.pp} {pc.pp_schedule if pc.pp > 1 else ''} × dp {mesh.dp}, ep {pc.ep}, ZeRO-1)")
+    fpt, peak, autocast, log = run_setup(
+        cfg, env, data, step, f" (pp {pc.pp} {pc.pp_schedule if pc.pp > 1 else ''} × dp {mesh.dp}, ep {pc.ep}, ZeRO-1)")
+    where["log"] = log
     losses: list[float] = []
     moe_cfg, mtp_cfg = cfg.model.moe, cfg.model.mtp
     mtp_weight = model.mtp_weight
