@@ -8,27 +8,20 @@ import os
 
 import torch
 
-from tests.dist_utils import run_ranks
+from tests.dist_utils import reference_step, run_ranks
 from tests.test_parallelize import GLOBAL_ROWS, RUNS, _setup
 
 STEPS = 4   # 2 before the checkpoint, 2 after
 
 
 def _reference():
-    from dsv3.optim import build_optimizer, clip_grad_norm
+    from dsv3.optim import build_optimizer
     cfg, model, batches = _setup([])
     batches = batches[:1] * STEPS
     opt = build_optimizer(model, cfg.train)
-    params = [p for p in model.parameters() if p.requires_grad]
     losses, weights = [], None
     for i, b in enumerate(batches):
-        out = model(b[:, :-1], labels=b[:, 1:])
-        out.loss.backward()
-        clip_grad_norm(params, cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_bias()
-        losses.append(out.loss.item())
+        losses.append(reference_step(model, opt, b, cfg.train.grad_clip)[0])
         if i == 1:
             weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     return losses, weights
@@ -80,17 +73,9 @@ def test_save_pp2_dp4_resume_dp8_and_one_process(tmp_path):
             assert torch.equal(p, resumed[n]), n
         # and those are the trained weights (AdamW amplifies rounding of tiny grads: a fraction of a step)
         assert (p - ref_weights[n]).abs().max() <= 0.1 * cfg.train.lr, (n, (p - ref_weights[n]).abs().max())
-    params = [p for p in model.parameters() if p.requires_grad]
-    from dsv3.optim import clip_grad_norm
     for i in range(2):
-        b = batches[0]
-        out = model(b[:, :-1], labels=b[:, 1:])
-        out.loss.backward()
-        clip_grad_norm(params, cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_bias()
-        assert abs(out.loss.item() - ref_losses[2 + i]) <= 1e-5 * ref_losses[2 + i], (i, out.loss.item(), ref_losses)
+        loss, _ = reference_step(model, opt, batches[0], cfg.train.grad_clip)
+        assert abs(loss - ref_losses[2 + i]) <= 1e-5 * ref_losses[2 + i], (i, loss, ref_losses)
 
     from dsv3.hf import load_hf_checkpoint
     _, fresh, _ = _setup([])

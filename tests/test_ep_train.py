@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import config_path
-from tests.dist_utils import run_ranks
+from tests.dist_utils import reference_step, run_ranks
 
 WORLD, STEPS, SEQ, PER_RANK = 4, 3, 48, 1
 OVERRIDES = ["model.n_layers=3", "train.lr=3e-3", f"data.seq_len={SEQ}", "parallel.ep=4", "parallel.nodes=2",
@@ -27,19 +27,10 @@ def _setup():
 
 
 def _reference_losses():
-    from dsv3.optim import build_optimizer, clip_grad_norm
+    from dsv3.optim import build_optimizer
     cfg, model, batches = _setup()
     opt = build_optimizer(model, cfg.train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses, norms = [], []
-    for b in batches:
-        out = model(b[:, :-1], labels=b[:, 1:])
-        out.loss.backward()
-        norms.append(clip_grad_norm(params, cfg.train.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_bias()
-        losses.append(out.loss.item())
+    losses, norms = map(list, zip(*(reference_step(model, opt, b, cfg.train.grad_clip) for b in batches)))
     return losses, norms, model.layers[1].ffn.gate.e_score_correction_bias.clone()
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import config_path
-from tests.dist_utils import run_ranks
+from tests.dist_utils import reference_step, run_ranks
 
 WORLD, STEPS, SEQ, GLOBAL_ROWS = 8, 3, 16, 16
 BASE = [f"data.seq_len={SEQ}", "train.micro_batch_size=1"]
@@ -31,19 +31,11 @@ def _setup(overrides):
 
 
 def _reference():
-    from dsv3.optim import build_optimizer, clip_grad_norm
+    from dsv3.optim import build_optimizer
     cfg, model, batches = _setup([])
     opt = build_optimizer(model, cfg.train)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, norms = [], []
-    for b in batches:
-        out = model(b[:, :-1], labels=b[:, 1:])
-        out.loss.backward()
-        norms.append(clip_grad_norm(params, cfg.train.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_bias()
-        losses.append(out.loss.item())
+    losses, norms = map(list, zip(*(reference_step(model, opt, b, cfg.train.grad_clip) for b in batches)))
     bias = {n: t.clone() for n, t in model.named_buffers() if n.endswith("e_score_correction_bias")}
     return losses, norms, bias, sum(p.numel() for p in params)
 
