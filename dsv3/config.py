@@ -71,7 +71,7 @@ class MoEConfig:
     bias_update_stop_tokens: Optional[int] = None   # γ → 0 after this many tokens (report: 14.3T)
     aux_loss_alpha: float = 1e-4             # α of the complementary sequence-wise loss; 0 = off
     aux_loss_type: Literal["sequence", "batch"] = "sequence"
-    grouped_mm_impl: Literal["auto", "loop", "grouped_mm"] = "auto"
+    grouped_mm_impl: Literal["auto", "loop", "segments", "grouped_mm"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@
 ``GroupedExperts.gmm`` is the `grouped_mm_impl` hook: a callable (x_sorted, w, offsets) -> y with
 w of shape (E, N, K), offsets the int32 cumulative END row of each expert's group (torch._grouped_mm's
 ``offs``), and rows g of y = x_g @ w[g].T. Implementations here: a per-expert loop (always works,
-any dtype) and ``torch._grouped_mm``; dsv3.precision swaps in the FP8 grouped GEMM.
+any dtype), ``grouped_mm_segments`` (one GEMM per group written in place, with a backward that writes
+each expert's weight gradient once; the fast path on CPU) and ``torch._grouped_mm``; dsv3.precision
+swaps in the FP8 grouped GEMM. Under autocast the experts compute in the autocast dtype, as every
+other Linear does.
 """
 from __future__ import annotations
 
@@ -22,6 +25,69 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
     if not outs:
         return x.new_zeros(x.shape[0], w.shape[1])
     return torch.cat(outs, dim=0)
+
+
+def _bucket_rows(m: int) -> int:
+    """Round a group's row count up to one of ≤ 8 sizes per octave (multiples of ≥ 32): oneDNN's BF16
+    GEMMs on CPU JIT-compile one kernel per shape (~0.7 ms each), so a new M every step would compile
+    on every call; with buckets the kernels are compiled once and reused (≤ 12.5% padding rows)."""
+    if m == 0:
+        return 0
+    step = max(32, 1 << max(m.bit_length() - 4, 0))
+    return -(-m // step) * step
+
+
+class _SegmentGroupedMM(torch.autograd.Function):
+    """y[s_g:e_g] = x[s_g:e_g] @ w[g].T for each group, each GEMM writing its rows of one output buffer.
+    Backward: dx rows and dw[g] = dy_g.T @ x_g, each written once (the loop's backward instead adds a
+    full-size (E, N, K) gradient per group through the indexing op). With ``padded`` the rows are
+    first laid out with each group zero-padded to its bucket size (zero rows add nothing to dw)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bounds: list, padded: bool) -> torch.Tensor:
+        rows = None
+        if padded:
+            sizes = [_bucket_rows(e - s) for s, e in bounds]
+            starts = [0]
+            for n in sizes[:-1]:
+                starts.append(starts[-1] + n)
+            rows = torch.cat([torch.arange(p, p + e - s) for p, (s, e) in zip(starts, bounds)]) if bounds else None
+            xp = x.new_zeros(sum(sizes), x.shape[1])
+            xp.index_copy_(0, rows, x)
+            x, bounds = xp, [(p, p + n) for p, n in zip(starts, sizes)]
+        y = x.new_empty(x.shape[0], w.shape[1])
+        for g, (s, e) in enumerate(bounds):
+            if e > s:
+                torch.mm(x[s:e], w[g].t(), out=y[s:e])
+        ctx.save_for_backward(x, w, rows)
+        ctx.bounds = bounds
+        return y.index_select(0, rows) if padded else y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, rows = ctx.saved_tensors
+        if rows is not None:
+            dy = dy.new_zeros(x.shape[0], dy.shape[1]).index_copy_(0, rows, dy)
+        dy = dy.contiguous()
+        dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for g, (s, e) in enumerate(ctx.bounds):
+            if e <= s:
+                continue
+            if dx is not None:
+                torch.mm(dy[s:e], w[g], out=dx[s:e])
+            if dw is not None:
+                torch.mm(dy[s:e].t(), x[s:e], out=dw[g])
+        if dx is not None and rows is not None:
+            dx = dx.index_select(0, rows)
+        return dx, dw, None, None
+
+
+def grouped_mm_segments(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Segment GEMMs; 16-bit operands on CPU get bucketed row counts (see _bucket_rows)."""
+    ends = offsets.tolist()
+    padded = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] > 0
+    return _SegmentGroupedMM.apply(x.contiguous(), w.contiguous(), list(zip([0] + ends[:-1], ends)), padded)
 
 
 def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -45,12 +111,16 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_mm_auto(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    if grouped_mm_supported(x, w):
+    """torch._grouped_mm where it works, except 16-bit operands on CPU: there it is a loop of oneDNN GEMMs
+    that JIT-compile a kernel for every new row count, so the bucketed segment GEMMs run instead."""
+    cpu16 = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+    if not cpu16 and grouped_mm_supported(x, w):
         return grouped_mm_torch(x, w, offsets)
-    return grouped_mm_loop(x, w, offsets)
+    return grouped_mm_segments(x, w, offsets)
 
 
-GROUPED_MM_IMPLS = {"auto": grouped_mm_auto, "loop": grouped_mm_loop, "grouped_mm": grouped_mm_torch}
+GROUPED_MM_IMPLS = {"auto": grouped_mm_auto, "loop": grouped_mm_loop, "segments": grouped_mm_segments,
+                    "grouped_mm": grouped_mm_torch}
 
 
 class GroupedExperts(nn.Module):
@@ -71,15 +141,18 @@ class GroupedExperts(nn.Module):
         row_weight: optional (M,) gate weight of each row, applied before the (linear) down projection,
         where the activation is inter_dim wide rather than dim wide."""
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        w1, w2, w3 = (w.to(x_sorted.dtype) for w in (self.w1, self.w2, self.w3))
-        gate, up = self.gmm(x_sorted, w1, offsets), self.gmm(x_sorted, w3, offsets)
+        out_dtype, x = x_sorted.dtype, x_sorted
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            x = x.to(torch.get_autocast_dtype(x.device.type))    # the GEMM precision of every Linear
+        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        gate, up = self.gmm(x, w1, offsets), self.gmm(x, w3, offsets)
         if row_weight is not None:
             up = up * row_weight.unsqueeze(-1).to(up.dtype)
         if self.recompute and torch.is_grad_enabled():
             h = torch.utils.checkpoint.checkpoint(_swiglu, gate, up, use_reentrant=False)
         else:
             h = _swiglu(gate, up)
-        return self.gmm(h, w2, offsets)
+        return self.gmm(h, w2, offsets).to(out_dtype)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ blocks, final RMSNorm, output head, and D Multi-Token-Prediction modules sharing
     from dsv3.model import Transformer
     model = Transformer(cfg.model)
     logits = model(input_ids)                      # (B, T, vocab)
-    out = model(input_ids, labels=labels)          # .loss .lm_loss .mtp_loss .balance_loss .logits
+    out = model(input_ids, labels=labels)          # .loss .lm_loss .mtp_loss .balance_loss (.logits)
 
 Model code is free of ranks and devices: parallel/ wraps a built model (SPEC §1).
 """
@@ -14,27 +14,22 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.block import Block
 from dsv3.config import ModelConfig
 from dsv3.experts import GroupedExperts
 from dsv3.layers import MLP, Linear, RMSNorm
+from dsv3.loss import head_cross_entropy
 from dsv3.mla import MLA, MLACache
 from dsv3.moe import MoE, Gate
-from dsv3.mtp import MTPModule, mtp_depth_loss, shifted
+from dsv3.mtp import MTPModule, shifted
 from dsv3.rope import rope_cos_sin
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in FP32 for BF16 logits; fp64 stays fp64 (exact reference tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None when the loss took the fused head + cross-entropy (training)
     loss: torch.Tensor          # lm_loss + λ·mtp_loss (+ the balance loss's value; its gradient flows via the MoE layers)
     lm_loss: torch.Tensor
     mtp_loss: torch.Tensor      # mean over depths of L_k (before λ)
@@ -125,16 +120,19 @@ class Transformer(nn.Module):
         for moe in self.moe_layers():
             moe.last_balance_loss = None
         h = self.hidden(input_ids, caches, start_pos)
-        logits = self.head(self.norm(h))
         if labels is None:
-            return logits
-        V = logits.shape[-1]
-        lm_loss = F.cross_entropy(_at_least_fp32(logits).reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+            return self.head(self.norm(h))
+        lm_loss, logits = self.lm_loss(h, labels), None
         mtp_loss = self.mtp_loss(h, input_ids, labels)
         balance = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
         balance_loss = torch.stack(balance).sum() if balance else lm_loss.new_zeros(())
         loss = lm_loss + self.mtp_weight * mtp_loss + balance_loss
         return ModelOutput(logits, loss, lm_loss.detach(), mtp_loss.detach(), balance_loss)
+
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the next-token targets (−100 ignored) from the final hidden states;
+        head and cross-entropy fused and chunked when training (dsv3/loss.py): no logits are kept."""
+        return head_cross_entropy(self.head, self.norm(h), labels) / (labels != -100).sum()
 
     def mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over depths k = 1…D of L_k (report eq. 24–25); 0 when D = 0."""
@@ -144,7 +142,7 @@ class Transformer(nn.Module):
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             h = module(h, self.embed(shifted(input_ids, k, 0)), cos, sin)
-            losses.append(mtp_depth_loss(self.head(module.norm(h)), labels, k))
+            losses.append(head_cross_entropy(self.head, module.norm(h), shifted(labels, k, -100)) / labels.numel())
         return torch.stack(losses).mean()
 
     def new_caches(self, batch: int, max_len: int) -> list[MLACache]:

@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model import Transformer, _at_least_fp32
+from dsv3.model import Transformer
 from dsv3.moe import MoE
 
 
@@ -31,6 +30,7 @@ class DSV3Stage(nn.Module):
     names every tensor by the single-process model's names."""
 
     rope = Transformer.rope            # the same slicing of the same buffers
+    lm_loss = Transformer.lm_loss      # the same fused head + cross-entropy (needs norm, head)
     mtp_loss = Transformer.mtp_loss    # the same MTP ops (needs embed, head, mtp, cfg, rope)
 
     def __init__(self, model: Transformer, lo: int, hi: int, first: bool, last: bool):
@@ -61,9 +61,7 @@ class DSV3Stage(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, None, 0)
         if self.last:
-            logits = self.head(self.norm(x))
-            V = logits.shape[-1]
-            lm_loss = F.cross_entropy(_at_least_fp32(logits).reshape(-1, V), mb["labels"].reshape(-1), ignore_index=-100)
+            lm_loss = self.lm_loss(x, mb["labels"])
             mtp_loss = self.mtp_loss(x, ids, mb["labels"])
             self.loss_parts["lm_loss"] += float(lm_loss.detach())
             self.loss_parts["mtp_loss"] += float(mtp_loss.detach())

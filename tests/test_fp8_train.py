@@ -39,17 +39,21 @@ def test_every_non_exempt_gemm_runs_fp8_and_exempt_ones_do_not():
     n_fp8 = counts["fp8_linear"]
     assert c["fp8_linear.fprop"] == c["fp8_linear.dgrad"] == c["fp8_linear.wgrad"] == n_fp8
     assert c["fp8_grouped_mm.fprop"] == c["fp8_grouped_mm.wgrad"] == 3 * counts["fp8_grouped"]
-    # exempt modules ran (the head once per output: main + D MTP depths), but not through the FP8 counters
-    assert calls.pop(id(model.head)) == 1 + cfg.model.mtp.depth
+    # exempt modules ran, but not through the FP8 counters; the head runs inside the fused head +
+    # cross-entropy of dsv3/loss.py (no module call), so its gradient shows it ran
+    assert calls.pop(id(model.head)) == 0 and model.head.weight.grad.abs().sum() > 0
     assert all(n == 1 for n in calls.values())
 
 
 def test_fp8_loss_tracks_bf16(tmp_path):
-    # BF16 autocast run vs FP8 GEMMs (torch fake-quant reference on CPU) with everything else in FP32
-    bf16 = train(load_config(os.path.join(ROOT, "configs", "debug.yaml"),
-                             [*RUN, "train.dtype=bf16", f"train.out_dir={tmp_path}/bf16"]))
+    # BF16 autocast run (every GEMM in BF16) vs the report's recipe: FP8 GEMMs (torch fake-quant reference
+    # on CPU) with BF16 for the rest. Peak lr 1e-3: at the debug config's 3e-3 this 4×32-token run has a
+    # gradient spike near step 13 after which even FP32 and BF16 drift apart by 1.3%; at 1e-3 they agree
+    # within 0.1%, so the comparison measures FP8's error rather than that instability.
+    run = [*RUN, "train.lr=1e-3", "train.dtype=bf16"]
+    bf16 = train(load_config(os.path.join(ROOT, "configs", "debug.yaml"), [*run, f"train.out_dir={tmp_path}/bf16"]))
     fp8 = train(load_config(os.path.join(ROOT, "configs", "debug.yaml"),
-                            [*RUN, "fp8.enabled=true", f"train.out_dir={tmp_path}/fp8"]))
+                            [*run, "fp8.enabled=true", f"train.out_dir={tmp_path}/fp8"]))
     assert len(bf16["losses"]) == len(fp8["losses"]) == 50
     for step, (a, b) in enumerate(zip(bf16["losses"], fp8["losses"]), start=1):
         if step > 10:
