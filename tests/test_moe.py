@@ -80,9 +80,31 @@ def test_grouped_mm_equals_loop_on_raw_offsets():
     ref = outs["loop"]
     manual = torch.cat([x[:6] @ w[1].t(), x[6:20] @ w[3].t()]).detach()
     torch.testing.assert_close(ref[0], manual, rtol=1e-6, atol=1e-6)
-    for name in ("grouped_mm", "auto"):
+    for name in ("grouped_mm", "segments", "auto"):
         for a, b in zip(outs[name], ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_segments_bf16_bucketed_rows_equal_fp32_loop():
+    """BF16 on CPU takes the bucketed (zero-padded) row layout: same rows, dx and dw as the FP32 loop
+    on the BF16-rounded operands, to BF16 output rounding; empty experts get exactly zero dw."""
+    from dsv3.experts import _bucket_rows, grouped_mm_segments
+    assert [_bucket_rows(m) for m in (0, 1, 32, 33, 100, 513, 1000)] == [0, 32, 32, 64, 128, 576, 1024]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(150, 64, generator=g).bfloat16()
+    w = torch.randn(6, 48, 64, generator=g).bfloat16()
+    offsets = torch.tensor([37, 37, 100, 101, 150, 150], dtype=torch.int32)
+    dy = torch.randn(150, 48, generator=g)
+    xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = grouped_mm_segments(xb, wb, offsets)
+    y.float().backward(dy)
+    xr, wr = x.float().requires_grad_(True), w.float().requires_grad_(True)
+    yr = grouped_mm_loop(xr, wr, offsets)
+    yr.backward(dy.bfloat16().float())
+    assert y.dtype == xb.grad.dtype == wb.grad.dtype == torch.bfloat16
+    for a, b in ((y, yr), (xb.grad, xr.grad), (wb.grad, wr.grad)):
+        torch.testing.assert_close(a.float(), b, rtol=1e-2, atol=2e-2)
+    assert wb.grad[1].abs().max() == 0 and wb.grad[5].abs().max() == 0
 
 
 def test_moe_layer_equals_transformers_deepseek_v3_moe():
