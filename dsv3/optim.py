@@ -20,26 +20,61 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
-                state["step"] += 1
-                t = int(state["step"].item())
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                denom = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self._moment_dtype(p))
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self._moment_dtype(p))
+            if self._fusable(params):
+                self._fused_step(group, params)
+            else:
+                for p in params:
+                    self._step_one(group, p)
         return None
+
+    def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """BF16 when asked for; otherwise FP32, or the parameters' dtype when wider (fp64 reference runs)."""
+        if self.moment_dtype == torch.bfloat16:
+            return torch.bfloat16
+        return torch.promote_types(self.moment_dtype, p.dtype)
+
+    def _fusable(self, params) -> bool:
+        """torch's fused AdamW kernel (one pass over p, g, m, v; CPU and CUDA) applies when the moments
+        share the parameters' dtype and everything sits on one device; BF16 moments under FP32 masters
+        take the per-tensor path."""
+        if not params or not hasattr(torch, "_fused_adamw_"):
+            return False
+        dev, dt = params[0].device, params[0].dtype
+        return (dev.type in ("cpu", "cuda") and dt in (torch.float32, torch.float64) and self.moment_dtype == torch.float32
+                and all(p.device == dev and p.dtype == dt and p.grad.dtype == dt and not p.grad.is_sparse for p in params))
+
+    def _fused_step(self, group, params) -> None:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        for s in states:   # the fused kernel reads the step count on the parameters' device
+            s["step"] = s["step"].to(params[0].device)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        moments = [[s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]]
+        torch._fused_adamw_(params, [p.grad for p in params], moments[0], moments[1], [], steps,
+                            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                            eps=group["eps"], amsgrad=False, maximize=False)
+
+    def _step_one(self, group, p) -> None:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        state["step"] += 1
+        t = int(state["step"].item())
+        g = p.grad.to(torch.promote_types(p.dtype, torch.float32))
+        m = state["exp_avg"].to(g.dtype).lerp_(g, 1 - beta1)
+        v = state["exp_avg_sq"].to(g.dtype).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        denom = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+        p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
@@ -47,7 +82,7 @@ class AdamW(torch.optim.Optimizer):
         for state in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    state[key] = state[key].to(self.moment_dtype)
+                    state[key] = state[key].to(self._moment_dtype(state[key]))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AdamW:
