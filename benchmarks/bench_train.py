@@ -2,11 +2,17 @@
 DeepseekV3ForCausalLM on identical weights (ours mapped onto theirs below), MTP and the balance loss
 off, same tokens, same optimizer settings. The small_moe shape (configs/small_moe.yaml) by default.
 
-    python benchmarks/bench_train.py [--config configs/small_moe.yaml] [--steps 8] [--threads N]
+    python benchmarks/bench_train.py [--config configs/small_moe.yaml] [--steps 8] [--threads N] [--dtype bf16|fp32]
 
-Prints each side's loss on every step (they agree to float rounding: same weights, same math), tokens/s,
-and last the ratio ours / transformers in tokens/s (target ≥ 1.5). transformers runs with its faster
-settings: sdpa attention and the grouped_mm experts backend.
+Each side trains as its stack does: ours is dsv3.model.Transformer with dsv3.optim's AdamW (torch's
+fused kernel), transformers' model with torch.optim.AdamW(fused=True) (the transformers Trainer's
+default optimizer on torch ≥ 2.8), both with weight decay on matrices only. ``--dtype bf16`` (default)
+runs both under torch.autocast(bfloat16) with FP32 master weights (the Trainer's ``bf16=True``);
+``fp32`` runs both in FP32. transformers runs with its faster settings: sdpa attention and the
+grouped_mm experts backend.
+
+Prints each side's loss on every step (same weights and tokens: they agree to the precision's rounding),
+tokens/s, and last the ratio ours / transformers in tokens/s (target ≥ 1.5).
 """
 from __future__ import annotations
 
@@ -15,10 +21,13 @@ import os
 import statistics
 import time
 
+from contextlib import nullcontext
+
 import torch
 
 from dsv3.config import load_config
 from dsv3.model import Transformer
+from dsv3.optim import build_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +85,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="0 = train.micro_batch_size")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--experts", default="grouped_mm", choices=["grouped_mm", "eager"], help="transformers experts backend")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast BF16 (FP32 masters) or FP32")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,9 +95,12 @@ def main() -> None:
     ours = Transformer(cfg.model).train()
     ref = hf_model(ours, args.experts, "sdpa").train()
     tc = cfg.train
-    opt_kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay)
-    runs = {"ours": (ours, torch.optim.AdamW(ours.parameters(), **opt_kw)),
-            "transformers": (ref, torch.optim.AdamW(ref.parameters(), **opt_kw))}
+    ref_groups = [dict(params=[p for p in ref.parameters() if p.ndim >= 2], weight_decay=tc.weight_decay),
+                  dict(params=[p for p in ref.parameters() if p.ndim < 2], weight_decay=0.0)]
+    runs = {"ours": (ours, build_optimizer(ours, tc)),
+            "transformers": (ref, torch.optim.AdamW(ref_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                                                    fused=True))}
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else nullcontext
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=gen) for _ in range(args.steps + 2)]
 
@@ -95,7 +108,8 @@ def main() -> None:
         model, opt = runs["transformers"]
         # shift_labels: targets already shifted, so both models see T inputs and T targets (labels only
         # switches the loss on; with shift_labels given it is not read)
-        loss = model(input_ids=seq[:, :-1], labels=seq[:, 1:], shift_labels=seq[:, 1:].contiguous(), use_cache=False).loss
+        with autocast():
+            loss = model(input_ids=seq[:, :-1], labels=seq[:, 1:], shift_labels=seq[:, 1:].contiguous(), use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -103,7 +117,8 @@ def main() -> None:
 
     def ours_step(seq: torch.Tensor) -> float:
         model, opt = runs["ours"]
-        loss = model(seq[:, :-1], labels=seq[:, 1:]).loss
+        with autocast():
+            loss = model(seq[:, :-1], labels=seq[:, 1:]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -114,7 +129,7 @@ def main() -> None:
     losses = {name: [] for name in steps}
     print(f"shape: {cfg.model.n_layers} layers ({cfg.model.n_dense_layers} dense), dim {cfg.model.dim}, "
           f"{cfg.model.moe.n_routed_experts} experts top-{cfg.model.moe.n_activated_experts}, vocab {cfg.model.vocab_size}, "
-          f"batch {B}×{T}; torch threads {torch.get_num_threads()}; transformers experts: {args.experts}")
+          f"batch {B}×{T}; torch threads {torch.get_num_threads()}; transformers experts: {args.experts}; {args.dtype}")
     for i, seq in enumerate(batches):           # interleaved: a noisy neighbour slows both alike
         for name, fn in steps.items():
             t0 = time.perf_counter()
