@@ -10,7 +10,7 @@ other Linear does.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +69,12 @@ class _SegmentGroupedMM(torch.autograd.Function):
         if rows is not None:
             dy = dy.new_zeros(x.shape[0], dy.shape[1]).index_copy_(0, rows, dy)
         dy = dy.contiguous()
-        dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None   # every row is in one group
+        dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
         for g, (s, e) in enumerate(ctx.bounds):
             if e <= s:
+                if dw is not None:
+                    dw[g].zero_()                    # an expert without rows gets exactly zero
                 continue
             if dx is not None:
                 torch.mm(dy[s:e], w[g], out=dx[s:e])
@@ -86,8 +88,13 @@ class _SegmentGroupedMM(torch.autograd.Function):
 def grouped_mm_segments(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Segment GEMMs; 16-bit operands on CPU get bucketed row counts (see _bucket_rows)."""
     ends = offsets.tolist()
-    padded = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] > 0
-    return _SegmentGroupedMM.apply(x.contiguous(), w.contiguous(), list(zip([0] + ends[:-1], ends)), padded)
+    bounds = list(zip([0] + ends[:-1], ends))
+    padded = _cpu16(x) and any(_bucket_rows(e - s) != e - s for s, e in bounds)
+    return _SegmentGroupedMM.apply(x.contiguous(), w.contiguous(), bounds, padded)
+
+
+def _cpu16(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -113,8 +120,7 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 def grouped_mm_auto(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm where it works, except 16-bit operands on CPU: there it is a loop of oneDNN GEMMs
     that JIT-compile a kernel for every new row count, so the bucketed segment GEMMs run instead."""
-    cpu16 = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-    if not cpu16 and grouped_mm_supported(x, w):
+    if not _cpu16(x) and grouped_mm_supported(x, w):
         return grouped_mm_torch(x, w, offsets)
     return grouped_mm_segments(x, w, offsets)
 
@@ -134,6 +140,11 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.gmm = GROUPED_MM_IMPLS[impl]
         self.recompute = False
+
+    def row_bucket(self, x: torch.Tensor) -> Optional[Callable[[int], int]]:
+        """The group-size rounding the grouped GEMM wants for inputs like ``x`` (None: any size)."""
+        wants = self.gmm in (grouped_mm_auto, grouped_mm_segments)
+        return _bucket_rows if wants and _cpu16(x) else None
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
                 row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -164,13 +175,29 @@ def local_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     """Single-process dispatch/combine: sort (token, choice) rows by expert, run the experts,
     scatter back and sum the k outputs of each token weighted by its gate weights.
 
-    x: (N, dim); topk_idx, topk_weight: (N, k). Returns (N, dim). No token is dropped."""
+    x: (N, dim); topk_idx, topk_weight: (N, k). Returns (N, dim). No token is dropped.
+    Under autocast the N tokens are cast once (not the N·k rows) and combined in the autocast dtype,
+    as an expert-parallel combine would send them. When the experts want bucketed groups
+    (``GroupedExperts.row_bucket``) each group is padded here with rows of gate weight 0 (token 0's
+    row: 0 · finite = 0 forward and backward), so the GEMMs need no copy into a padded layout."""
     N, k = topk_idx.shape
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)            # rows sorted by expert, ties by token
     token = order // k                                  # source token of each sorted row
     counts = torch.bincount(flat, minlength=experts.n_experts)
+    weight = topk_weight.reshape(-1).index_select(0, order)
+    out_dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    bucket = experts.row_bucket(x)
+    if bucket is not None and N > 0:
+        sizes = torch.tensor([bucket(c) for c in counts.tolist()], device=counts.device)
+        shift = torch.repeat_interleave((torch.cumsum(sizes, 0) - sizes) - (torch.cumsum(counts, 0) - counts), counts)
+        pos = torch.arange(N * k, device=x.device) + shift          # each sorted row's padded position
+        token = torch.zeros(int(sizes.sum()), dtype=token.dtype, device=x.device).index_copy_(0, pos, token)
+        weight = weight.new_zeros(token.shape[0]).index_copy(0, pos, weight)
+        counts = sizes
     # index_select / index_add: their backwards are each other (plain x[idx] would backward via a
     # much slower accumulating index_put)
-    y_sorted = experts(x.index_select(0, token), counts, topk_weight.reshape(-1).index_select(0, order))
-    return x.new_zeros(N, y_sorted.shape[-1]).index_add(0, token, y_sorted)
+    y_sorted = experts(x.index_select(0, token), counts, weight)
+    return x.new_zeros(N, y_sorted.shape[-1]).index_add(0, token, y_sorted.to(x.dtype)).to(out_dtype)

@@ -11,18 +11,45 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in FP32 (report §3.3: normalisations stay in high precision)."""
+    """RMSNorm computed in FP32 (report §3.3: normalisations stay in high precision). With
+    ``autocast_output`` (set where the output feeds exactly one Linear: the q/kv latents, the final norm)
+    the output is written in the autocast dtype — what that Linear would cast it to. Outputs with several
+    consumers stay in the input dtype, so their gradients are summed in FP32, not the autocast dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.autocast_output = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float() if dtype in (torch.bfloat16, torch.float16) else x
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.to(x.dtype)).to(dtype)
+        out_dtype = x.dtype
+        if self.autocast_output and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x · rsqrt(mean(x²) + eps) · w in ≥ FP32, saving only x and the (…, 1) reciprocal RMS; the
+    backward is dx = rstd · (g − x̂ · mean(g · x̂)), g = dy · w, dw = Σ dy · x̂ (tests/test_layers.py
+    checks it against autograd of the plain formula and with gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, w, rstd)
+        return (xf * rstd).mul_(w.to(xf.dtype)).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        dyf = dy.to(rstd.dtype)
+        dw = (dyf * xhat).flatten(0, -2).sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
+        g = dyf * w.to(rstd.dtype)
+        dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(rstd).to(x.dtype)
+        return dx, dw, None, None
 
 
 class Linear(nn.Linear):

@@ -46,10 +46,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], chunk):
             x, t, v = x_all[s:s + chunk], tgt[s:s + chunk, None], valid[s:s + chunk, None]
-            logits = (x @ wc.t()).to(acc)
-            lse = logits.logsumexp(-1, keepdim=True)
-            loss += ((lse - logits.gather(1, t)) * v).sum()
-            probs = logits.sub_(lse).exp_()                        # softmax, in place of the logits
+            logp = torch.log_softmax((x @ wc.t()).to(acc), dim=-1)
+            loss -= (logp.gather(1, t) * v).sum()
+            probs = logp.exp_()                                    # softmax, in place
             probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0)).mul_(v)
             g = probs.to(gemm_dtype)
             if dh is not None:

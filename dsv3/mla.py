@@ -45,9 +45,11 @@ class MLA(nn.Module):
         else:
             self.wq_a = Linear(dim, cfg.q_lora_rank)
             self.q_norm = RMSNorm(cfg.q_lora_rank, norm_eps)
+            self.q_norm.autocast_output = True     # feeds wq_b only
             self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * self.qk_head_dim)
         self.wkv_a = Linear(dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, norm_eps)
+        self.kv_norm.autocast_output = True        # feeds wkv_b only (the cached c_KV is written outside autocast)
         self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, dim)
         self.softmax_scale = softmax_scale(cfg)

@@ -43,6 +43,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm.autocast_output = True            # feeds the head only
         self.head = Linear(cfg.dim, cfg.vocab_size, fp8_exempt=True)
         self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.mtp.depth))
         cos, sin = rope_cos_sin(cfg.mla, cfg.max_seq_len, device=self.embed.weight.device)

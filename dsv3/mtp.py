@@ -25,6 +25,7 @@ class MTPModule(nn.Module):
         self.eh_proj = Linear(2 * cfg.dim, cfg.dim, fp8_exempt=True)  # kept BF16 in the released weights
         self.block = Block(layer_id, cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm.autocast_output = True            # feeds the shared head only
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """h_prev: h^{k−1} (B, T, dim); emb_next: Emb(t_{i+k}) (B, T, dim). Returns h^k (B, T, dim)."""

@@ -1,0 +1,45 @@
+"""RMSNorm's hand-written backward against autograd of the plain formula (fp32) and gradcheck (fp64);
+under autocast it writes the autocast dtype unless told not to, values equal to the FP32 result rounded."""
+from __future__ import annotations
+
+import torch
+
+from dsv3.layers import RMSNorm
+
+
+def _plain(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_rmsnorm_equals_autograd_of_the_formula():
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(40, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(40, generator=g))
+    x = torch.randn(3, 5, 40, generator=g, requires_grad=True)
+    dy = torch.randn(3, 5, 40, generator=g)
+    y = norm(x)
+    y.backward(dy)
+    x2, w2 = x.detach().clone().requires_grad_(True), norm.weight.detach().clone().requires_grad_(True)
+    y2 = _plain(x2, w2, 1e-6)
+    y2.backward(dy)
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.weight.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    n64 = RMSNorm(7).double()
+    with torch.no_grad():
+        n64.weight.normal_()
+    assert torch.autograd.gradcheck(n64, (torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True),))
+
+
+def test_rmsnorm_autocast_output_dtype():
+    norm = RMSNorm(16)
+    norm.autocast_output = True
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+        norm.autocast_output = False
+        y32 = norm(x)
+    assert y.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    assert torch.equal(y, y32.bfloat16())
+    assert norm(x.bfloat16()).dtype == torch.bfloat16           # no autocast: the input's dtype
