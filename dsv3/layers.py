@@ -64,6 +64,16 @@ class Linear(nn.Linear):
         return self.impl(x, self.weight)
 
 
+def shared_input_linears(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
+    """``[lin(x) for lin in linears]`` as one GEMM on the concatenated weights when every Linear uses the
+    plain F.linear (one input cast and one GEMM per pass instead of one per Linear; the input gradient
+    is summed inside the GEMM in FP32). With a swapped ``impl`` (FP8) each Linear runs on its own."""
+    if len(linears) < 2 or any(lin.impl is not F.linear for lin in linears):
+        return [lin(x) for lin in linears]
+    y = F.linear(x, torch.cat([lin.weight for lin in linears]))
+    return list(y.split([lin.out_features for lin in linears], dim=-1))
+
+
 class MLP(nn.Module):
     """SwiGLU FFN: w2(silu(w1 x) * w3 x). Used for dense layers and shared experts."""
 
@@ -75,7 +85,7 @@ class MLP(nn.Module):
         self.recompute = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)
+        gate, up = shared_input_linears(x, self.w1, self.w3)
         if self.recompute and torch.is_grad_enabled():
             # report §3.2.3: keep only SwiGLU's inputs, recompute its output in backward
             h = torch.utils.checkpoint.checkpoint(swiglu, gate, up, use_reentrant=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import MLAConfig
-from dsv3.layers import Linear, RMSNorm
+from dsv3.layers import Linear, RMSNorm, shared_input_linears
 from dsv3.rope import apply_rope, softmax_scale
 
 
@@ -55,20 +55,21 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)
         self.recompute = False  # report §3.2.3: recompute the up-projections in backward
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.q_lora_rank is None:
-            return self.wq(x)
-        return self.wq_b(self.q_norm(self.wq_a(x)))
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries, wkv_a(x)): the two down-projections of x share one GEMM (layers.shared_input_linears)."""
+        q_in = self.wq if self.cfg.q_lora_rank is None else self.wq_a
+        q, kv = shared_input_linears(x, q_in, self.wkv_a)
+        return (q if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q))), kv
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[MLACache] = None, start_pos: int = 0) -> torch.Tensor:
         """x: (B, T, dim); cos/sin: (T, rope_dim/2) for positions start_pos … start_pos+T−1."""
         B, T, _ = x.shape
         c = self.cfg
-        q = self._queries(x).view(B, T, self.n_heads, self.qk_head_dim)
-        q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        q, kv_a = self._projections(x)
+        q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_head_dim).split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
-        kv, k_rope = self.wkv_a(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        kv, k_rope = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)                                            # c_KV: (B, T, kv_lora_rank)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)               # (B, T, 1, rope_dim)
         if cache is None:

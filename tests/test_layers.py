@@ -43,3 +43,21 @@ def test_rmsnorm_autocast_output_dtype():
     assert y.dtype == torch.bfloat16 and y32.dtype == torch.float32
     assert torch.equal(y, y32.bfloat16())
     assert norm(x.bfloat16()).dtype == torch.bfloat16           # no autocast: the input's dtype
+
+
+def test_shared_input_linears_equal_separate_calls():
+    from dsv3.layers import Linear, shared_input_linears
+    torch.manual_seed(0)
+    a, b = Linear(12, 5), Linear(12, 7)
+    x = torch.randn(3, 4, 12, requires_grad=True)
+    ya, yb = shared_input_linears(x, a, b)
+    (ya.sin().sum() + yb.cos().sum()).backward()
+    got = [ya, yb, x.grad, a.weight.grad, b.weight.grad]
+    x2 = x.detach().clone().requires_grad_(True)
+    a.weight.grad = b.weight.grad = None
+    za, zb = a(x2), b(x2)
+    (za.sin().sum() + zb.cos().sum()).backward()
+    for g, r in zip(got, [za, zb, x2.grad, a.weight.grad, b.weight.grad]):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    a.impl = lambda x, w: torch.zeros(*x.shape[:-1], w.shape[0])      # a swapped impl runs on its own
+    assert shared_input_linears(x, a, b)[0].abs().max() == 0
