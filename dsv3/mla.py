@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import MLAConfig
+from dsv3.attention import mla_attention
 from dsv3.layers import Linear, RMSNorm, shared_input_linears
 from dsv3.rope import apply_rope, softmax_scale
 
@@ -89,10 +89,7 @@ class MLA(nn.Module):
         else:
             kv_up = self._up_project(kv)
         k_nope, v = kv_up.view(B, T, H, -1).split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                   # (B, H, T, d_qk)
-        k = torch.cat([k_nope, k_rope.expand(B, T, H, -1)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)
-        return causal_attention(q, k, v, self.softmax_scale).transpose(1, 2)     # (B, T, H, d_v)
+        return mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.softmax_scale)   # (B, T, H, d_v)
 
     def _attend_absorbed(self, q_nope, q_rope, kv, k_rope, cache: MLACache, start_pos: int) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
@@ -112,19 +109,3 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q_nope.dtype)
         o_lat = torch.einsum("bhts,bsc->bthc", probs, ckv)
         return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)              # W_UV absorbed into the output
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention (B, H, T, d) in at least FP32 whatever the autocast (report §3.3: the
-    attention core keeps its precision). On CPU, V is zero-padded to the query/key head size when they
-    differ (MLA: 192 vs 128), so torch's fused flash kernel runs instead of the unfused math path; the
-    padded output columns are exactly zero and dropped."""
-    dtype, out_dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
-    d_v = v.shape[-1]
-    pad = q.device.type == "cpu" and d_v < q.shape[-1] and dtype == torch.float32
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        if pad:
-            v = F.pad(v, (0, q.shape[-1] - d_v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return (out[..., :d_v] if pad else out).to(out_dtype)

@@ -62,10 +62,26 @@ def softmax_scale(cfg: MLAConfig) -> float:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs. x: (B, T, H, d); cos, sin: (T, d/2)."""
-    dtype = x.dtype
-    xp = x.to(cos.dtype).unflatten(-1, (-1, 2))
-    x0, x1 = xp[..., 0], xp[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(dtype)
+    """Rotate adjacent pairs. x: (B, T, H, d); cos, sin: (T, d/2). Computed in the tables' dtype and
+    returned in x's; as complex multiplication by e^{iθ} (one kernel), whose backward is the
+    multiplication by e^{−iθ} (tests/test_mla.py checks it against the pairwise formula)."""
+    return _RotatePairs.apply(x, cos, sin)
+
+
+def _as_complex(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)).contiguous())
+
+
+class _RotatePairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot = torch.complex(cos, sin)[:, None, :]                       # (T, 1, d/2)
+        ctx.save_for_backward(rot)
+        ctx.x_dtype = x.dtype
+        return torch.view_as_real(_as_complex(x, cos.dtype) * rot).flatten(-2).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rot, = ctx.saved_tensors
+        dx = torch.view_as_real(_as_complex(grad, rot.real.dtype) * rot.conj()).flatten(-2).to(ctx.x_dtype)
+        return dx, None, None

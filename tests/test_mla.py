@@ -134,3 +134,52 @@ def test_yarn_frequencies_and_scales_equal_transformers():
     cos, sin = rope_cos_sin(cfg, 3000)
     torch.testing.assert_close(cos, hf_cos[0, :, :8], rtol=0, atol=1e-4)   # fp32 angles in HF at large positions
     torch.testing.assert_close(sin, hf_sin[0, :, :8], rtol=0, atol=1e-4)
+
+
+def test_flash_mla_core_equals_sdpa_path():
+    """dsv3.attention: the direct flash-kernel Function (CPU, FP32) equals F.scaled_dot_product_attention
+    on the concatenated heads — outputs and the gradients of all five pieces, the shared rope key's
+    gradient summed over heads — for FP32 and BF16 inputs."""
+    import dsv3.attention as A
+    if not A._HAS_CPU_FLASH:
+        pytest.fail("this torch has no CPU flash-attention kernels (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)")
+    B, T, H, dn, dr, dv = 2, 37, 3, 16, 8, 12
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        shapes = [(B, T, H, dn), (B, T, H, dr), (B, T, H, dn), (B, T, 1, dr), (B, T, H, dv)]
+        base = [torch.randn(*s, generator=g).to(dtype) for s in shapes]
+        dy = torch.randn(B, T, H, dv, generator=g).to(dtype)
+        outs = []
+        for flash in (True, False):
+            xs = [t.clone().requires_grad_(True) for t in base]
+            if flash:
+                y = A._FlashMLA.apply(*xs, 0.3)
+            else:
+                q = torch.cat(xs[:2], -1).transpose(1, 2)
+                k = torch.cat([xs[2], xs[3].expand(B, T, H, dr)], -1).transpose(1, 2)
+                y = A.causal_attention(q, k, xs[4].transpose(1, 2), 0.3).transpose(1, 2)
+            y.backward(dy)
+            outs.append([y] + [x.grad for x in xs])
+        for a, b in zip(*outs):
+            assert a.dtype == b.dtype == dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_rope_function_equals_pairwise_formula():
+    """apply_rope (complex multiplication with a hand-written backward) equals the pairwise rotation
+    x0·cos − x1·sin, x0·sin + x1·cos and its autograd, in fp64, on a strided slice as MLA passes it."""
+    from dsv3.rope import apply_rope
+    g = torch.Generator().manual_seed(0)
+    cos, sin = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    base = torch.randn(2, 5, 3, 12, generator=g, dtype=torch.float64)
+    x1 = base[..., 4:].clone().requires_grad_(True)
+    x2 = base[..., 4:].clone().requires_grad_(True)
+    dy = torch.randn(2, 5, 3, 8, generator=g, dtype=torch.float64)
+    apply_rope(x1, cos, sin).backward(dy)
+    p = x2.unflatten(-1, (-1, 2))
+    c, s = cos[:, None, :], sin[:, None, :]
+    ref = torch.stack((p[..., 0] * c - p[..., 1] * s, p[..., 0] * s + p[..., 1] * c), dim=-1).flatten(-2)
+    ref.backward(dy)
+    torch.testing.assert_close(apply_rope(x1, cos, sin), ref, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-14, atol=1e-14)
+    assert apply_rope(base[..., 4:].float(), cos.float(), sin.float()).dtype == torch.float32

@@ -1,0 +1,76 @@
+"""MLA's causal attention core on decompressed heads, in at least FP32 whatever the autocast (report
+§3.3: the attention core keeps its precision).
+
+``mla_attention(q_nope, q_rope, k_nope, k_rope, v, scale)`` takes the pieces as MLA produces them,
+(B, T, H, ·) with the rope key shared over heads (B, T, 1, d_rope), and returns (B, T, H, d_v).
+MLA's query/key head (192 at 671B) is wider than its value head (128), which keeps torch's fused CPU
+flash kernel from running; V is zero-padded to the key width (the extra output columns are exactly
+zero and dropped). On CPU in FP32 ``_FlashMLA`` assembles q, k and the padded v once in the kernel's
+(B, T, H, d) layout and calls the flash forward and backward kernels directly, so the concatenations,
+the broadcast of the rope key, the padding and the dtype casts cost no autograd nodes; elsewhere the
+same maths goes through F.scaled_dot_product_attention. tests/test_mla.py checks both against each other.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_aten = torch.ops.aten
+_HAS_CPU_FLASH = hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+    _aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+class _FlashMLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_nope, q_rope, k_nope, k_rope, v, scale: float):
+        B, T, H, dn = q_nope.shape
+        d, dv = dn + q_rope.shape[-1], v.shape[-1]
+        q = torch.empty(B, T, H, d, dtype=torch.float32, device=q_nope.device)
+        q[..., :dn], q[..., dn:] = q_nope, q_rope
+        k = torch.empty_like(q)
+        k[..., :dn], k[..., dn:] = k_nope, k_rope
+        vp = torch.empty_like(q)
+        vp[..., :dv], vp[..., dv:] = v, 0.0
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), vp.transpose(1, 2), 0.0, True, scale=scale)
+        ctx.save_for_backward(q, k, vp, out, lse)
+        ctx.meta = (scale, dn, dv, [t.dtype for t in (q_nope, q_rope, k_nope, k_rope, v)])
+        return out.transpose(1, 2)[..., :dv].to(q_nope.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, vp, out, lse = ctx.saved_tensors
+        scale, dn, dv, dtypes = ctx.meta
+        g = torch.empty_like(q)
+        g[..., :dv], g[..., dv:] = grad, 0.0
+        dq, dk, dvp = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), vp.transpose(1, 2), out, lse, 0.0, True,
+            scale=scale)
+        dq, dk, dvp = dq.transpose(1, 2), dk.transpose(1, 2), dvp.transpose(1, 2)
+        grads = (dq[..., :dn], dq[..., dn:], dk[..., :dn], dk[..., dn:].sum(2, keepdim=True), dvp[..., :dv])
+        return (*(t.to(dt) for t, dt in zip(grads, dtypes)), None)
+
+
+def mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor,
+                  v: torch.Tensor, scale: float) -> torch.Tensor:
+    dtype = torch.promote_types(q_nope.dtype, torch.float32)
+    if _HAS_CPU_FLASH and q_nope.device.type == "cpu" and dtype == torch.float32:
+        return _FlashMLA.apply(q_nope, q_rope, k_nope, k_rope, v, scale)
+    B, T, H, _ = q_nope.shape
+    q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                   # (B, H, T, d_qk)
+    k = torch.cat([k_nope, k_rope.expand(B, T, H, -1)], dim=-1).transpose(1, 2)
+    return causal_attention(q, k, v.transpose(1, 2), scale).transpose(1, 2)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention on (B, H, T, d) in ≥ FP32 through F.scaled_dot_product_attention, V padded
+    to the query width on CPU (so the flash kernel runs); returned in q's dtype."""
+    dtype, out_dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
+    d_v = v.shape[-1]
+    pad = q.device.type == "cpu" and d_v < q.shape[-1] and dtype == torch.float32
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if pad:
+            v = F.pad(v, (0, q.shape[-1] - d_v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return (out[..., :d_v] if pad else out).to(out_dtype)
