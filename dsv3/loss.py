@@ -46,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], chunk):
             x, t, v = x_all[s:s + chunk], tgt[s:s + chunk, None], valid[s:s + chunk, None]
-            logp = torch.log_softmax((x @ wc.t()).to(acc), dim=-1)
+            logp = torch.log_softmax(x @ wc.t(), dim=-1, dtype=acc)   # upcast inside the kernel
             loss -= (logp.gather(1, t) * v).sum()
             probs = logp.exp_()                                    # softmax, in place
             probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0)).mul_(v)
