@@ -155,8 +155,12 @@ class GroupedExperts(nn.Module):
         out_dtype, x = x_sorted.dtype, x_sorted
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             x = x.to(torch.get_autocast_dtype(x.device.type))    # the GEMM precision of every Linear
-        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
-        gate, up = self.gmm(x, w1, offsets), self.gmm(x, w3, offsets)
+        if self.gmm in (grouped_mm_auto, grouped_mm_segments):
+            # gate and up as one grouped GEMM on [w1; w3] (one pass over x; dx summed inside the GEMM)
+            gate, up = self.gmm(x, torch.cat([self.w1, self.w3], dim=1).to(x.dtype), offsets).chunk(2, dim=-1)
+        else:
+            gate, up = self.gmm(x, self.w1.to(x.dtype), offsets), self.gmm(x, self.w3.to(x.dtype), offsets)
+        w2 = self.w2.to(x.dtype)
         if row_weight is not None:
             up = up * row_weight.unsqueeze(-1).to(up.dtype)
         if self.recompute and torch.is_grad_enabled():

@@ -184,7 +184,8 @@ def test_moe_with_zero_tokens_gives_empty_output_and_zero_grads():
 
 def test_padded_bf16_dispatch_equals_unpadded():
     """Under BF16 autocast on CPU local_dispatch pads each expert's rows to its bucket (gate weight 0);
-    the MoE output and every gradient equal the unpadded per-expert loop on the same BF16 operands."""
+    the MoE output and every gradient equal the unpadded per-expert loop on the same BF16 operands.
+    (The auto path also runs gate and up as one grouped GEMM on the concatenated weights.)"""
     from dsv3.experts import grouped_mm_auto
     torch.manual_seed(0)
     D, E = 64, 8
@@ -205,5 +206,7 @@ def test_padded_bf16_dispatch_equals_unpadded():
             y = moe(xi)
         y.float().pow(2).sum().backward()
         results[gmm.__name__] = [y.float(), xi.grad] + [p.grad.float() for p in moe.parameters()]
+    # BF16 operands on both sides; the fused gate/up GEMM sums the input gradient in FP32 where the loop
+    # adds two BF16 products: agreement to BF16 rounding (relative Frobenius norm)
     for a, b in zip(results["grouped_mm_auto"], results["grouped_mm_loop"]):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        assert (a - b).norm() <= 1e-2 * b.norm(), ((a - b).norm(), b.norm())
