@@ -44,17 +44,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=h.device)
         dh = torch.empty_like(x_all) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
+        # one set of chunk buffers reused by every chunk (fresh multi-MB tensors per chunk cost page faults)
+        rows = min(chunk, h.shape[0])
+        logits = x_all.new_empty(rows, w.shape[0])
+        logp = torch.empty(rows, w.shape[0], dtype=acc, device=h.device)
+        wgrad = torch.empty(w.shape, dtype=gemm_dtype, device=w.device) if dw is not None and gemm_dtype != acc else None
         for s in range(0, h.shape[0], chunk):
             x, t, v = x_all[s:s + chunk], tgt[s:s + chunk, None], valid[s:s + chunk, None]
-            logp = torch.log_softmax(x @ wc.t(), dim=-1, dtype=acc)   # upcast inside the kernel
-            loss -= (logp.gather(1, t) * v).sum()
-            probs = logp.exp_()                                    # softmax, in place
+            n = x.shape[0]
+            lg, lp = logits[:n], logp[:n]
+            torch.mm(x, wc.t(), out=lg)
+            torch.log_softmax(lg, dim=-1, dtype=acc, out=lp)
+            loss -= (lp.gather(1, t) * v).sum()
+            probs = lp.exp_()                                      # softmax, in place
             probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0)).mul_(v)
-            g = probs.to(gemm_dtype)
+            g = lg.copy_(probs) if gemm_dtype != acc else probs
             if dh is not None:
                 torch.mm(g, wc, out=dh[s:s + chunk])
             if dw is not None:
-                dw += (g.t() @ x).to(acc)
+                if wgrad is None:
+                    dw.addmm_(g.t(), x)
+                else:
+                    dw += torch.mm(g.t(), x, out=wgrad)
         return loss, dh, dw
 
     @staticmethod
