@@ -157,7 +157,7 @@ class GroupedExperts(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))    # the GEMM precision of every Linear
         if self.gmm in (grouped_mm_auto, grouped_mm_segments):
             # gate and up as one grouped GEMM on [w1; w3] (one pass over x; dx summed inside the GEMM)
-            gate, up = self.gmm(x, torch.cat([self.w1, self.w3], dim=1).to(x.dtype), offsets).chunk(2, dim=-1)
+            gate, up = self.gmm(x, torch.cat([self.w1.to(x.dtype), self.w3.to(x.dtype)], dim=1), offsets).chunk(2, dim=-1)
         else:
             gate, up = self.gmm(x, self.w1.to(x.dtype), offsets), self.gmm(x, self.w3.to(x.dtype), offsets)
         w2 = self.w2.to(x.dtype)

@@ -70,7 +70,8 @@ def shared_input_linears(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor
     is summed inside the GEMM in FP32). With a swapped ``impl`` (FP8) each Linear runs on its own."""
     if len(linears) < 2 or any(lin.impl is not F.linear for lin in linears):
         return [lin(x) for lin in linears]
-    y = F.linear(x, torch.cat([lin.weight for lin in linears]))
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    y = F.linear(x, torch.cat([lin.weight if dtype is None else lin.weight.to(dtype) for lin in linears]))
     return list(y.split([lin.out_features for lin in linears], dim=-1))
 
 
