@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.layers import swiglu_packed
+
 
 def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Reference: one matmul per expert on its contiguous rows (empty groups allowed)."""
@@ -118,11 +120,16 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_mm_auto(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm where it works, except 16-bit operands on CPU: there it is a loop of oneDNN GEMMs
-    that JIT-compile a kernel for every new row count, so the bucketed segment GEMMs run instead."""
-    if not _cpu16(x) and grouped_mm_supported(x, w):
-        return grouped_mm_torch(x, w, offsets)
-    return grouped_mm_segments(x, w, offsets)
+    """torch._grouped_mm where it works. With 16-bit operands on CPU it is a loop of oneDNN GEMMs that
+    JIT-compile a kernel for every new row count: it runs only on bucketed groups (local_dispatch pads
+    them), other layouts take the segment GEMMs, which bucket internally."""
+    if not grouped_mm_supported(x, w):
+        return grouped_mm_segments(x, w, offsets)
+    if _cpu16(x):
+        ends = offsets.tolist()
+        if any(_bucket_rows(e - s) != e - s for s, e in zip([0] + ends[:-1], ends)):
+            return grouped_mm_segments(x, w, offsets)
+    return grouped_mm_torch(x, w, offsets)
 
 
 GROUPED_MM_IMPLS = {"auto": grouped_mm_auto, "loop": grouped_mm_loop, "segments": grouped_mm_segments,
@@ -155,18 +162,20 @@ class GroupedExperts(nn.Module):
         out_dtype, x = x_sorted.dtype, x_sorted
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             x = x.to(torch.get_autocast_dtype(x.device.type))    # the GEMM precision of every Linear
+        w2 = self.w2.to(x.dtype)
         if self.gmm in (grouped_mm_auto, grouped_mm_segments):
             # gate and up as one grouped GEMM on [w1; w3] (one pass over x; dx summed inside the GEMM)
-            gate, up = self.gmm(x, torch.cat([self.w1.to(x.dtype), self.w3.to(x.dtype)], dim=1), offsets).chunk(2, dim=-1)
+            gu = self.gmm(x, torch.cat([self.w1.to(x.dtype), self.w3.to(x.dtype)], dim=1), offsets)
+            fn, args = swiglu_packed, (gu, row_weight)
         else:
             gate, up = self.gmm(x, self.w1.to(x.dtype), offsets), self.gmm(x, self.w3.to(x.dtype), offsets)
-        w2 = self.w2.to(x.dtype)
-        if row_weight is not None:
-            up = up * row_weight.unsqueeze(-1).to(up.dtype)
+            if row_weight is not None:
+                up = up * row_weight.unsqueeze(-1).to(up.dtype)
+            fn, args = _swiglu, (gate, up)
         if self.recompute and torch.is_grad_enabled():
-            h = torch.utils.checkpoint.checkpoint(_swiglu, gate, up, use_reentrant=False)
+            h = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         else:
-            h = _swiglu(gate, up)
+            h = fn(*args)
         return self.gmm(h, w2, offsets).to(out_dtype)
 
 

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,15 +66,57 @@ class Linear(nn.Linear):
         return self.impl(x, self.weight)
 
 
-def shared_input_linears(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
-    """``[lin(x) for lin in linears]`` as one GEMM on the concatenated weights when every Linear uses the
-    plain F.linear (one input cast and one GEMM per pass instead of one per Linear; the input gradient
-    is summed inside the GEMM in FP32). With a swapped ``impl`` (FP8) each Linear runs on its own."""
-    if len(linears) < 2 or any(lin.impl is not F.linear for lin in linears):
-        return [lin(x) for lin in linears]
+def packed_linear(x: torch.Tensor, *linears: Linear) -> Optional[torch.Tensor]:
+    """The Linears that share input ``x`` as one GEMM on their concatenated weights, outputs side by side
+    on the last dim; None when some Linear has a swapped ``impl`` (FP8), which must run on its own."""
+    if any(lin.impl is not F.linear for lin in linears):
+        return None
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    y = F.linear(x, torch.cat([lin.weight if dtype is None else lin.weight.to(dtype) for lin in linears]))
+    return F.linear(x, torch.cat([lin.weight if dtype is None else lin.weight.to(dtype) for lin in linears]))
+
+
+def shared_input_linears(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
+    """``[lin(x) for lin in linears]``, as one GEMM where packed_linear can (one input cast and one GEMM
+    per pass instead of one per Linear; the input gradient is summed inside the GEMM in FP32)."""
+    y = packed_linear(x, *linears) if len(linears) > 1 else None
+    if y is None:
+        return [lin(x) for lin in linears]
     return list(y.split([lin.out_features for lin in linears], dim=-1))
+
+
+class _PackedSwiGLU(torch.autograd.Function):
+    """h = silu(g) · u (· w per row) from gu = [g | u]; the backward writes dg and du into one packed
+    gradient (no zero-filled buffer per half) with torch's fused silu_backward."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor, row_weight: Optional[torch.Tensor]) -> torch.Tensor:
+        g, u = gu.chunk(2, dim=-1)
+        h = F.silu(g).mul_(u)
+        if row_weight is not None:
+            h.mul_(row_weight.unsqueeze(-1).to(h.dtype))
+        ctx.save_for_backward(gu, row_weight)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gu, rw = ctx.saved_tensors
+        g, u = gu.chunk(2, dim=-1)
+        a = F.silu(g)
+        drw = None
+        if rw is not None:
+            if ctx.needs_input_grad[1]:
+                drw = (dh * a * u).sum(-1).to(rw.dtype)
+            dh = dh * rw.unsqueeze(-1).to(dh.dtype)
+        dgu = torch.empty_like(gu)
+        dg, du = dgu.chunk(2, dim=-1)
+        torch.mul(dh, a, out=du)
+        torch.ops.aten.silu_backward(dh * u, g, grad_input=dg)
+        return dgu, drw
+
+
+def swiglu_packed(gu: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(gate) · up (· row_weight per row) for gu = [gate | up] on the last dim."""
+    return _PackedSwiGLU.apply(gu, row_weight)
 
 
 class MLP(nn.Module):
@@ -86,12 +130,13 @@ class MLP(nn.Module):
         self.recompute = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = shared_input_linears(x, self.w1, self.w3)
+        gu = packed_linear(x, self.w1, self.w3)
+        fn, args = (swiglu_packed, (gu,)) if gu is not None else (swiglu, (self.w1(x), self.w3(x)))
         if self.recompute and torch.is_grad_enabled():
             # report §3.2.3: keep only SwiGLU's inputs, recompute its output in backward
-            h = torch.utils.checkpoint.checkpoint(swiglu, gate, up, use_reentrant=False)
+            h = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         else:
-            h = swiglu(gate, up)
+            h = fn(*args)
         return self.w2(h)
 
 
