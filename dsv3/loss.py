@@ -48,13 +48,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = min(chunk, h.shape[0])
         logits = x_all.new_empty(rows, w.shape[0])
         logp = torch.empty(rows, w.shape[0], dtype=acc, device=h.device)
+        up = torch.empty_like(logp) if gemm_dtype != acc else None      # the logits upcast, in place
         wgrad = torch.empty(w.shape, dtype=gemm_dtype, device=w.device) if dw is not None and gemm_dtype != acc else None
         for s in range(0, h.shape[0], chunk):
             x, t, v = x_all[s:s + chunk], tgt[s:s + chunk, None], valid[s:s + chunk, None]
             n = x.shape[0]
             lg, lp = logits[:n], logp[:n]
             torch.mm(x, wc.t(), out=lg)
-            torch.log_softmax(lg, dim=-1, dtype=acc, out=lp)
+            torch.log_softmax(lg if up is None else up[:n].copy_(lg), dim=-1, out=lp)
             loss -= (lp.gather(1, t) * v).sum()
             probs = lp.exp_()                                      # softmax, in place
             probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0)).mul_(v)
