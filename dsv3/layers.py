@@ -50,7 +50,8 @@ class _RMSNormFunction(torch.autograd.Function):
         dyf = dy.to(rstd.dtype)
         dw = (dyf * xhat).flatten(0, -2).sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
         g = dyf * w.to(rstd.dtype)
-        dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(rstd).to(x.dtype)
+        c = (g * xhat).mean(-1, keepdim=True).mul_(rstd)
+        dx = torch.addcmul(g.mul_(rstd), xhat, c, value=-1).to(x.dtype)     # rstd·(g − x̂·mean(g·x̂))
         return dx, dw, None, None
 
 
