@@ -69,10 +69,13 @@ class Linear(nn.Linear):
 
 def packed_linear(x: torch.Tensor, *linears: Linear) -> Optional[torch.Tensor]:
     """The Linears that share input ``x`` as one GEMM on their concatenated weights, outputs side by side
-    on the last dim; None when some Linear has a swapped ``impl`` (FP8), which must run on its own."""
+    on the last dim; None when some Linear has a swapped ``impl`` (FP8), which must run on its own, and
+    on CPU outside autocast (measured slower there: benchmarks/README.md)."""
     if any(lin.impl is not F.linear for lin in linears):
         return None
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    if dtype is None and x.device.type == "cpu":
+        return None     # without a cast to fuse into, concatenating the weights costs more than it saves on CPU
     return F.linear(x, torch.cat([lin.weight if dtype is None else lin.weight.to(dtype) for lin in linears]))
 
 
