@@ -68,11 +68,15 @@ def test_save_pp2_dp4_resume_dp8_and_one_process(tmp_path):
     assert meta["sampler"] == {"epoch": 0, "index": 32}
     resumed = results[0]["weights"]
     assert len(resumed) > 20
+    init = dict(_setup([])[1].named_parameters())
     for n, p in model.named_parameters():   # both layouts read the same saved FP32 masters
         if n in resumed:
             assert torch.equal(p, resumed[n]), n
-        # and those are the trained weights (AdamW amplifies rounding of tiny grads: a fraction of a step)
-        assert (p - ref_weights[n]).abs().max() <= 0.1 * cfg.train.lr, (n, (p - ref_weights[n]).abs().max())
+        # and those are the trained weights: within 1% of the two steps' displacement from the initial
+        # weights (not exactly: AdamW's first steps turn reduction-order rounding of tiny gradients into
+        # up to ±lr moves of single elements)
+        moved = (ref_weights[n] - init[n]).norm()
+        assert moved > 0 and (p - ref_weights[n]).norm() <= 0.01 * moved, (n, (p - ref_weights[n]).norm() / moved)
     for i in range(2):
         loss, _ = reference_step(model, opt, batches[0], cfg.train.grad_clip)
         assert abs(loss - ref_losses[2 + i]) <= 1e-5 * ref_losses[2 + i], (i, loss, ref_losses)
