@@ -243,7 +243,7 @@ class EPDispatcher:
         else:
             payload = [x.detach()]
         h = DispatchHandle(self, x, topk_weight, N)
-        h._start_hop(0, payload, topk_weight.detach().float(), phys)
+        h._start_hop(0, payload, topk_weight.detach().to(torch.promote_types(topk_weight.dtype, torch.float32)), phys)
         return h
 
     def run_experts(self, recv: "Dispatched", experts) -> torch.Tensor:
@@ -334,8 +334,8 @@ class _DispatchAttach(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gx, gw):
         gx = torch.zeros(ctx.shapes[0], dtype=ctx.x_dtype) if gx is None else gx
-        gw = torch.zeros(ctx.shapes[1]) if gw is None else gw
-        parts = ctx.disp.reverse(ctx.hops, [gx.to(ctx.x_dtype).contiguous(), gw.float().contiguous()], "dispatch_bwd")
+        gw = torch.zeros(ctx.shapes[1], dtype=ctx.w_dtype) if gw is None else gw
+        parts = ctx.disp.reverse(ctx.hops, [gx.to(ctx.x_dtype).contiguous(), gw.to(torch.promote_types(ctx.w_dtype, torch.float32)).contiguous()], "dispatch_bwd")
         return parts[0], parts[1].to(ctx.w_dtype), None, None, None, None
 
 

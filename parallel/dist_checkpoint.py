@@ -72,7 +72,7 @@ def _state(pm, numel: dict[str, int], fill: bool) -> dict:
                 off, e, valid = mine[n]
                 if suffix:
                     st = pm.zero.optimizer.state.get(e.master)
-                    dtype = torch.bfloat16 if pm.cfg.train.bf16_moments else torch.float32
+                    dtype = pm.zero.optimizer._moment_dtype(e.master)
                     src = st[suffix[1:]][:valid] if st else torch.zeros(valid, dtype=dtype)
                 else:
                     src = e.master.detach()[:valid]
@@ -139,7 +139,7 @@ def load_sharded(path: str, pm) -> dict:
             e.master.copy_(vals[""])
             if meta["opt_step"] > 0:
                 pm.zero.optimizer.state[e.master] = dict(
-                    step=step_t.clone(), **{m: vals["." + m].to(pm.zero.optimizer.moment_dtype) for m in _MOMENTS})
+                    step=step_t.clone(), **{m: vals["." + m].to(pm.zero.optimizer._moment_dtype(e.master)) for m in _MOMENTS})
         for name, moe in _moes(pm).items():
             b = moe.gate.e_score_correction_bias
             b.copy_(sd[f"{name}.gate.e_score_correction_bias"].to(b.dtype))
@@ -151,11 +151,10 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer) -> dict:
     """One process: the whole model, its ``dsv3.optim.AdamW`` state and biases from a sharded checkpoint."""
     names = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sd: dict = {}
-    moment_dtype = optimizer.moment_dtype
-    for n, p in names.items():
-        sd[n] = torch.empty(p.numel(), dtype=torch.float32)
+    for n, p in names.items():   # the dtypes the parallel run saved: masters ≥ FP32, moments as AdamW keeps them
+        sd[n] = torch.empty(p.numel(), dtype=torch.promote_types(p.dtype, torch.float32))
         for m in _MOMENTS:
-            sd[f"{n}.{m}"] = torch.empty(p.numel(), dtype=moment_dtype)
+            sd[f"{n}.{m}"] = torch.empty(p.numel(), dtype=optimizer._moment_dtype(p))
     biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
     for n, b in biases.items():
         sd[n] = torch.empty(b.shape, dtype=torch.float32)
@@ -167,7 +166,7 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer) -> dict:
             p.copy_(sd[n].view_as(p))
             if meta["opt_step"] > 0:
                 optimizer.state[p] = dict(step=torch.tensor(float(meta["opt_step"])),
-                                          **{m: sd[f"{n}.{m}"].view_as(p).to(moment_dtype) for m in _MOMENTS})
+                                          **{m: sd[f"{n}.{m}"].view_as(p).to(optimizer._moment_dtype(p)) for m in _MOMENTS})
         for n, b in biases.items():
             b.copy_(sd[n])
     return meta
