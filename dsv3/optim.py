@@ -99,9 +99,11 @@ def clip_grad_norm(params, max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    if max_norm > 0 and math.isfinite(norm.item()):
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    # squares summed in fp64 and the coefficient a Python float, as parallel/zero.py does on its shards:
+    # with the norm in FP32 the coefficients of the two differ by ~1e-7, which later steps amplify
+    norm = math.sqrt(float(sum(g.double().square().sum() for g in grads)))
+    if max_norm > 0 and math.isfinite(norm):
+        coef = min(max_norm / (norm + 1e-6), 1.0)
         for g in grads:
-            g.mul_(coef.to(g.dtype))
-    return float(norm)
+            g.mul_(coef)
+    return norm

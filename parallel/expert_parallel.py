@@ -90,7 +90,7 @@ def sync_grads(model: torch.nn.Module, mesh: Mesh) -> None:
 def clip_grad_norm_ep(model: torch.nn.Module, mesh: Mesh, max_norm: float) -> float:
     """Global L2 norm of the full model's gradient (expert shards' squares summed over EP), clipped."""
     def sq(ps):
-        return sum((p.grad.float().pow(2).sum() for p in ps if p.grad is not None), torch.zeros(()))
+        return sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None), torch.zeros((), dtype=torch.float64))
     total = sq(_replicated_params(model))
     expert = sq(_expert_params(model))
     if mesh.ep > 1:

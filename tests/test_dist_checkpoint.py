@@ -1,7 +1,11 @@
-"""Sharded checkpoints reshard: 8 gloo ranks train 2 steps on PP2 × DP4 with EP4 (DualPipe) and save;
+"""Sharded checkpoints reshard: 8 gloo ranks train 10 steps on PP2 × DP4 with EP4 (DualPipe) and save;
 the same processes resume on PP1 × DP8 with EP4, and one process resumes from the same folder; both
-continue 2 steps with losses within 1e-5 relative of an uninterrupted one-process run. The checkpoint
-also exports to the Hugging Face layout with the trained weights."""
+continue 10 steps with losses within 1e-8 relative of an uninterrupted one-process run (issue: 1e-5).
+In fp64: in fp32 the runs agree to 1e-7 for two steps, then reduction-order rounding (per-rank partial
+sums + all-reduce vs one process's GEMM sums) grows through AdamW and top-k routing to ~1e-3 by step 20,
+while in fp64 they stay within ~2e-12 over all 20 steps, so a real difference cannot hide in the noise
+(tests/test_parallelize.py keeps the fp32 check over 3 steps). The checkpoint also exports to the
+Hugging Face layout with the trained weights."""
 from __future__ import annotations
 
 import os
@@ -9,9 +13,16 @@ import os
 import torch
 
 from tests.dist_utils import reference_step, run_ranks
-from tests.test_parallelize import GLOBAL_ROWS, RUNS, _setup
+from tests.test_parallelize import GLOBAL_ROWS, RUNS
+from tests.test_parallelize import _setup as _setup_fp32
 
-STEPS = 4   # 2 before the checkpoint, 2 after
+SAVE, STEPS = 10, 20   # 10 before the checkpoint, 10 after
+TOL = 1e-8
+
+
+def _setup(overrides):
+    cfg, model, batches = _setup_fp32(overrides)
+    return cfg, model.double(), batches
 
 
 def _reference():
@@ -22,7 +33,7 @@ def _reference():
     losses, weights = [], None
     for i, b in enumerate(batches):
         losses.append(reference_step(model, opt, b, cfg.train.grad_clip)[0])
-        if i == 1:
+        if i == SAVE - 1:
             weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     return losses, weights
 
@@ -40,12 +51,12 @@ def _worker(rank, world, ckpt_dir):
         mine = batches[0][pm.dp_index * rows:(pm.dp_index + 1) * rows]
         if phase == "resume":
             meta = load_sharded(latest_sharded(ckpt_dir), pm)
-            assert meta["step"] == 2 and meta["tokens"] == 123
+            assert meta["step"] == SAVE and meta["tokens"] == 123
             if rank == 0:   # the dense weights as resumed (experts are sharded on this layout)
                 losses["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if n not in pm.expert_names}
-        losses[phase] = [pm.train_step(mine, cfg.train.lr, model.mtp_weight)["loss"] for _ in range(2)]
+        losses[phase] = [pm.train_step(mine, cfg.train.lr, model.mtp_weight)["loss"] for _ in range(SAVE)]
         if phase == "save":
-            save_sharded(ckpt_dir, 2, pm, dict(tokens=123, sampler={"epoch": 0, "index": 32}))
+            save_sharded(ckpt_dir, SAVE, pm, dict(tokens=123, sampler={"epoch": 0, "index": 32}))
     return losses
 
 
@@ -57,10 +68,10 @@ def test_save_pp2_dp4_resume_dp8_and_one_process(tmp_path):
     os.makedirs(ckpt_dir)
     results = run_ranks(_worker, 8, ckpt_dir, timeout=400)
     path = latest_sharded(ckpt_dir)
-    assert path and path.endswith("ckpt_0000002") and not os.path.exists(path + ".tmp")
+    assert path and path.endswith(f"ckpt_{SAVE:07d}") and not os.path.exists(path + ".tmp")
     for r in results:
         for a, b in zip(r["save"] + r["resume"], ref_losses, strict=True):
-            assert abs(a - b) <= 1e-5 * abs(b), (r, ref_losses)
+            assert abs(a - b) <= TOL * abs(b), (r, ref_losses)
 
     cfg, model, batches = _setup([])
     opt = build_optimizer(model, cfg.train)
@@ -69,17 +80,15 @@ def test_save_pp2_dp4_resume_dp8_and_one_process(tmp_path):
     resumed = results[0]["weights"]
     assert len(resumed) > 20
     init = dict(_setup([])[1].named_parameters())
-    for n, p in model.named_parameters():   # both layouts read the same saved FP32 masters
+    for n, p in model.named_parameters():   # both layouts read the same saved (fp64 here) masters
         if n in resumed:
             assert torch.equal(p, resumed[n]), n
-        # and those are the trained weights: within 1% of the two steps' displacement from the initial
-        # weights (not exactly: AdamW's first steps turn reduction-order rounding of tiny gradients into
-        # up to ±lr moves of single elements)
+        # and those are the trained weights (to fp64 rounding of the reduction order)
         moved = (ref_weights[n] - init[n]).norm()
-        assert moved > 0 and (p - ref_weights[n]).norm() <= 0.01 * moved, (n, (p - ref_weights[n]).norm() / moved)
-    for i in range(2):
+        assert moved > 0 and (p - ref_weights[n]).norm() <= 1e-8 * moved, (n, (p - ref_weights[n]).norm() / moved)
+    for i in range(STEPS - SAVE):
         loss, _ = reference_step(model, opt, batches[0], cfg.train.grad_clip)
-        assert abs(loss - ref_losses[2 + i]) <= 1e-5 * ref_losses[2 + i], (i, loss, ref_losses)
+        assert abs(loss - ref_losses[SAVE + i]) <= TOL * ref_losses[SAVE + i], (i, loss, ref_losses)
 
     from dsv3.hf import load_hf_checkpoint
     _, fresh, _ = _setup([])
@@ -87,4 +96,4 @@ def test_save_pp2_dp4_resume_dp8_and_one_process(tmp_path):
     back = load_hf_checkpoint(str(tmp_path / "hf"))
     w = ref_weights["layers.1.ffn.experts.w1"]
     got = dict(back.named_parameters())["layers.1.ffn.experts.w1"]
-    assert torch.allclose(got, w, rtol=1e-2, atol=1e-4)     # stored in BF16
+    assert torch.allclose(got, w.to(got.dtype), rtol=1e-2, atol=1e-4)     # stored in BF16
