@@ -171,6 +171,11 @@ class TrainConfig:
     out_dir: str = "runs/debug"
     ckpt_every: int = 0                      # 0 = only at the end
     resume: str = "none"                     # none | auto | path to a checkpoint folder
+    overwrite: bool = False                  # resume=none into a folder that holds checkpoints: replace them
+    keep_last: int = 0                       # keep only the newest N checkpoints (0 = keep all)
+    max_skipped_steps: int = 5               # consecutive non-finite steps skipped before the run stops (exit 3)
+    time_limit_s: float = 0.0                # stop cleanly (checkpoint, exit 0) before this wall-clock budget; 0 = none
+    lock_stale_s: float = 120.0              # a run lock whose heartbeat is older than this is taken over
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 8
