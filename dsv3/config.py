@@ -11,6 +11,7 @@ parameter counts, computed on the meta device.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -270,21 +271,64 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in first_line:
+                        raise ConfigError(f"line {line}: key '{key}' is given twice (first on line "
+                                          f"{first_line[key]}); keep one")
+                    first_line[key] = line
+                except TypeError:   # an unhashable key: SafeLoader names it below
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error_line(e: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: 'line L, column C: problem (context)'."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return where + problem + (f" ({context})" if context else "")
+
+
 def _read_yaml(path: str, seen: tuple = ()) -> dict:
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f"{path}: 'base' includes form a cycle")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a folder; give the path of a YAML file")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_error_line(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}, {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)
     if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: 'base' must name a YAML file, got {base!r}")
         data = _merge(_read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)), data)
     return data
 
@@ -294,9 +338,11 @@ def parse_override(text: str) -> tuple[list[str], object]:
         raise ConfigError(f"override '{text}': expected key.path=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as e:
+        raise ConfigError(f"override '{text}': {str(e).split(': ', 1)[-1]}") from None  # drop "line 1: "
     return key.strip().split("."), value
 
 
@@ -310,20 +356,130 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# --------------------------------------------------------------------------------------- validation
+# Checked at load, before any data preparation, so a bad value costs nothing and names its key.
+# Optional keys (None) are skipped; a None parent (rope_scaling, batch_ramp) skips its children.
+_INT_AT_LEAST_1 = (  # sizes and counts; a 0 divides by zero or builds an empty layer
+    "model.vocab_size", "model.dim", "model.n_layers", "model.inter_dim", "model.max_seq_len",
+    "model.mla.n_heads", "model.mla.q_lora_rank", "model.mla.kv_lora_rank", "model.mla.qk_nope_head_dim",
+    "model.mla.qk_rope_head_dim", "model.mla.v_head_dim", "model.mla.rope_scaling.original_max_position_embeddings",
+    "model.moe.n_routed_experts", "model.moe.moe_inter_dim", "model.moe.n_activated_experts", "model.moe.n_group",
+    "model.moe.topk_group", "fp8.block", "parallel.pp", "parallel.ep", "data.seq_len", "train.micro_batch_size",
+    "train.grad_accum", "train.max_skipped_steps", "train.log_every", "train.eval_batches")
+_INT_AT_LEAST_0 = (  # 0 means off / none / automatic
+    "model.n_dense_layers", "model.moe.n_shared_experts", "model.moe.bias_update_stop_tokens", "model.mtp.depth",
+    "model.mtp.lambda_switch_tokens", "parallel.nodes", "parallel.ranks_per_node", "parallel.num_chunks",
+    "train.steps", "train.warmup_steps", "train.seed", "train.ckpt_every", "train.keep_last", "train.eval_every",
+    "train.sample_tokens", "train.batch_ramp.start_sequences", "train.batch_ramp.tokens")
+_FLOAT_POSITIVE = (
+    "model.norm_eps", "model.init_std", "model.mla.rope_scaling.factor", "model.mla.rope_scaling.beta_fast",
+    "model.mla.rope_scaling.beta_slow", "model.moe.routed_scaling_factor", "parallel.timeout_s",
+    "data.tokenizer_sample_mb", "train.eps", "train.lock_stale_s")
+_FLOAT_AT_LEAST_0 = (
+    "model.mla.rope_scaling.mscale", "model.mla.rope_scaling.mscale_all_dim", "model.moe.bias_update_speed",
+    "model.moe.aux_loss_alpha", "model.mtp.lambda_start", "model.mtp.lambda_end", "train.lr", "train.weight_decay",
+    "train.grad_clip", "train.time_limit_s")
+_NON_EMPTY = {  # an empty path would silently mean the current folder
+    "data.path": "a corpus file or folder, or null for the embedded corpus",
+    "data.tokenizer": "bpe, sentencepiece or the path of a tokenizer file",
+    "data.domain_field": "a jsonl field name, or null",
+    "data.cache_dir": "a folder for the tokenizer and packed data (default .cache/dsv3)",
+    "train.out_dir": "the run's folder (e.g. runs/mine)",
+    "train.resume": "none, auto or a checkpoint folder"}
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        if cfg is None:
+            return None
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_finite(obj, path: str = "") -> None:
+    """Every float in the tree is finite: a nan or inf learning rate, scale or epsilon trains to NaN."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for k, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{k} must be a finite number, got {v}")
+            if dataclasses.is_dataclass(v):
+                _check_finite(v, k)
+
+
+def _check_ranges(cfg: "Config") -> None:
+    for keys, ok, want in ((_INT_AT_LEAST_1, lambda v: v >= 1, ">= 1"), (_INT_AT_LEAST_0, lambda v: v >= 0, ">= 0"),
+                           (_FLOAT_POSITIVE, lambda v: v > 0, "> 0"), (_FLOAT_AT_LEAST_0, lambda v: v >= 0, ">= 0")):
+        for key in keys:
+            value = _get(cfg, key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{key} must be {want}, got {value}")
+    for key, want in _NON_EMPTY.items():
+        value = _get(cfg, key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"{key} is empty; set it to {want}")
+    for i, seg in enumerate(cfg.train.lr_segments):
+        if seg.tokens < 0 or seg.lr < 0:
+            raise ConfigError(f"train.lr_segments[{i}]: tokens and lr must be >= 0, got tokens={seg.tokens}, lr={seg.lr}")
+    ranges = ((cfg.model.mla.rope_theta > 1, f"model.mla.rope_theta must be > 1, got {cfg.model.mla.rope_theta}"),
+              (0 <= cfg.train.beta1 < 1, f"train.beta1 must be in [0, 1), got {cfg.train.beta1}"),
+              (0 <= cfg.train.beta2 < 1, f"train.beta2 must be in [0, 1), got {cfg.train.beta2}"),
+              (0.0 < cfg.data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}"),
+              (0.0 <= cfg.data.fim_rate <= 1.0, f"data.fim_rate must be in [0, 1], got {cfg.data.fim_rate}"))
+    for ok, msg in ranges:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def _pipeline_checks(cfg: "Config") -> list[tuple[bool, str]]:
+    """What parallel/ needs of pp, its schedule and num_chunks, checkable without the world size
+    (parallel/schedules.py ``_check``, parallel/dsv3_stages.py, parallel/parallelize.py)."""
+    pc, t = cfg.parallel, cfg.train
+    if pc.pp == 1:
+        return []
+    dual = pc.pp_schedule in ("dualpipe", "dualpipev")
+    stages = 2 * pc.pp if pc.pp_schedule == "dualpipev" else pc.pp
+    chunks = pc.num_chunks or (2 * pc.pp if dual else pc.pp)
+    need = 2 * pc.pp if dual else pc.pp
+    rows = t.micro_batch_size * t.grad_accum
+    return [
+        (stages <= cfg.model.n_layers, f"parallel.pp={pc.pp} with {pc.pp_schedule} needs {stages} model stages but "
+                                       f"model.n_layers={cfg.model.n_layers}; lower parallel.pp or add layers"),
+        (pc.pp_schedule != "dualpipe" or pc.pp % 2 == 0,
+         f"parallel.pp_schedule=dualpipe needs an even parallel.pp, got {pc.pp}; use dualpipev for an odd one"),
+        (chunks >= need and (pc.pp_schedule != "dualpipe" or chunks % 2 == 0),
+         f"parallel.num_chunks={chunks}: {pc.pp_schedule} with pp={pc.pp} needs "
+         f"{'an even number ' if pc.pp_schedule == 'dualpipe' else ''}>= {need}; raise it or set 0 for the fewest"),
+        (rows % chunks == 0, f"train.micro_batch_size × train.grad_accum = {rows} sequences per pipeline step do not "
+                             f"split into parallel.num_chunks={chunks} micro-batches"),
+    ]
+
+
 def validate(cfg: Config) -> Config:
-    m, moe, mla = cfg.model, cfg.model.moe, cfg.model.mla
+    _check_finite(cfg)
+    _check_ranges(cfg)
+    m, moe, mla, t = cfg.model, cfg.model.moe, cfg.model.mla, cfg.train
+    per_group = moe.n_routed_experts // moe.n_group
     checks = [
         (moe.n_activated_experts <= moe.n_routed_experts, "model.moe.n_activated_experts must be <= n_routed_experts"),
         (moe.n_routed_experts % moe.n_group == 0, "model.moe.n_routed_experts must be divisible by n_group"),
         (1 <= moe.topk_group <= moe.n_group, "model.moe.topk_group must be in [1, n_group]"),
-        (moe.n_activated_experts <= moe.topk_group * (moe.n_routed_experts // moe.n_group),
+        (moe.n_activated_experts <= moe.topk_group * per_group,
          "model.moe.n_activated_experts exceeds the experts in topk_group groups"),
-        (0 <= m.n_dense_layers <= m.n_layers, "model.n_dense_layers must be in [0, n_layers]"),
+        (moe.n_group == 1 or moe.topk_method != "noaux_tc" or per_group >= 2,
+         f"model.moe.n_group={moe.n_group} leaves {per_group} expert per group, but noaux_tc scores a group by its "
+         f"top-2 experts; lower n_group to at most {moe.n_routed_experts // 2}"),
+        (m.n_dense_layers <= m.n_layers, "model.n_dense_layers must be in [0, n_layers]"),
         (mla.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim must be even"),
         (cfg.data.seq_len <= m.max_seq_len, "data.seq_len must be <= model.max_seq_len"),
-        (cfg.train.micro_batch_size >= 1 and cfg.train.grad_accum >= 1, "train.micro_batch_size and grad_accum must be >= 1"),
-        (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
-        (m.mtp.depth >= 0, "model.mtp.depth must be >= 0"),
+        (cfg.fp8.block == 128, f"fp8.block={cfg.fp8.block}: the FP8 kernels implement 128 (1×128 and 128×128 tiles); "
+                               f"set it to 128"),
+        (moe.n_routed_experts % cfg.parallel.ep == 0,
+         f"parallel.ep={cfg.parallel.ep} does not divide model.moe.n_routed_experts={moe.n_routed_experts}"),
+        (t.sample_tokens == 0 or t.sample_prompt != "",
+         "train.sample_prompt is empty; give a prompt or set train.sample_tokens=0"),
+        *_pipeline_checks(cfg),
     ]
     for ok, msg in checks:
         if not ok:
