@@ -421,7 +421,8 @@ def _check_ranges(cfg: "Config") -> None:
             raise ConfigError(f"{key} is empty; set it to {want}")
     for i, seg in enumerate(cfg.train.lr_segments):
         if seg.tokens < 0 or seg.lr < 0:
-            raise ConfigError(f"train.lr_segments[{i}]: tokens and lr must be >= 0, got tokens={seg.tokens}, lr={seg.lr}")
+            raise ConfigError(f"train.lr_segments[{i}]: tokens and lr must be >= 0, "
+                              f"got tokens={seg.tokens}, lr={seg.lr}")
     ranges = ((cfg.model.mla.rope_theta > 1, f"model.mla.rope_theta must be > 1, got {cfg.model.mla.rope_theta}"),
               (0 <= cfg.train.beta1 < 1, f"train.beta1 must be in [0, 1), got {cfg.train.beta1}"),
               (0 <= cfg.train.beta2 < 1, f"train.beta2 must be in [0, 1), got {cfg.train.beta2}"),

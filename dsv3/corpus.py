@@ -46,10 +46,14 @@ def stdlib_root() -> str:
 
 
 def _walk_sorted(root: str, extensions: tuple[str, ...]) -> list[str]:
-    """Files under root with one of the extensions, test folders skipped, sorted by relative path."""
-    found = []
-    for d, dirs, files in os.walk(root):
+    """Files under root with one of the extensions, test folders skipped, sorted by relative path.
+    Linked folders are followed (as linked files are read), each real folder once, so a cycle ends."""
+    found, seen = [], {os.path.realpath(root)}
+    for d, dirs, files in os.walk(root, followlinks=True):
         dirs[:] = [x for x in dirs if x not in SKIPPED_DIRS and not x.startswith(".")]
+        real = [os.path.realpath(os.path.join(d, x)) for x in dirs]
+        dirs[:] = [x for x, r in zip(dirs, real) if r not in seen]
+        seen.update(real)
         found.extend(os.path.relpath(os.path.join(d, f), root) for f in files if f.endswith(extensions))
     return sorted(p.replace(os.sep, "/") for p in found)
 
@@ -71,12 +75,20 @@ def _top_level(rel: str) -> str:
 def _read_files(root: str, rels: list[str]) -> tuple[list[tuple[str, str]], list[dict], str]:
     texts, files, total = [], [], hashlib.sha256()
     for rel in rels:
-        with open(os.path.join(root, rel), "rb") as f:
-            raw = f.read()
+        path = os.path.join(root, rel)
+        if os.path.islink(path) and not os.path.exists(path):
+            raise DataError(f"{path} is a broken symbolic link (to {os.readlink(path)}); fix its target or remove "
+                            f"it from data.path (training on less data than given is not done silently)")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise DataError(f"cannot read data file {path} ({e.strerror}); make it readable or remove it "
+                            f"from data.path") from None
         digest = hashlib.sha256(raw).hexdigest()
         files.append({"path": rel, "bytes": len(raw), "sha256": digest})
         total.update(f"{rel}\0{digest}\n".encode())
-        texts.append((rel, _decode(raw, os.path.join(root, rel))))
+        texts.append((rel, _decode(raw, path)))
     return texts, files, total.hexdigest()
 
 

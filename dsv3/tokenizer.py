@@ -196,6 +196,12 @@ def train_sentencepiece(texts: list[str], vocab_size: int):
 
 
 # ------------------------------------------------------------------------------------ load or train
+def cache_write_error(e: OSError, cache_dir: str) -> DataError:
+    """A read-only, full or misplaced data.cache_dir as one line naming the folder and the fix."""
+    return DataError(f"cannot write to data.cache_dir {cache_dir} ({e.strerror}: {e.filename}); make it writable, "
+                     f"free space, or set data.cache_dir to a writable folder")
+
+
 def _load_file(path: str) -> Tokenizer:
     if path.endswith(".model"):
         import sentencepiece as spm
@@ -223,15 +229,25 @@ def get_tokenizer(spec: str, vocab_size: int, docs: list[Document], docs_key: st
         path = os.path.join(cache_dir, "tokenizers", f"{spec}-v{vocab_size}-s{sample_mb:g}mb-{docs_key[:16]}.{ext}")
         if not os.path.isfile(path):
             texts = tokenizer_sample(docs, sample_mb)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
-            if spec == "bpe":
-                train_bpe(texts, vocab_size).save(tmp)
-            else:
-                with open(tmp, "wb") as f:
-                    f.write(train_sentencepiece(texts, vocab_size).serialized_model_proto())
-            os.replace(tmp, path)
-        tok = _load_file(path)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(tmp, "wb") as f:   # opened before training: an unwritable cache fails at once
+                    if spec == "bpe":
+                        f.write(train_bpe(texts, vocab_size).to_str(pretty=True).encode())
+                    else:
+                        f.write(train_sentencepiece(texts, vocab_size).serialized_model_proto())
+                os.replace(tmp, path)
+            except OSError as e:
+                raise cache_write_error(e, cache_dir) from None
+            finally:   # no half-written file, also when training itself fails
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        try:
+            tok = _load_file(path)
+        except DataError:
+            raise DataError(f"the cached tokenizer {path} is damaged; delete it (it is retrained from the "
+                            f"corpus on the next run)") from None
         tok.kind = spec
         return tok
     path = os.path.abspath(os.path.expanduser(spec))
