@@ -329,7 +329,10 @@ def _read_yaml(path: str, seen: tuple = ()) -> dict:
     if base is not None:
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{path}: 'base' must name a YAML file, got {base!r}")
-        data = _merge(_read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)), data)
+        base_path = os.path.join(os.path.dirname(path), base)
+        if not os.path.exists(base_path):
+            raise ConfigError(f"{path}: base config file not found: {os.path.abspath(base_path)}")
+        data = _merge(_read_yaml(base_path, seen + (path,)), data)
     return data
 
 

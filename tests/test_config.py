@@ -91,3 +91,33 @@ def test_cli_exit_code_and_one_line_message():
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     r = _cli(config_path("dsv3_671b.yaml"))
     assert r.returncode == 0 and "total params: 671.03B" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["debug.yaml", "small_moe.yaml", "deepseek_v2_lite.yaml", "dsv3_671b.yaml",
+                                  "dsv3_671b_128k.yaml"])
+def test_shipped_configs_pass_validation(name):
+    assert isinstance(load_config(config_path(name)), Config)
+
+
+def test_duplicate_keys_refused_merge_keys_allowed(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  lr: 0.001\n  steps: 3\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml, line 4: key 'lr' is given twice \(first on line 2\); keep one$"):
+        load_config(str(p))
+    # a YAML merge (<<) followed by an explicit key is an override, not a duplicate
+    ok = tmp_path / "merge.yaml"
+    ok.write_text("x: &d {lr: 0.5, steps: 7}\ntrain:\n  <<: *d\n  lr: 0.25\n")
+    from dsv3.config import _read_yaml
+    assert _read_yaml(str(ok))["train"] == {"lr": 0.25, "steps": 7}
+
+
+def test_every_float_must_be_finite_and_sizes_positive():
+    with pytest.raises(ConfigError, match=r"^train\.lr_segments\[1\]\.lr must be a finite number, got nan$"):
+        load_config(None, ["train.lr_segments=[{kind: constant, tokens: 5, lr: 0.1}, "
+                           "{kind: cosine, tokens: 5, lr: .nan}]"])
+    with pytest.raises(ConfigError, match=r"^model\.moe\.n_group must be >= 1, got 0$"):
+        load_config(None, ["model.moe.n_group=0"])
+    # 0 where 0 means off stays valid
+    cfg = load_config(None, ["model.moe.n_shared_experts=0", "model.mtp.depth=0", "train.grad_clip=0",
+                             "train.steps=0", "model.n_dense_layers=0", "train.time_limit_s=0"])
+    assert (cfg.model.moe.n_shared_experts, cfg.train.grad_clip, cfg.train.steps) == (0, 0.0, 0)

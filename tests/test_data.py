@@ -234,3 +234,31 @@ def test_corpus_too_small_for_seq_len(tmp_path):
         prepare_data(small_cfg(tmp_path, seq_len=too_long_for_val), 400)
     with pytest.raises(DataError, match=rf"the training split has {ds.n_train_tokens} tokens.*lower data.seq_len"):
         prepare_data(small_cfg(tmp_path, seq_len=ds.n_train_tokens), 400)
+
+
+def test_linked_folder_followed_once_and_broken_link_refused(tmp_path):
+    root = tmp_path / "corpus"
+    write_corpus(str(root / "real"))
+    os.symlink(root / "real" / "alpha", root / "alias")      # a linked folder is read, like a linked file
+    os.symlink(root, root / "real" / "loop")                 # a cycle ends
+    files = [f["path"] for f in user_corpus(str(root)).files]
+    assert sum(p.startswith("alias/") for p in files) == 12 and not any("loop" in p for p in files)
+    assert not any(p.startswith("real/alpha/") for p in files)   # the same real folder once (first by name)
+    os.symlink(tmp_path / "gone.txt", root / "real" / "dangling.txt")
+    with pytest.raises(DataError, match=r"dangling\.txt is a broken symbolic link .*gone\.txt"):
+        user_corpus(str(root))
+
+
+def test_packed_shards_checked_on_open(tmp_path):
+    cfg = small_cfg(tmp_path)
+    ds = prepare_data(cfg, 400)
+    path = os.path.join(ds.pack_dir, "val.bin")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:                                  # same size, one bit changed
+        f.write(bytes([data[0] ^ 1]) + data[1:])
+    with pytest.raises(DataError, match=r"val\.bin does not match the sha256 in its index\); delete that folder"):
+        prepare_data(cfg, 400)
+    with open(path, "wb") as f:
+        f.write(data[:-2])
+    with pytest.raises(DataError, match=rf"val\.bin has {len(data) - 2} bytes, its index says {len(data)}"):
+        prepare_data(cfg, 400)
