@@ -30,6 +30,9 @@ from dsv3.model import Transformer
 from dsv3.moe import max_violation
 from dsv3.optim import build_optimizer, clip_grad_norm
 from dsv3.params import count_params
+from dsv3.run_dir import (RunLock, clear_for_fresh_run, has_checkpoints, remove_partial_checkpoints,
+                          truncate_metrics)
+from dsv3.stops import Interrupted, StopRequests, exit_code, raise_on_signal, restore
 from dsv3.train_log import StepLogger, measure_matmul_flops, step_line
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug.yaml")
@@ -62,6 +65,31 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def agree(self, err: Optional[BaseException]) -> None:
+        """Every rank learns whether any rank failed a set-up step: the failing rank raises its own
+        error, the others one saying where to look (no rank is left waiting for a collective)."""
+        failed = err is not None
+        if self.world > 1:
+            flag = torch.tensor([int(failed)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            failed = bool(flag.item())
+        if err is not None:
+            raise err
+        if failed:
+            raise UserError(f"rank {self.rank}: another rank stopped during set-up (its message says why)")
+
+
+class Diverged(Exception):
+    """train.max_skipped_steps consecutive steps had a non-finite loss or gradient norm: exit 3."""
+
+
+class Stopped(Exception):
+    """A graceful stop (signal or time limit) after a checkpoint: ``main`` prints it and exits with ``code``."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def flops_per_token(cfg: Config, activated_no_embed: int) -> float:
@@ -110,33 +138,113 @@ def sample_text(model: Transformer, data: Dataset, cfg: Config) -> str:
     return data.tokenizer.decode(prompt + ids)
 
 
-def train(cfg: Config) -> dict:
-    """Run training; returns final metrics (val_loss, val_unigram_entropy, val_maxvio per MoE layer,
-    losses per step)."""
+def _open_run_dir(cfg: Config, env: Dist) -> tuple[Optional[RunLock], Dataset]:
+    """Rank 0 takes the run folder's lock and refuses a fresh run over an old one's checkpoints;
+    data is prepared (rank 0 first: it fills the shared caches). Nothing in the folder is written yet."""
     t = cfg.train
-    env = Dist(cfg.parallel.backend, cfg.parallel.timeout_s)
-    rank0 = env.rank == 0
-    torch.manual_seed(t.seed)
-    os.makedirs(t.out_dir, exist_ok=True)
-    if rank0:
-        with open(os.path.join(t.out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-        data = prepare_data(cfg.data, cfg.model.vocab_size, t.out_dir, seed=t.seed)
-    env.barrier()
-    if not rank0:
+    lock, data, err = None, None, None
+    if env.rank == 0:
+        try:
+            lock = RunLock(t.out_dir, t.lock_stale_s)
+            lock.acquire()
+            old = has_checkpoints(t.out_dir)
+            if t.resume == "none" and old and not t.overwrite:
+                raise UserError(f"train.out_dir={t.out_dir} holds checkpoints of another run ({old[-1]}); pass "
+                                f"train.resume=auto to continue it, train.overwrite=true to replace it, or another out_dir")
+            data = prepare_data(cfg.data, cfg.model.vocab_size, None, seed=t.seed)
+        except UserError as e:
+            err = e
+            if lock is not None:
+                lock.release()
+                lock = None
+    env.agree(err)
+    if env.rank != 0:
         data = prepare_data(cfg.data, cfg.model.vocab_size, None, seed=t.seed)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{cfg.model.vocab_size}; raise model.vocab_size")
+    return lock, data
 
-    model = Transformer(cfg.model).to(env.device)
-    if cfg.fp8.enabled or cfg.model.linear_impl == "fp8":
-        from dsv3.precision import apply_fp8
-        apply_fp8(model, cfg.fp8)
-    model.set_recompute(t.recompute)
-    model.train()
-    if env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1 or cfg.parallel.zero1):
-        return train_parallel(cfg, env, data, model)
+
+def _commit_run_dir(cfg: Config, env: Dist, data: Dataset, step: int) -> None:
+    """After the resume checkpoint (if any) has been validated and loaded: config.yaml, corpus.json,
+    metrics.jsonl cut back to ``step``, partial checkpoint folders of a killed run removed."""
+    t = cfg.train
+    if env.rank == 0:
+        if t.resume == "none" and t.overwrite:
+            clear_for_fresh_run(t.out_dir)
+        remove_partial_checkpoints(t.out_dir)
+        truncate_metrics(t.out_dir, step)
+        tmp = os.path.join(t.out_dir, f"config.yaml.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, os.path.join(t.out_dir, "config.yaml"))
+        data.write_manifest(t.out_dir)
+    env.barrier()
+
+
+class StepGuard:
+    """The divergence guard and the stop requests, shared by both loops. ``finite`` is computed from
+    values every rank holds identically (all-reduced losses, the global gradient norm), so every rank
+    skips the same steps; the stop request is all-reduced in ``after_step``."""
+
+    def __init__(self, cfg: Config, env: Dist, stops: StopRequests):
+        self.t, self.env, self.stops = cfg.train, env, stops
+        self.consecutive = 0
+        self.skipped_total = 0
+
+    def check(self, loss: float, grad_norm: float, step: int) -> bool:
+        """True if the step may update the weights; counts skips; raises Diverged after too many."""
+        import math
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.skipped_total += 1
+        if self.consecutive >= self.t.max_skipped_steps:
+            raise Diverged(f"training diverged: {self.consecutive} consecutive steps (to step {step}) had a non-finite "
+                           f"loss ({loss}) or gradient norm ({grad_norm}); no checkpoint was written after the last "
+                           f"finite one; lower train.lr or check the data (train.max_skipped_steps={self.t.max_skipped_steps})")
+        return False
+
+    def after_step(self, step_time_s: float) -> int:
+        return self.stops.agreed(self.env.device if self.env.world > 1 else None, step_time_s)
+
+
+def _stop_message(req: int, step: int, ckpt: str) -> str:
+    from dsv3.stops import NAMES
+    return (f"stopped by {NAMES[req]} after step {step}; checkpoint {ckpt} written; "
+            f"continue with train.resume=auto")
+
+
+def train(cfg: Config) -> dict:
+    """Run training; returns final metrics (val_loss, val_unigram_entropy, val_maxvio per MoE layer,
+    losses per step). Raises Stopped after a graceful stop, Diverged, Interrupted, UserError."""
+    start = time.monotonic()
+    t = cfg.train
+    old_handlers = raise_on_signal()
+    env = Dist(cfg.parallel.backend, cfg.parallel.timeout_s)
+    torch.manual_seed(t.seed)
+    lock = None
+    try:
+        lock, data = _open_run_dir(cfg, env)
+        model = Transformer(cfg.model).to(env.device)
+        if cfg.fp8.enabled or cfg.model.linear_impl == "fp8":
+            from dsv3.precision import apply_fp8
+            apply_fp8(model, cfg.fp8)
+        model.set_recompute(t.recompute)
+        model.train()
+        if env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1 or cfg.parallel.zero1):
+            return train_parallel(cfg, env, data, model, start, old_handlers)
+        return _train(cfg, env, data, model, start, old_handlers)
+    finally:
+        restore(old_handlers)
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, env: Dist, data: Dataset, model: Transformer, start: float, old_handlers: dict) -> dict:
+    t, rank0 = cfg.train, env.rank == 0
     optimizer = build_optimizer(model, t)
     sampler = data.train_sampler(t.micro_batch_size, t.seed, env.rank, env.world)
 
@@ -150,68 +258,89 @@ def train(cfg: Config) -> dict:
         sampler.load_state_dict(state["sampler"])
         if rank0:
             print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
+    _commit_run_dir(cfg, env, data, step)
 
     fpt, peak, autocast, log = run_setup(cfg, env, data, step)
     losses: list[float] = []
     params = [p for p in model.parameters() if p.requires_grad]
     monitor = BalanceMonitor(model)  # per-layer balance fields (dsv3/balance_metrics.py), after any resume
-    while step < t.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(t, step, tokens)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        moe_cfg, mtp_cfg = cfg.model.moe, cfg.model.mtp
-        if mtp_cfg.lambda_switch_tokens is not None and tokens >= mtp_cfg.lambda_switch_tokens:
-            model.mtp_weight = mtp_cfg.lambda_end
-        n_micro = micro_batches_at(t, tokens, env.world)
-        model.set_aux_loss_scale(1.0 / n_micro)
-        sums = dict(loss=0.0, lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
-        step_tokens = 0
-        for micro in range(n_micro):
-            batch = sampler.next_batch().to(env.device)
-            with autocast():
-                out = model(batch[:, :-1], labels=batch[:, 1:])
-            (out.loss / n_micro).backward()
-            monitor.after_forward(n_micro)
-            if micro == 0:
-                fault_point("micro", step + 1)
-            for k in sums:
-                sums[k] += float(getattr(out, k).detach()) / n_micro
-            step_tokens += batch[:, :-1].numel() * env.world
-        env.all_reduce_([p.grad for p in params if p.grad is not None], average=True)
-        if env.world > 1:  # log the global batch's losses, not rank 0's slice
-            logged = torch.tensor(list(sums.values()), dtype=torch.float64)
-            env.all_reduce_([logged], average=True)
-            sums = dict(zip(sums, logged.tolist()))
-        grad_norm = clip_grad_norm(params, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loads = model.expert_loads()
-        env.all_reduce_(loads + monitor.histograms, average=False)
-        gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
-        model.update_bias(loads, gamma)
-        tokens += step_tokens
-        step += 1
-        maxvio = [max_violation(load) for load in loads]
-        dt = time.perf_counter() - t0
-        record = dict(step=step, tokens=tokens, **sums, lr=lr, grad_norm=grad_norm,
-                      tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak,
-                      maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
-                      maxvio=maxvio, **monitor.step_fields(loads))
-        losses.append(sums["loss"])
-        log.log(record, step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None)
-        fault_point("step", step)
-        if t.eval_every and step % t.eval_every == 0 and step < t.steps and rank0:
-            val = evaluate(model, data, cfg, autocast, monitor)
-            log.log(dict(step=step, val_loss=val, **monitor.take_domain_loads()),
-                    f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-            if rank0:
-                save_checkpoint(t.out_dir, step, model, optimizer,
-                                dict(tokens=tokens, sampler=sampler.state_dict()))
-            env.barrier()
+    saved_at, req = step, 0
+    restore(old_handlers)
+    with StopRequests(t.time_limit_s, start) as stops:
+        guard = StepGuard(cfg, env, stops)
+        while step < t.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(t, step, tokens)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            moe_cfg, mtp_cfg = cfg.model.moe, cfg.model.mtp
+            if mtp_cfg.lambda_switch_tokens is not None and tokens >= mtp_cfg.lambda_switch_tokens:
+                model.mtp_weight = mtp_cfg.lambda_end
+            n_micro = micro_batches_at(t, tokens, env.world)
+            model.set_aux_loss_scale(1.0 / n_micro)
+            sums = dict(loss=0.0, lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
+            step_tokens = 0
+            for micro in range(n_micro):
+                batch = sampler.next_batch().to(env.device)
+                with autocast():
+                    out = model(batch[:, :-1], labels=batch[:, 1:])
+                (out.loss / n_micro).backward()
+                monitor.after_forward(n_micro)
+                if micro == 0:
+                    fault_point("micro", step + 1)
+                for k in sums:
+                    sums[k] += float(getattr(out, k).detach()) / n_micro
+                step_tokens += batch[:, :-1].numel() * env.world
+            env.all_reduce_([p.grad for p in params if p.grad is not None], average=True)
+            if env.world > 1:  # log the global batch's losses, not rank 0's slice
+                logged = torch.tensor(list(sums.values()), dtype=torch.float64, device=env.device)
+                env.all_reduce_([logged], average=True)
+                sums = dict(zip(sums, logged.tolist()))
+            grad_norm = clip_grad_norm(params, t.grad_clip)
+            ok = guard.check(sums["loss"], grad_norm, step + 1)
+            if ok:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loads = model.expert_loads()
+            env.all_reduce_(loads + monitor.histograms, average=False)
+            gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
+            model.update_bias(loads, gamma if ok else 0.0)
+            tokens += step_tokens
+            step += 1
+            maxvio = [max_violation(load) for load in loads]
+            dt = time.perf_counter() - t0
+            record = dict(step=step, tokens=tokens, **sums, lr=lr, grad_norm=grad_norm,
+                          tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak,
+                          maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
+                          maxvio=maxvio, **monitor.step_fields(loads))
+            if not ok:
+                record.update(skipped=True, skipped_steps=guard.skipped_total)
+            losses.append(sums["loss"])
+            line = step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None
+            if not ok:
+                line = (f"step {step:>5}/{t.steps} | skipped: non-finite loss {sums['loss']} or grad norm {grad_norm} "
+                        f"({guard.consecutive} in a row, {guard.skipped_total} in all)")
+            log.log(record, line)
+            fault_point("step", step)
+            req = guard.after_step(dt)
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps and rank0 and not req:
+                val = evaluate(model, data, cfg, autocast, monitor)
+                log.log(dict(step=step, val_loss=val, **monitor.take_domain_loads()),
+                        f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
+            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or req:
+                if rank0:
+                    save_checkpoint(t.out_dir, step, model, optimizer,
+                                    dict(tokens=tokens, sampler=sampler.state_dict()))
+                    _prune(t)
+                saved_at = step
+                env.barrier()
+            if req:
+                break
 
     result: dict = dict(losses=losses)
+    if req:
+        log.close()
+        raise Stopped(_stop_message(req, step, os.path.join(t.out_dir, f"ckpt_{saved_at:07d}")), exit_code(req))
     if rank0:
         val = evaluate(model, data, cfg, autocast, monitor)
         ent = data.val_unigram_entropy()
@@ -223,6 +352,16 @@ def train(cfg: Config) -> dict:
         result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
     log.close()
     return result
+
+
+def _prune(t) -> None:
+    """train.keep_last: older checkpoints go only once a newer one is complete (this is called after
+    the save returned)."""
+    if t.keep_last > 0:
+        from dsv3.checkpoint import list_checkpoints
+        import shutil
+        for old in list_checkpoints(t.out_dir)[:-t.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class RankFailure(Exception):
@@ -252,14 +391,15 @@ def _group_timeout(timeout_s: float):
         dist.new_group = orig
 
 
-def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer) -> dict:
+def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, start: float = 0.0,
+                   old_handlers: Optional[dict] = None) -> dict:
     """The loop through ``parallel.parallelize``: PP × DP (EP inside DP) with ZeRO-1. Every rank of a
     pipeline reads its data-parallel replica's rows; rank 0 logs the global batch's losses.
     A transfer or collective that fails or times out because another rank died or hangs raises
     ``RankFailure`` (one line: this rank, the step, the operation, parallel.timeout_s)."""
     where = {"step": 0, "log": None}
     try:
-        return _train_parallel(cfg, env, data, model, where)
+        return _train_parallel(cfg, env, data, model, where, start, old_handlers or {})
     except Exception as e:  # noqa: BLE001 - only peer failures are rewritten
         if not _is_peer_failure(e):
             raise
@@ -269,7 +409,8 @@ def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer) ->
                           f"likely died or hangs (parallel.timeout_s={cfg.parallel.timeout_s:g}); giving up") from e
 
 
-def _train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, where: dict) -> dict:
+def _train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, where: dict, start: float,
+                    old_handlers: dict) -> dict:
     from parallel.dist_checkpoint import latest_sharded, load_sharded, save_sharded
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
@@ -286,6 +427,7 @@ def _train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, w
         sampler.load_state_dict(state["sampler"])
         if rank0:
             print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
+    _commit_run_dir(cfg, env, data, step)
     pc = cfg.parallel
     fpt, peak, autocast, log = run_setup(
         cfg, env, data, step, f" (pp {pc.pp} {pc.pp_schedule if pc.pp > 1 else ''} × dp {mesh.dp}, ep {pc.ep}, ZeRO-1)")
@@ -293,33 +435,52 @@ def _train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, w
     losses: list[float] = []
     moe_cfg, mtp_cfg = cfg.model.moe, cfg.model.mtp
     mtp_weight = model.mtp_weight
-    while step < t.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(t, step, tokens)
-        if mtp_cfg.lambda_switch_tokens is not None and tokens >= mtp_cfg.lambda_switch_tokens:
-            mtp_weight = mtp_cfg.lambda_end
-        n_micro = micro_batches_at(t, tokens, pm.dp) if pc.pp == 1 else t.grad_accum
-        rows = torch.cat([sampler.next_batch() for _ in range(n_micro)]).to(env.device)
-        gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
-        where["step"] = step + 1
-        set_step(step + 1)
-        stats = pm.train_step(rows, lr, mtp_weight, gamma, autocast)
-        step_tokens = rows[:, :-1].numel() * pm.dp
-        tokens += step_tokens
-        step += 1
-        loads = pm.all_layer_loads(stats.pop("loads"))
-        maxvio = [max_violation(load) for load in loads]
-        dt = time.perf_counter() - t0
-        record = dict(step=step, tokens=tokens, **stats, lr=lr, tokens_per_s=step_tokens / dt,
-                      mfu=step_tokens * fpt / dt / peak, maxvio_mean=sum(maxvio) / max(len(maxvio), 1),
-                      maxvio_max=max(maxvio, default=0.0), maxvio=maxvio,
-                      tokens_per_expert=[load.tolist() for load in loads])
-        losses.append(stats["loss"])
-        log.log(record, step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None)
-        fault_point("step", step)
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-            save_sharded(t.out_dir, step, pm, dict(tokens=tokens, sampler=sampler.state_dict()))
+    saved_at, req = step, 0
+    restore(old_handlers)
+    with StopRequests(t.time_limit_s, start) as stops:
+        guard = StepGuard(cfg, env, stops)
+        while step < t.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(t, step, tokens)
+            if mtp_cfg.lambda_switch_tokens is not None and tokens >= mtp_cfg.lambda_switch_tokens:
+                mtp_weight = mtp_cfg.lambda_end
+            n_micro = micro_batches_at(t, tokens, pm.dp) if pc.pp == 1 else t.grad_accum
+            rows = torch.cat([sampler.next_batch() for _ in range(n_micro)]).to(env.device)
+            gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
+            where["step"] = step + 1
+            set_step(step + 1)
+            stats = pm.train_step(rows, lr, mtp_weight, gamma, autocast,
+                                  may_step=lambda loss, norm: guard.check(loss, norm, step + 1))
+            step_tokens = rows[:, :-1].numel() * pm.dp
+            tokens += step_tokens
+            step += 1
+            loads = pm.all_layer_loads(stats.pop("loads"))
+            skipped = stats.pop("skipped")
+            maxvio = [max_violation(load) for load in loads]
+            dt = time.perf_counter() - t0
+            record = dict(step=step, tokens=tokens, **stats, lr=lr, tokens_per_s=step_tokens / dt,
+                          mfu=step_tokens * fpt / dt / peak, maxvio_mean=sum(maxvio) / max(len(maxvio), 1),
+                          maxvio_max=max(maxvio, default=0.0), maxvio=maxvio,
+                          tokens_per_expert=[load.tolist() for load in loads])
+            line = step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None
+            if skipped:
+                record.update(skipped=True, skipped_steps=guard.skipped_total)
+                line = (f"step {step:>5}/{t.steps} | skipped: non-finite loss {stats['loss']} or grad norm "
+                        f"{stats['grad_norm']} ({guard.consecutive} in a row, {guard.skipped_total} in all)")
+            losses.append(stats["loss"])
+            log.log(record, line)
+            fault_point("step", step)
+            req = guard.after_step(dt)
+            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or req:
+                save_sharded(t.out_dir, step, pm, dict(tokens=tokens, sampler=sampler.state_dict()))
+                if rank0:
+                    _prune(t)
+                saved_at = step
+            if req:
+                break
     log.close()
+    if req:
+        raise Stopped(_stop_message(req, step, os.path.join(t.out_dir, f"ckpt_{saved_at:07d}")), exit_code(req))
     return dict(losses=losses)
 
 
@@ -337,6 +498,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return e.code
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    except (Interrupted, KeyboardInterrupt) as e:
+        code = e.exit_code if isinstance(e, Interrupted) else 130
+        print(f"error: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            os._exit(code)  # no process-group teardown: it could wait on ranks still running
+        return code
     except RankFailure as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -13,6 +13,7 @@ over the data-parallel ranks of the stage (every rank that routed tokens), befor
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -104,12 +105,17 @@ class ParallelModel:
 
     # ------------------------------------------------------------------------------ a step
     def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float] = None,
-                   autocast=None) -> dict:
+                   autocast=None, may_step=None) -> dict:
         """rows: this DP replica's sequences for the step (n, T+1), the same on every rank of its pipeline.
-        Returns the global mean loss and its parts, the grad norm and the summed loads per MoE name."""
+        Returns the global mean loss and its parts, the grad norm, the summed loads per MoE name and
+        ``skipped``. ``may_step(loss, grad_norm)`` (default: both finite) decides whether the optimizer
+        step and the bias update run; it sees the all-reduced loss and the global norm, so every rank
+        decides the same."""
         from contextlib import nullcontext
         autocast = autocast or nullcontext
-        sums = torch.zeros(4, dtype=torch.float64)   # lm + λ·mtp, lm, mtp, balance; summed over micro-batches
+        may_step = may_step or (lambda loss, norm: math.isfinite(loss) and math.isfinite(norm))
+        device = next(iter(self.params.values())).device
+        sums = torch.zeros(4, dtype=torch.float64, device=device)   # lm + λ·mtp, lm, mtp, balance; summed over micro-batches
         if self.pipe is not None:
             C = self.num_chunks
             set_mtp_weight(self.pipe, mtp_weight)
@@ -128,14 +134,16 @@ class ParallelModel:
                     out = self.model(mb["tokens"], labels=mb["labels"])
                 out.loss.backward()
                 sums += torch.tensor([float(out.lm_loss + mtp_weight * out.mtp_loss), float(out.lm_loss),
-                                      float(out.mtp_loss), float(out.balance_loss)], dtype=torch.float64)
+                                      float(out.mtp_loss), float(out.balance_loss)], dtype=torch.float64, device=device)
         divisor = C * self.dp
-        grad_norm = self.zero.step(lr, divisor)
         dist.all_reduce(sums)
         sums /= divisor
-        loads = self._update_bias(gamma)
-        return dict(loss=float(sums[0] + sums[3]), lm_loss=float(sums[1]), mtp_loss=float(sums[2]),
-                    balance_loss=float(sums[3]), grad_norm=grad_norm, loads=loads)
+        loss = float(sums[0] + sums[3])
+        grad_norm = self.zero.step(lr, divisor, may_step=lambda norm: may_step(loss, norm))
+        stepped = self.zero.stepped
+        loads = self._update_bias(gamma if stepped else 0.0)
+        return dict(loss=loss, lm_loss=float(sums[1]), mtp_loss=float(sums[2]),
+                    balance_loss=float(sums[3]), grad_norm=grad_norm, loads=loads, skipped=not stepped)
 
     def _sum_over_dp(self, loads: list[torch.Tensor]) -> None:
         if self.dp > 1:

@@ -96,6 +96,7 @@ class Zero1:
                                moment_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
         self.max_norm = cfg.grad_clip
         self.launched_in_backward = 0   # buckets whose reduce-scatter started from a hook (overlap)
+        self.stepped = True             # the last step() updated the weights (the divergence guard may veto)
         for e in self.entries.values():
             e.param.register_post_accumulate_grad_hook(lambda p, e=e: self._on_grad(e))
 
@@ -119,10 +120,11 @@ class Zero1:
 
     # ------------------------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, lr: float, grad_divisor: float) -> float:
+    def step(self, lr: float, grad_divisor: float, may_step=None) -> float:
         """Finishes the reduce-scatters, sums mirrored copies, divides by ``grad_divisor`` (the global
         number of micro-batches), clips to the global norm, runs AdamW on the shards and all-gathers the
-        parameters. Returns the norm before clipping."""
+        parameters. Returns the norm before clipping. ``may_step(norm)`` (default: the norm is finite)
+        can veto the update — the divergence guard; then the gradients are dropped and ``stepped`` is False."""
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
         for b in self.buckets:
@@ -134,12 +136,18 @@ class Zero1:
                 off += e.chunk
             b.work, b.inputs, b.out = None, [], None
         self._sum_copies()
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=next(iter(self.entries.values())).master.device)
         for e in self.entries.values():
             sq += e.master.grad.double().square().sum() / e.copies[1]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq)
         norm = float(sq.sqrt())
+        self.stepped = (may_step or math.isfinite)(norm)
+        if not self.stepped:
+            for e in self.entries.values():
+                e.param.grad, e.master.grad, e.fired = None, None, 0
+            self._next = 0
+            return norm
         if self.max_norm > 0 and math.isfinite(norm):
             coef = min(self.max_norm / (norm + 1e-6), 1.0)
             for e in self.entries.values():
