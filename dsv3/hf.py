@@ -6,11 +6,14 @@
     python -m dsv3.hf convert IN OUT [--to-bf16 | --to-fp8] [--max-shard-size 5GB]   # streams, shard by shard
     python -m dsv3.hf export RUN_DIR OUT_DIR [--fp8]                                # a training run -> HF
 
+Both CLIs refuse an OUT that overlaps the input or holds anything but an earlier output of theirs
+(``hf_shards.check_out_dir``); ``--overwrite`` replaces an earlier output, atomically.
+
 FP8 checkpoints store E4M3 weights with a float32 ``weight_scale_inv`` per 128×128 block (SPEC §3):
 w = w_fp8 · weight_scale_inv[block]. Loading dequantises on CPU; ``iter_hf_weights(...,
 dequantize=False)`` hands the FP8 tensors and their scales over unchanged for FP8 training.
 Every bad checkpoint (missing shard, shape mismatch, unknown tensor, truncated file) raises one
-``CheckpointError`` naming the tensor or file; the CLIs print it and exit with code 2.
+``CheckpointError`` naming the tensor or file; the CLIs print it and exit with code 2 (130 on Ctrl-C).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError, UserError
 from dsv3.hf_config import config_from_hf, config_to_hf, rope_interleaved
-from dsv3.hf_shards import CheckpointReader, write_checkpoint
+from dsv3.hf_shards import CheckpointReader, check_out_dir, write_checkpoint
 from dsv3.hf_weights import (SCALE_SUFFIX, fused_expert_names, hf_slots, is_fp8_weight, rope_row_permutation,
                              stored_mtp_layers)
 from dsv3.model import Transformer
@@ -33,6 +36,7 @@ from dsv3.rope import rope_cos_sin
 from triton_kernels.quant_ref import FP8_DTYPE, weight_dequant_ref, weight_quant_ref
 
 BLOCK = 128
+ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 
 
 def read_hf_config(path: str) -> dict:
@@ -59,6 +63,10 @@ def _fp8_block(hf: dict, where: str) -> int:
 def open_hf_checkpoint(path: str) -> tuple[dict, ModelConfig, CheckpointReader]:
     """config.json, our ModelConfig (MTP depth = the MTP layers actually stored) and a shard reader."""
     hf = read_hf_config(path)
+    archs = hf.get("architectures") if isinstance(hf, dict) else None
+    if archs and not any(a in ARCHITECTURES for a in archs):
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: architectures {archs} is not a DeepSeek-V3 / V2 "
+                              f"model (expected one of {', '.join(ARCHITECTURES)})")
     reader = CheckpointReader(path)
     stored = stored_mtp_layers(reader.names(), int(hf.get("num_hidden_layers", 0)))
     cfg = config_from_hf(hf, None if stored else 0, where=os.path.join(path, "config.json"))
@@ -70,40 +78,63 @@ def _our_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         return {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
 
 
-def iter_hf_weights(path: str, dequantize: bool = True) -> Iterator[tuple[str, Optional[int], torch.Tensor, Optional[torch.Tensor]]]:
-    """(our state_dict key, expert row or None, tensor, scale or None) for every stored tensor, checked
-    against config.json: shapes, unknown and missing tensors. FP8 weights come dequantised to float32,
-    or with ``dequantize=False`` as stored with their float32 block scales."""
-    hf, cfg, reader = open_hf_checkpoint(path)
-    block = _fp8_block(hf, path)
+def check_hf_tensors(path: str, cfg: ModelConfig, reader: CheckpointReader) -> None:
+    """Every stored tensor has a place in the model config.json describes, with the shape it implies,
+    and every tensor that model needs is stored (per expert or fused); else one CheckpointError naming
+    the first offender (missing: with the count). Reads headers only."""
     shapes = _our_shapes(cfg)
     slots = {s.hf: s for s in hf_slots(cfg)}
     fused = fused_expert_names(cfg)
-    interleaved = rope_interleaved(hf)
     needed = {(s.ours, s.expert): s.hf for s in slots.values() if not s.copy}
     for name in reader.names():
         if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in reader:
-            continue  # read together with its weight, wherever its shard
+            continue  # checked with its weight
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer some old exports stored; recomputed from config.json
         where = f"tensor '{name}' ({os.path.join(path, reader.shard_of(name))})"
         if name in slots:
             s = slots[name]
-            targets = [(s.ours, s.expert, None)]
+            want = shapes[s.ours][1:] if s.expert is not None else shapes[s.ours]
+            needed.pop((s.ours, s.expert), None)
         elif name in fused:
             prefix, kind = fused[name]
-            targets = [(prefix + "w1", None, 0), (prefix + "w3", None, 1)] if kind == "gate_up" else [(prefix + "w2", None, None)]
+            want = shapes[prefix + ("w1" if kind == "gate_up" else "w2")]
+            if kind == "gate_up":
+                want = (want[0], 2 * want[1], want[2])
+            for ours in ((prefix + "w1", prefix + "w3") if kind == "gate_up" else (prefix + "w2",)):
+                for j in range(cfg.moe.n_routed_experts):
+                    needed.pop((ours, j), None)
         else:
             raise CheckpointError(f"unknown {where}: config.json has no place for it")
-        want = shapes[targets[0][0]]
-        want = want[1:] if targets[0][1] is not None else want
-        if targets[0][2] is not None:
-            want = (want[0], 2 * want[1], want[2])
         got = reader.shape(name)
         if tuple(got) != tuple(want):
             raise CheckpointError(f"{where} has shape {list(got)}, config.json implies {list(want)}")
-        if name in slots and slots[name].copy:
+    if needed:
+        hf_name = next(iter(needed.values()))
+        raise CheckpointError(f"{path}: tensor '{hf_name}' is missing ({len(needed)} missing in all)")
+
+
+def iter_hf_weights(path: str, dequantize: bool = True) -> Iterator[tuple[str, Optional[int], torch.Tensor, Optional[torch.Tensor]]]:
+    """(our state_dict key, expert row or None, tensor, scale or None) for every stored tensor, checked
+    against config.json first (``check_hf_tensors``: shapes, unknown and missing tensors). FP8 weights
+    come dequantised to float32, or with ``dequantize=False`` as stored with their float32 block scales."""
+    hf, cfg, reader = open_hf_checkpoint(path)
+    block = _fp8_block(hf, path)
+    check_hf_tensors(path, cfg, reader)
+    slots = {s.hf: s for s in hf_slots(cfg)}
+    fused = fused_expert_names(cfg)
+    interleaved = rope_interleaved(hf)
+    for name in reader.names():
+        if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in reader:
+            continue  # read together with its weight, wherever its shard
+        if name.endswith("rotary_emb.inv_freq") or (name in slots and slots[name].copy):
             continue  # MTP embed_tokens / shared_head.head: copies of the tensors we share
+        where = f"tensor '{name}' ({os.path.join(path, reader.shard_of(name))})"
+        if name in slots:
+            targets = [(slots[name].ours, slots[name].expert, None)]
+        else:
+            prefix, kind = fused[name]
+            targets = [(prefix + "w1", None, 0), (prefix + "w3", None, 1)] if kind == "gate_up" else [(prefix + "w2", None, None)]
         tensor, scale = reader.read(name), None
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name + SCALE_SUFFIX
@@ -121,15 +152,7 @@ def iter_hf_weights(path: str, dequantize: bool = True) -> Iterator[tuple[str, O
                 raise CheckpointError(f"{where}: FP8 rows cannot be permuted for rope_interleave=false; dequantize")
             tensor = tensor[perm]
         for ours, expert, half in targets:
-            if name in fused:  # one fused tensor fills every expert's row
-                for j in range(cfg.moe.n_routed_experts):
-                    needed.pop((ours, j), None)
-            else:
-                needed.pop((ours, expert), None)
             yield ours, expert, (tensor if half is None else tensor.chunk(2, dim=1)[half]), scale
-    if needed:
-        hf_name = next(iter(needed.values()))
-        raise CheckpointError(f"{path}: tensor '{hf_name}' is missing ({len(needed)} missing in all)")
 
 
 def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
@@ -172,11 +195,14 @@ def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> Transfo
 # ------------------------------------------------------------------------------------------ saving
 def save_hf_checkpoint(model: Transformer, path: str, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
                        max_shard_bytes: int = 5 << 30, extra_files: Optional[dict[str, str]] = None,
-                       copy_files: Optional[dict[str, str]] = None, bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> list[str]:
+                       copy_files: Optional[dict[str, str]] = None, bos_token_id: Optional[int] = None,
+                       eos_token_id: Optional[int] = None, overwrite: bool = False, input_dirs: tuple = (),
+                       written_by: str = "dsv3.hf.save_hf_checkpoint") -> list[str]:
     """config.json, sharded safetensors and the index in the released layout (per-expert tensors,
     the MTP layer as layer num_hidden_layers with its embed_tokens / shared_head.head copies).
     ``fp8=True`` stores the released set of Linear weights in E4M3 with 128×128 ``weight_scale_inv``
-    and writes the quantization_config block. Written atomically. Returns the shard paths."""
+    and writes the quantization_config block. Written atomically, into a new or empty folder, or over an
+    earlier output with ``overwrite=True`` (``hf_shards.check_out_dir``). Returns the shard paths."""
     cfg = model.cfg
     state = model.state_dict()
     entries, sources, pending = [], {}, {}
@@ -206,20 +232,29 @@ def save_hf_checkpoint(model: Transformer, path: str, dtype: torch.dtype = torch
     dtype_name = str(dtype).replace("torch.", "")
     config = config_to_hf(cfg, dtype_name, fp8, bos_token_id, eos_token_id)
     files = dict(extra_files or {}, **{"config.json": json.dumps(config, indent=2) + "\n"})
-    return write_checkpoint(path, entries, produce, max_shard_bytes, extra_files=files, copy_files=copy_files)
+    return write_checkpoint(path, entries, produce, max_shard_bytes, extra_files=files, copy_files=copy_files,
+                            overwrite=overwrite, input_dirs=input_dirs, written_by=written_by)
 
 
 # ---------------------------------------------------------------------------- run folders, inference
+def run_folder(path: str) -> str:
+    """The training run folder of a run folder or of one of its ckpt_* folders."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "model.safetensors")) and not os.path.isfile(os.path.join(path, "config.yaml")):
+        return os.path.dirname(path)
+    return path
+
+
 def load_run_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[Transformer, str, str]:
     """Our training run folder (config.yaml + ckpt_*/model.safetensors) or one ckpt_* folder:
     (model, run folder, checkpoint folder) with the latest checkpoint's weights."""
     from dsv3.checkpoint import latest_checkpoint, load_model_weights
     from dsv3.config import load_config
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "model.safetensors")) and not os.path.isfile(os.path.join(path, "config.yaml")):
-        run_dir, ckpt = os.path.dirname(path), path
+    path, run_dir = os.path.abspath(path), run_folder(path)
+    if run_dir != path:
+        ckpt = path
     else:
-        run_dir, ckpt = path, latest_checkpoint(path)
+        ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise CheckpointError(f"{path}: no ckpt_* checkpoint folder in this run")
     cfg_path = os.path.join(run_dir, "config.yaml")
@@ -286,9 +321,11 @@ def load_for_inference(path: str, dtype: torch.dtype = torch.float32, tokenizer_
 
 
 def export_run(run_dir: str, out_dir: str, fp8: bool = False, dtype: torch.dtype = torch.bfloat16,
-               max_shard_bytes: int = 5 << 30) -> list[str]:
+               max_shard_bytes: int = 5 << 30, overwrite: bool = False) -> list[str]:
     """A training run's latest checkpoint as a Hugging Face checkpoint, with its tokenizer as
-    tokenizer.json + tokenizer_config.json (or tokenizer.model) and its EOS id in config.json."""
+    tokenizer.json + tokenizer_config.json (or tokenizer.model) and its EOS id in config.json.
+    ``out_dir`` must not overlap the run folder; an earlier export is replaced only with ``overwrite``."""
+    check_out_dir(out_dir, [run_folder(run_dir)], overwrite)  # before the (slow) load
     model, folder, _ = load_run_checkpoint(run_dir)
     tok_file = find_tokenizer_file(folder)
     extra, copy, eos = {}, {}, None
@@ -305,7 +342,8 @@ def export_run(run_dir: str, out_dir: str, fp8: bool = False, dtype: torch.dtype
         else:
             copy["tokenizer.model"] = tok_file
     return save_hf_checkpoint(model, out_dir, dtype, fp8, max_shard_bytes, extra_files=extra, copy_files=copy,
-                              eos_token_id=eos)
+                              eos_token_id=eos, overwrite=overwrite, input_dirs=(folder,),
+                              written_by="python -m dsv3.hf export")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -320,9 +358,16 @@ def parse_size(text: str) -> int:
     raise UserError(f"--max-shard-size {text!r}: expected bytes or a size such as 500MB or 5GB")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one UserError line (exit 2 through main), not usage + error."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from dsv3.hf_convert import convert
-    p = argparse.ArgumentParser(prog="python -m dsv3.hf", description="Hugging Face checkpoint conversion")
+    p = OneLineParser(prog="python -m dsv3.hf", description="Hugging Face checkpoint conversion")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="BF16 <-> FP8, shard by shard")
     c.add_argument("src")
@@ -337,18 +382,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     e.add_argument("--fp8", action="store_true")
     e.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     e.add_argument("--max-shard-size", default="5GB")
-    args = p.parse_args(argv)
+    for q in (c, e):
+        q.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier output of this command (a folder holding its .dsv3-export marker)")
     try:
+        args = p.parse_args(argv)
         size = parse_size(args.max_shard_size)
         if args.cmd == "convert":
-            shards = convert(args.src, args.dst, "fp8" if args.to_fp8 else "bf16", size)
+            shards = convert(args.src, args.dst, "fp8" if args.to_fp8 else "bf16", size, overwrite=args.overwrite)
         else:
             dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-            shards = export_run(args.run_dir, args.out_dir, args.fp8, dtype, size)
+            shards = export_run(args.run_dir, args.out_dir, args.fp8, dtype, size, overwrite=args.overwrite)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {len(shards)} shard(s) to {os.path.dirname(shards[0]) if shards else args.dst}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)  # the temporary output folder is already removed
+        return 130
+    out = args.dst if args.cmd == "convert" else args.out_dir
+    print(f"wrote {len(shards)} shard(s) to {out}")
     return 0
 
 

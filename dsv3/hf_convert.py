@@ -6,6 +6,10 @@ a time) and written straight into the output shard; a weight's ``weight_scale_in
 whichever shard holds it. --to-bf16: w = w_fp8 · weight_scale_inv[block] (official fp8_cast_bf16);
 --to-fp8: the released set of Linear weights (``is_fp8_weight``) becomes E4M3 with 128×128 scales.
 Other floating tensors become BF16, except ``e_score_correction_bias``, which stays float32.
+
+Before anything is written the source must be a DeepSeek-V3 / V2 checkpoint (config.json's model_type
+and architectures) holding exactly the tensors its config.json implies, with their shapes
+(``dsv3.hf.check_hf_tensors``), and OUT must be new, empty or an earlier output (``--overwrite``).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 
 from dsv3.errors import CheckpointError
 from dsv3.hf_config import fp8_quantization_config
-from dsv3.hf_shards import INDEX_NAME, CheckpointReader, row_blocks, write_checkpoint
+from dsv3.hf_shards import INDEX_NAME, MARKER, check_out_dir, row_blocks, write_checkpoint
 from dsv3.hf_weights import SCALE_SUFFIX, is_fp8_weight
 from triton_kernels.quant_ref import FP8_DTYPE, weight_dequant_ref, weight_quant_ref
 
@@ -31,16 +35,16 @@ def _rows_per_chunk(shape: tuple, block: int) -> int:
     return max(block, (CHUNK_BYTES // row) // block * block)
 
 
-def convert(src: str, dst: str, to: str = "bf16", max_shard_bytes: int = 5 << 30) -> list[str]:
-    """Convert the checkpoint in ``src`` into ``dst`` (written atomically); to is 'bf16' or 'fp8'."""
-    from dsv3.hf import _fp8_block, read_hf_config
+def convert(src: str, dst: str, to: str = "bf16", max_shard_bytes: int = 5 << 30, overwrite: bool = False) -> list[str]:
+    """Convert the checkpoint in ``src`` into ``dst`` (written atomically); to is 'bf16' or 'fp8'.
+    An earlier output in ``dst`` is replaced only with ``overwrite``."""
+    from dsv3.hf import _fp8_block, check_hf_tensors, open_hf_checkpoint
     if to not in ("bf16", "fp8"):
         raise ValueError(f"to must be 'bf16' or 'fp8', got {to!r}")
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise CheckpointError(f"convert: the output folder must differ from the input ({src})")
-    hf = read_hf_config(src)
-    reader = CheckpointReader(src)
+    check_out_dir(dst, [src], overwrite)
+    hf, cfg, reader = open_hf_checkpoint(src)
     block = _fp8_block(hf, src)
+    check_hf_tensors(src, cfg, reader)
     entries, plans, scales = [], {}, {}
     for name in reader.names():
         base = name[: -len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else None
@@ -95,8 +99,9 @@ def convert(src: str, dst: str, to: str = "bf16", max_shard_bytes: int = 5 << 30
         config["dtype"] = "bfloat16"
     if to == "fp8":
         config["quantization_config"] = fp8_quantization_config()
-    skip = {"config.json", INDEX_NAME}
+    skip = {"config.json", INDEX_NAME, MARKER}
     extra = {f: os.path.join(src, f) for f in sorted(os.listdir(src))
              if f not in skip and not f.endswith(".safetensors") and os.path.isfile(os.path.join(src, f))}
     return write_checkpoint(dst, entries, produce, max_shard_bytes,
-                            extra_files={"config.json": json.dumps(config, indent=2) + "\n"}, copy_files=extra)
+                            extra_files={"config.json": json.dumps(config, indent=2) + "\n"}, copy_files=extra,
+                            overwrite=overwrite, input_dirs=[src], written_by=f"python -m dsv3.hf convert --to-{to}")

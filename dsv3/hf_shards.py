@@ -3,7 +3,13 @@
 Tensors are read with plain positioned reads, not memory maps, so converting a checkpoint of any size
 holds only the tensor in flight (a mapped shard would count towards the process's resident memory).
 Files are written header first, then each tensor's bytes as they are produced, into a temporary
-folder that is renamed into place when complete: nothing is half-written.
+folder beside the output that is renamed into place when complete: nothing is half-written.
+
+An output folder is never allowed to lose data: every folder written here carries a ``.dsv3-export``
+marker (who wrote it, from what); an existing output is replaced only when it is empty, or carries that
+marker and the caller passed ``overwrite`` (the CLIs' ``--overwrite``), and never when it overlaps an
+input folder (the same folder, inside it or around it, symlinks resolved). The old folder is removed
+only after the new one is complete and renamed into place.
 
 Layout (the Hugging Face one): ``model.safetensors`` alone, or ``model-0000k-of-0000n.safetensors``
 shards and ``model.safetensors.index.json`` ({"metadata": {"total_size"}, "weight_map": {name: file}}).
@@ -15,14 +21,17 @@ import math
 import os
 import shutil
 import struct
+import time
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
-from dsv3.errors import CheckpointError
+from dsv3.errors import CheckpointError, UserError
+from dsv3.faults import fault_point
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MARKER = ".dsv3-export"  # in every folder write_checkpoint creates: replaceable with overwrite=True
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -198,29 +207,79 @@ def _write_file(path: str, entries: list[tuple[str, torch.dtype, tuple]], produc
         os.fsync(f.fileno())
 
 
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_out_dir(out_dir: str, input_dirs: Iterable[str] = (), overwrite: bool = False) -> None:
+    """Raise a UserError unless writing ``out_dir`` loses nothing: it does not overlap any of
+    ``input_dirs`` (symlinks resolved), and it is absent, empty, or an earlier output of ours (it holds
+    the MARKER file) with ``overwrite`` set."""
+    if os.path.islink(out_dir):
+        raise UserError(f"output {out_dir} is a symbolic link: give the folder itself ({os.path.realpath(out_dir)})")
+    out = os.path.realpath(out_dir)
+    for src in input_dirs:
+        src_real = os.path.realpath(src)
+        if out == src_real:
+            raise UserError(f"output {out_dir} is the input folder itself: give a new folder")
+        if _inside(out, src_real):
+            raise UserError(f"output {out_dir} is inside the input folder {src}: give a folder outside it")
+        if _inside(src_real, out):
+            raise UserError(f"output {out_dir} contains the input {src}: give a folder that does not hold it")
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output {out_dir} exists and is not a folder: give a new folder")
+    try:
+        entries = os.listdir(out_dir)
+    except OSError as e:
+        raise UserError(f"output {out_dir} cannot be read ({e.strerror}): give a new folder") from None
+    if not entries:
+        return
+    if MARKER not in entries:
+        raise UserError(f"output {out_dir} is not empty and was not written by dsv3 (no {MARKER} file): "
+                        f"give a new or empty folder; nothing was changed")
+    if not overwrite:
+        raise UserError(f"output {out_dir} holds an earlier dsv3 export: pass --overwrite to replace it")
+
+
+def marker_text(written_by: str, input_dirs: Iterable[str] = ()) -> str:
+    return json.dumps({"written_by": written_by, "inputs": [os.path.realpath(s) for s in input_dirs],
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n"
+
+
 def write_checkpoint(out_dir: str, entries: list[tuple[str, torch.dtype, tuple]], produce: Callable[[str], Chunks],
                      max_shard_bytes: int = 5 << 30, extra_files: Optional[dict[str, str]] = None,
-                     copy_files: Optional[dict[str, str]] = None) -> list[str]:
+                     copy_files: Optional[dict[str, str]] = None, overwrite: bool = False,
+                     input_dirs: Iterable[str] = (), written_by: str = "dsv3.hf_shards.write_checkpoint") -> list[str]:
     """Write a sharded checkpoint atomically. ``entries``: (name, dtype, shape) in storage order;
     ``produce(name)`` returns the tensor, or an iterator of row blocks whose concatenation is it,
     called once per tensor in that order. ``extra_files``: name -> text (config.json, …);
-    ``copy_files``: name -> path of a file copied beside the weights (tokenizers). Returns the shard paths."""
+    ``copy_files``: name -> path of a file copied beside the weights (tokenizers). ``out_dir`` is
+    checked by ``check_out_dir(out_dir, input_dirs, overwrite)`` first. Returns the shard paths."""
+    input_dirs = list(input_dirs)
+    check_out_dir(out_dir, input_dirs, overwrite)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp_{os.path.basename(os.path.abspath(out_dir))}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    old = f"{tmp}.old"
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover: this name holds our pid
     os.makedirs(tmp)
+    swapped = False
     try:
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write(marker_text(written_by, input_dirs))
         shards = plan_shards(entries, max_shard_bytes)
         names = [SINGLE_NAME] if len(shards) == 1 else [
             f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
         weight_map, total = {}, 0
-        for file, idx in zip(names, shards):
+        for k, (file, idx) in enumerate(zip(names, shards)):
             part = [entries[i] for i in idx]
             _write_file(os.path.join(tmp, file), part, produce)
             for name, dtype, shape in part:
                 weight_map[name] = file
                 total += nbytes(dtype, shape)
+            fault_point("hf_shard", k + 1)  # DSV3_FAULT=hf_shard:k: shard k written, the rest not
         if len(shards) > 1:
             with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
@@ -229,15 +288,22 @@ def write_checkpoint(out_dir: str, entries: list[tuple[str, torch.dtype, tuple]]
                 f.write(text)
         for name, src in (copy_files or {}).items():
             shutil.copy2(src, os.path.join(tmp, name))
-        if os.path.exists(out_dir):
-            old = f"{tmp}.old"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+        check_out_dir(out_dir, input_dirs, overwrite)  # still ours to replace after the (long) write
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            os.rename(out_dir, old)  # a marked earlier output: kept until the new one is in place
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)
+                raise
         else:
-            os.rename(tmp, out_dir)
+            os.rename(tmp, out_dir)  # replaces an empty folder in one step
+        swapped = True
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if swapped:
+            shutil.rmtree(old, ignore_errors=True)
         raise
     return [os.path.join(out_dir, n) for n in names]
 

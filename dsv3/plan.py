@@ -9,12 +9,12 @@ Every rate used is printed with its source. It is a model: its assumptions are l
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
 
 from dsv3.config import Config, ConfigError, load_config
+from dsv3.errors import UserError
 from dsv3.params import count_params
 
 GB = 1024 ** 3
@@ -137,24 +137,45 @@ def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int | None = No
                 1e12 / tok_s / 3600, exposed, bubble)
 
 
+def _layout(args, cfg: Config) -> tuple[int, int, int]:
+    """(pp, ep, dp) from the flags and the config, each checked: one ConfigError naming the flag."""
+    for flag in ("gpus", "pp", "ep", "dp", "batch_sequences"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+    pp = args.pp if args.pp is not None else cfg.parallel.pp
+    ep = args.ep if args.ep is not None else cfg.parallel.ep
+    if args.dp is None and args.gpus % pp:
+        raise ConfigError(f"--gpus {args.gpus} is not a multiple of pp={pp} (pipeline stages): change --gpus or --pp")
+    dp = args.dp if args.dp is not None else args.gpus // pp
+    if pp * dp != args.gpus:
+        raise ConfigError(f"--gpus {args.gpus} must equal pp × dp = {pp} × {dp}")
+    if dp % ep:
+        raise ConfigError(f"ep={ep} must divide dp={dp} (experts are carved out of the data-parallel group)")
+    return pp, ep, dp
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsv3.plan", description=__doc__.splitlines()[0])
+    from dsv3.hf import OneLineParser
+    ap = OneLineParser(prog="python -m dsv3.plan", description=__doc__.splitlines()[0])
     ap.add_argument("config")
-    ap.add_argument("--gpus", type=int, required=True)
+    ap.add_argument("--gpus", type=int, required=True, help="GPUs in all (= pp × dp)")
     ap.add_argument("--gpu", choices=sorted(HARDWARE), default="h800")
-    ap.add_argument("--pp", type=int)
-    ap.add_argument("--ep", type=int)
-    ap.add_argument("--dp", type=int)
+    ap.add_argument("--pp", type=int, help="pipeline stages (default: the config's parallel.pp)")
+    ap.add_argument("--ep", type=int, help="expert-parallel size, a divisor of dp (default: the config's parallel.ep)")
+    ap.add_argument("--dp", type=int, help="data-parallel replicas (default: gpus / pp)")
     ap.add_argument("--batch-sequences", type=int, help="global batch in sequences (default: the config's)")
-    args = ap.parse_args(argv)
     try:
+        args = ap.parse_args(argv)
         cfg = load_config(args.config)
-        pp, ep = args.pp or cfg.parallel.pp, args.ep or cfg.parallel.ep
-        p = plan(cfg, args.gpus, args.gpu, pp, ep, args.dp, args.batch_sequences)
-    except ConfigError as e:
+        pp, ep, dp = _layout(args, cfg)
+        p = plan(cfg, args.gpus, args.gpu, pp, ep, dp, args.batch_sequences)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dp = args.dp or args.gpus // pp
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(f"layout: {args.gpus} × {args.gpu.upper()}  PP{pp} × DP{dp}, EP{ep} (expert-DP {dp // ep}), "
           f"schedule {cfg.parallel.pp_schedule}, ZeRO-1")
     print(f"parameters per GPU: {p.params_per_gpu / 1e9:.2f}B")

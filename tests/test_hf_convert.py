@@ -1,4 +1,4 @@
-"""``python -m dsv3.hf convert``: FP8 -> BF16 -> FP8 on a 9-shard checkpoint whose scales sit in other
+"""``python -m dsv3.hf convert``: FP8 -> BF16 -> FP8 on a complete 9-shard checkpoint whose scales sit in other
 shards, with the converting process's peak memory measured; and a real model through the converter."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from dsv3.hf import load_hf_checkpoint, save_hf_checkpoint
 from triton_kernels.quant_ref import weight_dequant_ref, weight_quant_ref
 
-N_SHARDS, PER_SHARD, ROWS, COLS = 9, 8, 1000, 1500  # 8 × 1.5 MB of E4M3 per shard, ragged 128-blocks
+N_SHARDS, EXPERTS, INTER, HIDDEN = 9, 8, 600, 900  # layer k in shard k: 24 × 0.54 MB of E4M3, ragged 128-blocks
 MB = 1 << 20
 
 MEASURE = r"""
@@ -24,6 +24,7 @@ def status(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 from dsv3.hf import main
+import torch._dynamo  # imported by the first meta-device model (config checks): ~150 MB of code, not data
 out = []
 for args in json.loads(sys.argv[1]):
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -41,25 +42,42 @@ def random_fp8(shape, gen) -> torch.Tensor:
 
 
 def write_fp8_checkpoint(path: str) -> dict:
-    """Shard k holds its weights, a norm and a routing bias; their scales sit in shard k+1."""
+    """A complete DeepSeek-V3 checkpoint (N_SHARDS MoE layers, no MTP): shard k holds layer k (its experts
+    in E4M3, the rest in BF16, its routing bias in float32); the expert weights' scales sit in shard k+1."""
     gen = torch.Generator().manual_seed(0)
     os.makedirs(path)
     shards = [{} for _ in range(N_SHARDS)]
     weight_map = {}
+    bf16 = lambda *shape: torch.randn(shape, generator=gen).bfloat16()  # noqa: E731
     for k in range(N_SHARDS):
-        for j in range(PER_SHARD):
-            name = f"model.layers.{k}.mlp.experts.{j}.gate_proj.weight"
-            shards[k][name] = random_fp8((ROWS, COLS), gen)
-            shards[(k + 1) % N_SHARDS][name + "_scale_inv"] = torch.rand(8, 12, generator=gen) * 1e-2 + 1e-4
-        shards[k][f"model.layers.{k}.input_layernorm.weight"] = torch.randn(COLS, generator=gen).bfloat16()
-        shards[k][f"model.layers.{k}.mlp.gate.e_score_correction_bias"] = torch.randn(64, generator=gen)
+        p = f"model.layers.{k}."
+        for name, shape in [("input_layernorm", (HIDDEN,)), ("post_attention_layernorm", (HIDDEN,)),
+                            ("self_attn.q_proj", (16, HIDDEN)), ("self_attn.kv_a_proj_with_mqa", (24, HIDDEN)),
+                            ("self_attn.kv_a_layernorm", (16,)), ("self_attn.kv_b_proj", (16, 16)),
+                            ("self_attn.o_proj", (HIDDEN, 8)), ("mlp.gate", (EXPERTS, HIDDEN))]:
+            shards[k][p + name + ".weight"] = bf16(*shape)
+        shards[k][p + "mlp.gate.e_score_correction_bias"] = torch.randn(EXPERTS, generator=gen)
+        for j in range(EXPERTS):
+            for proj, shape in (("gate_proj", (INTER, HIDDEN)), ("up_proj", (INTER, HIDDEN)), ("down_proj", (HIDDEN, INTER))):
+                name = f"{p}mlp.experts.{j}.{proj}.weight"
+                shards[k][name] = random_fp8(shape, gen)
+                scale_shape = tuple(-(-n // 128) for n in shape)
+                shards[(k + 1) % N_SHARDS][name + "_scale_inv"] = torch.rand(scale_shape, generator=gen) * 1e-2 + 1e-4
+    shards[0]["model.embed_tokens.weight"] = bf16(64, HIDDEN)
+    shards[-1]["model.norm.weight"] = bf16(HIDDEN)
+    shards[-1]["lm_head.weight"] = bf16(64, HIDDEN)
     for k, tensors in enumerate(shards):
         file = f"model-{k + 1:05d}-of-{N_SHARDS:05d}.safetensors"
         save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
         weight_map.update({n: file for n in tensors})
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    config = {"model_type": "deepseek_v3", "torch_dtype": "bfloat16",
+    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
+              "vocab_size": 64, "hidden_size": HIDDEN, "intermediate_size": 16, "moe_intermediate_size": INTER,
+              "num_hidden_layers": N_SHARDS, "first_k_dense_replace": 0, "num_nextn_predict_layers": 0,
+              "num_attention_heads": 1, "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+              "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": EXPERTS, "num_experts_per_tok": 2,
+              "n_group": 1, "topk_group": 1, "n_shared_experts": 0, "max_position_embeddings": 64,
               "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": [128, 128]}}
     with open(os.path.join(path, "config.json"), "w") as f:
