@@ -69,10 +69,33 @@ def test_kill_and_resume_is_bitwise(reference, tmp_path, point):
         assert not os.path.exists(os.path.join(out, f"ckpt_{step:07d}"))
     resumed = run_train(out, ["train.resume=auto"])
     assert resumed.returncode == 0, resumed.stderr
+    with open(os.path.join(out, "metrics.jsonl")) as f:   # steps after the checkpoint logged once, not twice
+        assert [r["step"] for r in map(json.loads, f) if "loss" in r] == list(range(1, STEPS + 1))
     got = step_losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
         assert got[s] == reference[s], f"step {s}: {got[s]!r} != {reference[s]!r} after a kill at {point}:{step}"
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_checkpoints_and_resumes_bitwise(reference, tmp_path, sig, code):
+    """SIGTERM (a Slurm preemption) or Ctrl-C at step 3: the step finishes, ckpt_0000003 is written (not a
+    ckpt_every step), one line, exit 143 / 130; the resumed run logs each step once, losses bitwise equal."""
+    out = str(tmp_path)
+    env = dict(os.environ, DSV3_FAULT_SIGNAL=sig)
+    stopped = subprocess.run([sys.executable, "-m", "dsv3.train", "configs/debug.yaml", *SMALL, f"train.out_dir={out}"],
+                             cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1", DSV3_FAULT="step:3"), capture_output=True,
+                             text=True, timeout=300)
+    assert stopped.returncode == code, stopped.stderr
+    lines = [ln for ln in stopped.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"stopped by {sig} after step 3" in lines[0], stopped.stderr
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt_")) == ["ckpt_0000002", "ckpt_0000003"]
+    resumed = run_train(out, ["train.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+    assert step_losses(out) == reference
 
 
 def test_lr_schedule_matches_report():
