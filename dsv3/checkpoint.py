@@ -1,32 +1,48 @@
 """Training checkpoints, written atomically: everything goes into a temporary folder beside the
 final one, each file is fsynced, a manifest (sizes + sha256) is written last, and the folder is
-renamed into place. A crash at any point leaves the previous complete checkpoint untouched.
+renamed into place. A crash at any point leaves the previous complete checkpoint untouched; a
+failed write (disk full, I/O error) removes the temporary folder and raises one CheckpointError.
 
 Layout of ``RUN_DIR/ckpt_0000100/``: ``model.safetensors`` (parameters and the routing-bias
 buffers, our own names), ``optimizer.pt`` and ``rng.pt`` (tensors and numbers only, read back with
 ``torch.load(weights_only=True)``), ``state.json`` (step, tokens, sampler position, manifest).
-Nothing is ever unpickled beyond tensors and plain containers.
+Nothing is ever unpickled beyond tensors and plain containers. Sharded checkpoints
+(``parallel/dist_checkpoint.py``) share the folder names, the manifest helpers, pruning and the
+clean-up of partial folders below; theirs is complete when ``manifest.json`` is present.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
-from typing import Optional
+import sys
+from typing import Iterable, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dsv3.errors import CheckpointError
-from dsv3.faults import fault_point
+from dsv3.faults import fault_point, first_line
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)$")
+# what a dead writer leaves: one-process temp folders, sharded temp folders, a re-saved step's old
+# copy, a pruned checkpoint being deleted
+PARTIAL_RE = re.compile(r"^(\.tmp_ckpt_\d+_\d+|ckpt_\d+\.tmp|ckpt_\d+\.old_\d+|ckpt_\d+\.del)$")
 FORMAT_VERSION = 1
+STATE, MANIFEST = "state.json", "manifest.json"
+FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """The model or optimizer state holds NaN/Inf: the checkpoint was not written."""
+
+
+# ---------------------------------------------------------------------------------- manifests
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -35,7 +51,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -43,45 +59,184 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict) -> str:
-    """Write ckpt_{step} atomically; `state` is JSON-serialisable (tokens, sampler position, …)."""
-    final = os.path.join(run_dir, f"ckpt_{step:07d}")
-    tmp = os.path.join(run_dir, f".tmp_ckpt_{step:07d}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(tmp, "model.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
-    files = {}
-    for name in ("model.safetensors", "optimizer.pt", "rng.pt"):
-        path = os.path.join(tmp, name)
-        _fsync(path)
-        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    meta = dict(state, step=step, format_version=FORMAT_VERSION, files=files)
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+def file_entry(path: str) -> dict:
+    """The manifest entry of one written file: fsynced, then its size and sha256."""
+    fsync_path(path)
+    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    fault_point("ckpt", step)
-    if os.path.exists(final):  # re-saving the same step: move the old one aside only after tmp is complete
-        old = final + f".old_{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync(run_dir)
+
+
+def read_json(path: str) -> dict:
+    """A checkpoint's JSON file as a dict; missing, unreadable or not an object → CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{os.path.dirname(path)} is not a complete checkpoint: {os.path.basename(path)} is missing")
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{path} is corrupted (not valid JSON)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is corrupted (expected a JSON object)")
+    return obj
+
+
+def manifest_files(where: str, files, required: Iterable[str] = ()) -> dict[str, dict]:
+    """The ``files`` table of a manifest, checked for shape: {plain file name: {bytes: int, sha256: hex}}."""
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{where}: the manifest has no 'files' table")
+    for name, info in files.items():
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(f"{where}: the manifest names an invalid file {name!r}")
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: manifest entry for {name} is malformed")
+        for key, kind in (("bytes", int), ("sha256", str)):
+            if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+                raise CheckpointError(f"{where}: manifest entry for {name} has no valid '{key}'")
+    missing = [n for n in required if n not in files]
+    if missing:
+        raise CheckpointError(f"{where}: the manifest does not list {missing[0]}")
+    return files
+
+
+def verify_file(folder: str, name: str, info: dict, data: Optional[bytes] = None) -> None:
+    """One file (or its already-read bytes) against its manifest entry."""
+    fpath = os.path.join(folder, name)
+    if data is None and not os.path.isfile(fpath):
+        raise CheckpointError(f"checkpoint file {fpath} is missing")
+    size = len(data) if data is not None else os.path.getsize(fpath)
+    if size != info["bytes"]:
+        raise CheckpointError(f"checkpoint file {fpath} is truncated or corrupted ({size} bytes, expected {info['bytes']})")
+    digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256(fpath)
+    if digest != info["sha256"]:
+        raise CheckpointError(f"checkpoint file {fpath} is corrupted (sha256 mismatch)")
+
+
+# ------------------------------------------------------------------------------ write failures
+def is_write_failure(e: BaseException) -> bool:
+    """An error of writing files (disk full, I/O, permissions), not a bug to show as a traceback."""
+    if isinstance(e, (OSError, SafetensorError)):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in (
+        "unexpected pos", "PytorchStreamWriter", "file write failed", "inline_container"))
+
+
+def free_bytes(folder: str) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_disk_full(e: BaseException, free: Optional[int]) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch.save reports a short write as "unexpected pos N vs M", without an errno
+    return free is not None and free < (16 << 20)
+
+
+def write_error(final: str, previous: Optional[str], detail: str, disk_full: bool,
+                free: Optional[int] = None) -> CheckpointError:
+    """The one-line CheckpointError for a failed checkpoint write (its temp folder already removed)."""
+    intact = f"previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
+    if disk_full:
+        return CheckpointError(f"disk full while writing checkpoint {final} ({detail}); the partial checkpoint "
+                               f"was removed, {intact}; free space and resume with train.resume=auto")
+    room = f", {free / 2**20:.0f} MiB free" if free is not None else ""
+    return CheckpointError(f"cannot write checkpoint {final} ({detail}{room}); the partial checkpoint was "
+                           f"removed, {intact}")
+
+
+# ------------------------------------------------------------------------------ finite guard
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> Optional[str]:
+    """The name of the first floating tensor holding NaN or Inf, else None."""
+    for name, t in named:
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _model_and_optimizer_tensors(model: torch.nn.Module, optimizer) -> Iterable[tuple[str, torch.Tensor]]:
+    yield from model.state_dict().items()
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p, st in optimizer.state.items():
+            for k, v in st.items():
+                yield f"optimizer {k} of {names.get(id(p), 'a parameter')}", v
+
+
+def validate_finite(model: torch.nn.Module, optimizer=None, what: str = "checkpoint") -> None:
+    """Raise NonFiniteCheckpointError if a parameter, buffer or optimizer state tensor is NaN/Inf."""
+    bad = first_non_finite(_model_and_optimizer_tensors(model, optimizer))
+    if bad is not None:
+        raise NonFiniteCheckpointError(f"refusing to write {what}: {bad} holds NaN/Inf (the run diverged; "
+                                       f"lower train.lr or resume from an earlier checkpoint)")
+
+
+# ---------------------------------------------------------------------------------- one process
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict) -> str:
+    """Write ckpt_{step} atomically; `state` is JSON-serialisable (tokens, sampler position, …).
+    Raises NonFiniteCheckpointError (nothing written) or CheckpointError (write failed: temp folder
+    removed, the previous checkpoint untouched)."""
+    final = os.path.join(run_dir, f"ckpt_{step:07d}")
+    tmp = os.path.join(run_dir, f".tmp_ckpt_{step:07d}_{os.getpid()}")
+    previous = latest_checkpoint(run_dir)
+    validate_finite(model, optimizer, f"checkpoint {final}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        fault_point("ckpt_write", step)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
+        files = {name: file_entry(os.path.join(tmp, name)) for name in FILES}
+        write_json(os.path.join(tmp, STATE), dict(state, step=step, format_version=FORMAT_VERSION, files=files))
+        fault_point("ckpt", step)
+        rename_into_place(tmp, final)
+        fsync_path(run_dir)
+    except BaseException as e:
+        free = free_bytes(run_dir)   # before the partial files are removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_write_failure(e):
+            raise write_error(final, previous, first_line(e), is_disk_full(e, free), free) from None
+        raise
     return final
 
 
+def rename_into_place(tmp: str, final: str) -> None:
+    if not os.path.exists(final):
+        os.rename(tmp, final)
+        return
+    old = final + f".old_{os.getpid()}"   # re-saving a step: move the old one aside only now
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete(path: str) -> bool:
+    """A checkpoint folder renamed into place with its manifest (state.json or manifest.json)."""
+    return os.path.isfile(os.path.join(path, STATE)) or os.path.isfile(os.path.join(path, MANIFEST))
+
+
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints (renamed into place), oldest first."""
+    """Complete checkpoints of either kind, oldest first."""
     if not os.path.isdir(run_dir):
         return []
     found = [(int(m.group(1)), n) for n in os.listdir(run_dir) if (m := CKPT_RE.match(n))]
-    return [os.path.join(run_dir, n) for _, n in sorted(found)]
+    return [p for _, n in sorted(found) if is_complete(p := os.path.join(run_dir, n))]
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -90,28 +245,31 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def read_state(path: str) -> dict:
-    """state.json of a checkpoint, with every file checked against the manifest."""
-    state_path = os.path.join(path, "state.json")
+    """state.json of a checkpoint, checked for shape, with every file checked against the manifest."""
+    state_path = os.path.join(path, STATE)
     if not os.path.isfile(state_path):
+        if os.path.isfile(os.path.join(path, MANIFEST)):
+            raise CheckpointError(f"{path} is a sharded checkpoint (a multi-rank run's); load it with "
+                                  f"parallel.dist_checkpoint")
         raise CheckpointError(f"{path} is not a checkpoint: state.json is missing")
-    try:
-        with open(state_path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{state_path} is corrupted (not valid JSON)") from None
-    for name, info in meta.get("files", {}).items():
-        fpath = os.path.join(path, name)
-        if not os.path.isfile(fpath):
-            raise CheckpointError(f"checkpoint file {fpath} is missing")
-        size = os.path.getsize(fpath)
-        if size != info["bytes"]:
-            raise CheckpointError(f"checkpoint file {fpath} is truncated or corrupted ({size} bytes, expected {info['bytes']})")
-        if _sha256(fpath) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {fpath} is corrupted (sha256 mismatch)")
+    meta = read_json(state_path)
+    for key, kind in (("step", int), ("tokens", int), ("sampler", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{state_path} is corrupted: no valid '{key}' entry")
+    files = manifest_files(state_path, meta.get("files"), required=FILES)
+    for name, info in files.items():
+        verify_file(path, name, info)
     return meta
 
 
-def load_model_weights(path: str, model: torch.nn.Module) -> None:
+def load_model_weights(path: str, model: torch.nn.Module, verify: bool = True) -> None:
+    """The weights of a checkpoint of either kind into ``model`` (verified against its manifest)."""
+    if not os.path.isfile(os.path.join(path, STATE)) and os.path.isfile(os.path.join(path, MANIFEST)):
+        from parallel.dist_checkpoint import load_sharded_into_model
+        load_sharded_into_model(path, model, None)
+        return
+    if verify:
+        read_state(path)
     fpath = os.path.join(path, "model.safetensors")
     try:
         tensors = load_file(fpath)
@@ -130,16 +288,74 @@ def load_model_weights(path: str, model: torch.nn.Module) -> None:
     model.load_state_dict(tensors)
 
 
+def _torch_load(fpath: str):
+    try:
+        return torch.load(fpath, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{fpath}: refusing to load it, it holds more than tensors and plain "
+                              f"containers ({first_line(e)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read {fpath}: {first_line(e)}") from None
+
+
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     restore_rng: bool = True) -> dict:
     """Verify and load a checkpoint into model (and optimizer, RNG); returns its state dict."""
     meta = read_state(path)
-    load_model_weights(path, model)
+    load_model_weights(path, model, verify=False)
     if optimizer is not None:
+        opt_state = _torch_load(os.path.join(path, "optimizer.pt"))
         try:
-            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}/optimizer.pt does not match this model's optimizer: {e}") from None
+            optimizer.load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{path}/optimizer.pt does not match this model's optimizer: {first_line(e)}") from None
     if restore_rng:
-        torch.set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True)["torch"])
+        rng = _torch_load(os.path.join(path, "rng.pt"))
+        try:
+            torch.set_rng_state(rng["torch"])
+        except (KeyError, TypeError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{path}/rng.pt is corrupted: {first_line(e)}") from None
     return meta
+
+
+# ------------------------------------------------------------------------- run-folder upkeep
+def prune_checkpoints(run_dir: str, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (keep_last ≤ 0: keep all).
+    Only folders named ckpt_N with a manifest count or go; incomplete ones and symlinks are left
+    alone. Call it after a save returned (on one rank): the newest is then complete. Returns the
+    deleted paths; a folder that cannot be deleted is reported on stderr, not raised."""
+    if keep_last <= 0:
+        return []
+    ckpts = [p for p in list_checkpoints(run_dir) if not os.path.islink(p)]
+    gone = []
+    for path in ckpts[:-keep_last]:
+        doomed = path + ".del"   # renamed first: a crash mid-delete leaves no half checkpoint named ckpt_N
+        try:
+            os.rename(path, doomed)
+            shutil.rmtree(doomed)
+            gone.append(path)
+        except OSError as e:
+            print(f"warning: could not delete old checkpoint {path}: {e.strerror or e}", file=sys.stderr)
+    return gone
+
+
+def remove_stale_partials(run_dir: str) -> list[str]:
+    """Remove what a dead writer left in ``run_dir``: ``.tmp_ckpt_*`` / ``ckpt_N.tmp`` temp folders
+    and ``ckpt_N.del`` / ``ckpt_N.old_*`` folders; a complete ``ckpt_N.old_*`` whose ckpt_N is missing
+    (killed mid re-save) is renamed back instead. Only while no other process writes this run folder
+    (hold the run lock), on one rank. Returns the removed paths."""
+    if not os.path.isdir(run_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if not PARTIAL_RE.match(name) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if ".old_" in name:
+            final = path.split(".old_")[0]
+            if not os.path.exists(final) and is_complete(path):
+                os.rename(path, final)
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

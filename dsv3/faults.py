@@ -2,7 +2,8 @@
 SIGKILL itself when it reaches that point of that step (a real, unclean kill, no handlers run).
 
 Points: ``micro`` (after the first micro-batch's backward, mid gradient accumulation),
-``ckpt`` (checkpoint files written, not yet renamed into place), ``step`` (after the optimizer step),
+``ckpt`` (checkpoint files written, not yet renamed into place), ``ckpt_write`` (in the middle of a
+checkpoint write: some files written, others not), ``step`` (after the optimizer step),
 ``p2p`` (a pipeline send just posted, the transfer in flight), ``a2a`` (an expert all-to-all dispatch
 just started, in flight).
 
@@ -10,9 +11,12 @@ Multi-rank runs: ``DSV3_FAULT=point:step:rank`` (or ``DSV3_FAULT_RANK=rank``) ki
 (``RANK`` of the environment); without a rank every process reaching the point dies. Points deep in
 the parallel code do not know the step: they pass none and match the step the training loop last
 announced with ``set_step`` (the step being run, counted from 1). ``DSV3_FAULT_SIGNAL=SIGSTOP`` freezes
-the process instead (a hung rank)."""
+the process instead (a hung rank). ``DSV3_FAULT_ERRNO=ENOSPC`` (any ``errno`` name) makes the point
+raise ``OSError`` with that errno instead of sending a signal: a disk that fills up mid-write
+(``DSV3_FAULT=ckpt_write:2 DSV3_FAULT_ERRNO=ENOSPC``)."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from typing import Optional
@@ -46,4 +50,10 @@ def fault_point(point: str, step: Optional[int] = None) -> None:
     rank = parts[2] if len(parts) == 3 else (os.environ.get("DSV3_FAULT_RANK") or None)
     if rank is not None and rank != os.environ.get("RANK", "0"):
         return
+    code = os.environ.get("DSV3_FAULT_ERRNO")
+    if code:
+        num = getattr(errno, code.upper(), None) if not code.isdigit() else int(code)
+        if num is None:
+            raise ValueError(f"DSV3_FAULT_ERRNO={code}: not an errno name (e.g. ENOSPC, EIO)")
+        raise OSError(num, f"{os.strerror(num)} (injected by DSV3_FAULT={spec})")
     os.kill(os.getpid(), getattr(signal, os.environ.get("DSV3_FAULT_SIGNAL") or "SIGKILL"))

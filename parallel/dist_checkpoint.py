@@ -4,10 +4,18 @@ Every parameter is stored under its single-process ``state_dict`` name as a flat
 whole (unsharded) parameter: ``{name}`` FP32 master weights, ``{name}.exp_avg`` / ``{name}.exp_avg_sq``
 AdamW moments. Each rank writes the slice its ZeRO-1 shard covers (expert parameters offset by the
 rank's block of experts), and of DualPipe's two copies of a stage only the lower pipeline rank writes.
-Routing biases (``...e_score_correction_bias``), the AdamW step, token count and the global sampler
-position are written once. DCP reads any slice back, so a run resumes on another layout
-(``load_sharded``) or on one process (``load_sharded_into_model``). Written to ``ckpt_NNNNNNN.tmp`` and
-renamed, so a crash leaves the previous checkpoint complete.
+Routing biases (``...e_score_correction_bias``) are written once; the AdamW step, token count and the
+global sampler position go to ``meta.json``. DCP reads any slice back, so a run resumes on another
+layout (``load_sharded``) or on one process (``load_sharded_into_model``).
+
+Safety: written to ``ckpt_NNNNNNN.tmp``; after every rank's data is on disk each rank hashes a share
+of the files, rank 0 writes ``manifest.json`` (bytes + sha256 of every file) last and renames the
+folder, so a checkpoint is complete exactly when its manifest is there. Loading checks the manifest
+before reading anything (ranks split the data files; ``.metadata`` and ``meta.json`` are hashed from
+the very bytes then parsed), and DCP's pickled ``.metadata`` is read through the allow-list of
+``parallel/dcp_safe.py``, never plain pickle. Every failure (disk full on one rank, a non-finite shard,
+a corrupted file) is agreed across ranks, so all raise the same one-line CheckpointError, none hangs,
+and the temp folder is removed.
 """
 from __future__ import annotations
 
@@ -15,26 +23,37 @@ import json
 import os
 import re
 import shutil
+import warnings
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
+from dsv3.checkpoint import (MANIFEST, NonFiniteCheckpointError, file_entry, first_non_finite, free_bytes,
+                             is_disk_full, is_write_failure, manifest_files, read_json, verify_file,
+                             write_error, write_json, rename_into_place, fsync_path)
 from dsv3.errors import CheckpointError
+from dsv3.faults import fault_point, first_line
 from dsv3.model import Transformer
+from parallel.dcp_safe import CheckpointWriter, SafePlanner, SafeReader, read_metadata
 
 _NAME = re.compile(r"^ckpt_(\d{7})$")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+METADATA, META = ".metadata", "meta.json"
+FORMAT = "dsv3-dcp"
+FORMAT_VERSION = 1
 
 
 def latest_sharded(run_dir: str) -> Optional[str]:
+    """The newest complete sharded checkpoint (its manifest written), or None."""
     if not os.path.isdir(run_dir):
         return None
     steps = sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(run_dir)) if m
-                   and os.path.exists(os.path.join(run_dir, m.group(0), ".metadata")))
+                   and os.path.isfile(os.path.join(run_dir, m.group(0), MANIFEST)))
     return os.path.join(run_dir, f"ckpt_{steps[-1]:07d}") if steps else None
 
 
@@ -93,34 +112,166 @@ def _opt_step(pm) -> int:
     return max((int(st["step"]) for st in pm.zero.optimizer.state.values()), default=0)
 
 
+def _unwrap(e: BaseException) -> tuple[BaseException, str]:
+    """DCP reports failures as CheckpointException({rank: (exception, traceback)}): the lowest rank's."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _) = min(e.failures.items(), key=lambda kv: kv[0])
+        return _unwrap(inner)[0], f"rank {rank}: "
+    return e, ""
+
+
+def _failure(e: BaseException, run_dir: str) -> tuple[str, str, Optional[int]]:
+    """(kind, one-line detail, free bytes) of this rank's failed write; kind: disk (full), io, bug."""
+    inner, who = _unwrap(e)
+    free = free_bytes(run_dir)
+    kind = "disk" if is_disk_full(inner, free) else "io" if is_write_failure(inner) else "bug"
+    return kind, f"{who or f'rank {dist.get_rank()}: '}{first_line(inner)}", free
+
+
+def _gathered(mine) -> list:
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _agree(mine):
+    """Collective: each rank's failure (None if it succeeded) → the lowest failing rank's, on every rank."""
+    return next((f for f in _gathered(mine) if f is not None), None)
+
+
+def _local_tensors(sd: dict):
+    for name, v in sd.items():
+        if hasattr(v, "local_shards"):   # a ShardedTensor (torch.is_tensor says yes to it too)
+            for shard in v.local_shards():
+                yield name, shard.tensor
+        else:
+            yield name, v
+
+
 def save_sharded(run_dir: str, step: int, pm, extra: dict) -> str:
-    """Collective. ``extra``: tokens and the sampler state (rank 0's is the global position)."""
+    """Collective. ``extra``: tokens and the sampler state (rank 0's is the global position).
+    Every rank raises the same NonFiniteCheckpointError (a shard holds NaN/Inf: nothing written) or
+    CheckpointError (a rank's write failed, e.g. disk full: temp folder removed, previous checkpoint
+    untouched)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     final = os.path.join(run_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
+    previous = latest_sharded(run_dir)
     sd = _state(pm, _global_numel(pm), fill=True)
-    sd["meta"] = json.dumps(dict(step=step, opt_step=_opt_step(pm), **extra))
-    dcp.save(sd, checkpoint_id=tmp)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    dist.barrier()
-    return final
+    bad = first_non_finite(_local_tensors(sd))
+    bad = _agree(None if bad is None else f"rank {rank}'s shard of {bad}")
+    if bad is not None:
+        raise NonFiniteCheckpointError(f"refusing to write checkpoint {final}: {bad} holds NaN/Inf (the run "
+                                       f"diverged; lower train.lr or resume from an earlier checkpoint)")
+    meta = dict(step=step, opt_step=_opt_step(pm), **extra)
+    failure, error, done = None, None, False
+    try:
+        for phase in ("prepare", "write", "hash", "commit"):
+            entries: dict = {}
+            try:
+                if phase == "prepare" and rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    os.makedirs(tmp)
+                elif phase == "write":
+                    dcp.save(sd, storage_writer=CheckpointWriter(tmp, step))
+                elif phase == "hash":   # each rank a share of the files (the ones it wrote are in its page cache)
+                    names = sorted(os.listdir(tmp))
+                    entries = {n: file_entry(os.path.join(tmp, n)) for n in names[rank::world]}
+                elif phase == "commit" and rank == 0:
+                    files = {n: e for part in shares for n, e in part.items()}
+                    write_json(os.path.join(tmp, META), meta)
+                    files[META] = file_entry(os.path.join(tmp, META))
+                    write_json(os.path.join(tmp, MANIFEST), dict(format=FORMAT, format_version=FORMAT_VERSION,
+                                                                 step=step, world=world, files=files))
+                    fsync_path(tmp)
+                    fault_point("ckpt", step)
+                    rename_into_place(tmp, final)
+                    fsync_path(run_dir)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed below: no rank waits for another
+                failure, error = _failure(e, run_dir), e
+            if phase == "hash":
+                gathered = _gathered((failure, entries))
+                failure = next((f for f, _ in gathered if f is not None), None)
+                shares = [part for _, part in gathered]
+            else:
+                failure = _agree(failure)
+            if failure is not None:
+                break
+        done = failure is None
+    finally:
+        if not done and rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if done:
+        return final
+    kind, detail, free = failure
+    if kind == "bug" and error is not None:
+        raise error
+    raise write_error(final, previous, detail, kind == "disk", free)
+
+
+def verify_sharded(path: str, rank: int = 0, world: int = 1):
+    """Check a sharded checkpoint before anything in it is parsed: manifest.json, then the files
+    (this rank's share of the data files; ``.metadata`` and ``meta.json`` on every rank, hashed from the
+    bytes that are then parsed). Returns (validated DCP Metadata, meta dict). Raises CheckpointError."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    manifest = read_json(mpath)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath}: not a dsv3 sharded checkpoint manifest")
+    files = manifest_files(mpath, manifest.get("files"), required=(METADATA, META))
+    data_files = sorted(n for n in files if n not in (METADATA, META))
+    for name in data_files[rank::world]:
+        verify_file(path, name, files[name])
+    blobs = {}
+    for name in (METADATA, META):
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                blobs[name] = f.read(files[name]["bytes"] + 1)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {os.path.join(path, name)}: {e.strerror or e}") from None
+        verify_file(path, name, files[name], data=blobs[name])
+    try:
+        meta = json.loads(blobs[META].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{os.path.join(path, META)} is corrupted (not valid JSON)") from None
+    for key, kind in (("step", int), ("opt_step", int), ("tokens", int), ("sampler", dict)):
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{os.path.join(path, META)} is corrupted: no valid '{key}' entry")
+    return read_metadata(os.path.join(path, METADATA), blobs[METADATA], data_files), meta
+
+
+def _dcp_load(path: str, sd: dict, metadata, no_dist: bool) -> None:
+    try:
+        with warnings.catch_warnings():   # no_dist=True is what we mean, not a fallback to warn about
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, storage_reader=SafeReader(path, metadata), planner=SafePlanner(), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
+        inner, who = _unwrap(e)
+        if isinstance(inner, CheckpointError):
+            raise CheckpointError(first_line(inner)) from None
+        raise CheckpointError(f"cannot load sharded checkpoint {path} into this model/layout "
+                              f"({who}{first_line(inner)})") from None
 
 
 def load_sharded(path: str, pm) -> dict:
     """Collective: fills this rank's ZeRO shards, moments, parameters and biases from any layout's
-    checkpoint. Returns the meta dict (step, tokens, sampler)."""
-    if not os.path.exists(os.path.join(path, ".metadata")):
-        raise CheckpointError(f"{path} is not a complete sharded checkpoint")
+    checkpoint, after ``verify_sharded`` passed on every rank. Returns the meta dict (step, tokens,
+    sampler). Every rank raises the same CheckpointError if any check fails."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    checked, failure = None, None
+    try:
+        checked = verify_sharded(path, rank, world)
+    except CheckpointError as e:
+        failure = first_line(e)
+    except Exception as e:  # noqa: BLE001 - agreed below; a rank must not leave the others waiting
+        failure = f"rank {rank}: {type(e).__name__}: {first_line(e)}"
+    failure = _agree(failure)
+    if failure is not None:
+        raise CheckpointError(failure)
+    metadata, meta = checked
     sd = _state(pm, _global_numel(pm), fill=False)
-    sd["meta"] = ""
-    dcp.load(sd, checkpoint_id=path)
-    meta = json.loads(sd["meta"])
+    _dcp_load(path, sd, metadata, no_dist=False)
     mine = _slices(pm)
     step_t = torch.tensor(float(meta["opt_step"]))
     with torch.no_grad():
@@ -147,24 +298,25 @@ def load_sharded(path: str, pm) -> dict:
     return meta
 
 
-def load_sharded_into_model(path: str, model: Transformer, optimizer) -> dict:
-    """One process: the whole model, its ``dsv3.optim.AdamW`` state and biases from a sharded checkpoint."""
+def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> dict:
+    """One process: the whole model, its ``dsv3.optim.AdamW`` state (unless ``optimizer`` is None) and
+    biases from a sharded checkpoint, every file verified first. Raises CheckpointError."""
+    metadata, meta = verify_sharded(path)
     names = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sd: dict = {}
     for n, p in names.items():   # the dtypes the parallel run saved: masters ≥ FP32, moments as AdamW keeps them
         sd[n] = torch.empty(p.numel(), dtype=torch.promote_types(p.dtype, torch.float32))
-        for m in _MOMENTS:
-            sd[f"{n}.{m}"] = torch.empty(p.numel(), dtype=optimizer._moment_dtype(p))
+        if optimizer is not None:
+            for m in _MOMENTS:
+                sd[f"{n}.{m}"] = torch.empty(p.numel(), dtype=optimizer._moment_dtype(p))
     biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
     for n, b in biases.items():
         sd[n] = torch.empty(b.shape, dtype=torch.float32)
-    sd["meta"] = ""
-    dcp.load(sd, checkpoint_id=path, no_dist=True)
-    meta = json.loads(sd["meta"])
+    _dcp_load(path, sd, metadata, no_dist=True)
     with torch.no_grad():
         for n, p in names.items():
             p.copy_(sd[n].view_as(p))
-            if meta["opt_step"] > 0:
+            if optimizer is not None and meta["opt_step"] > 0:
                 optimizer.state[p] = dict(step=torch.tensor(float(meta["opt_step"])),
                                           **{m: sd[f"{n}.{m}"].view_as(p).to(optimizer._moment_dtype(p)) for m in _MOMENTS})
         for n, b in biases.items():
@@ -174,8 +326,6 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer) -> dict:
 
 def export_hf(path: str, model: Transformer, out_dir: str) -> None:
     """A sharded checkpoint → the Hugging Face layout (one process; ``model`` gives the architecture)."""
-    from dsv3.config import TrainConfig
     from dsv3.hf import save_hf_checkpoint
-    from dsv3.optim import build_optimizer
-    load_sharded_into_model(path, model, build_optimizer(model, TrainConfig()))
+    load_sharded_into_model(path, model)
     save_hf_checkpoint(model, out_dir)

@@ -8,6 +8,7 @@ while in fp64 they stay within ~2e-12 over all 20 steps, so a real difference ca
 Hugging Face layout with the trained weights."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -69,6 +70,10 @@ def test_save_pp2_dp4_resume_dp8_and_one_process(tmp_path):
     results = run_ranks(_worker, 8, ckpt_dir, timeout=400)
     path = latest_sharded(ckpt_dir)
     assert path and path.endswith(f"ckpt_{SAVE:07d}") and not os.path.exists(path + ".tmp")
+    with open(os.path.join(path, "manifest.json")) as f:   # every file of all 8 ranks hashed, nothing else
+        listed = json.load(f)["files"]
+    assert sorted(listed) == sorted(n for n in os.listdir(path) if n != "manifest.json"), listed
+    assert sum(n.endswith(".distcp") for n in listed) >= 4
     for r in results:
         for a, b in zip(r["save"] + r["resume"], ref_losses, strict=True):
             assert abs(a - b) <= TOL * abs(b), (r, ref_losses)
