@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
+from dsv3.checkpoint import save_checkpoint
 from dsv3.config import Config, DataConfig, to_dict
 from dsv3.generate import generate, main as generate_main, sample_next
 from dsv3.hf import load_hf_checkpoint, main as hf_main
@@ -72,11 +72,11 @@ def run_dir(tmp_path):
     run.mkdir()
     with open(run / "config.yaml", "w") as f:
         yaml.safe_dump(to_dict(Config(model=model_cfg, data=DataConfig(seq_len=32))), f)
-    for step in (1, 2):
+    for step in (1, 2):  # written as the trainer writes them (manifest, optimizer, rng)
         model = Transformer(model_cfg)
         randomize(model)
-        (run / f"ckpt_{step:07d}").mkdir()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / f"ckpt_{step:07d}" / "model.safetensors"))
+        save_checkpoint(str(run), step, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                        {"tokens": 0, "sampler": {}})
     train_bpe(["hello world, the quick brown fox " * 40], 300).save(str(run / "tokenizer.json"))
     return run, model  # model: the latest checkpoint's weights
 
