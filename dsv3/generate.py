@@ -133,7 +133,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         prompt_ids = _check_args(args)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         model, tokenizer = load_for_inference(args.checkpoint, dtype=dtype, tokenizer_path=args.tokenizer)
-        model.to(args.device)
+        try:
+            model.to(args.device)
+        except (RuntimeError, AssertionError) as e:  # e.g. cuda:7 on a machine with fewer GPUs
+            raise UserError(f"--device {args.device}: {(str(e).strip().splitlines() or ['unavailable'])[0]}") from None
         if prompt_ids is None:
             if tokenizer is None:
                 raise UserError(f"no tokenizer found beside {args.checkpoint}: pass --tokenizer PATH or --prompt-ids")
