@@ -6,13 +6,14 @@ planted ``__reduce__`` in either executes code on every rank that resumes. Here:
 
 - ``read_metadata(path, data, files)`` unpickles ``.metadata`` with ``_DcpUnpickler``, whose
   ``find_class`` resolves exactly the classes ``dcp.save`` writes (listed in ``_ALLOWED``: DCP's
-  metadata dataclasses, ``torch.Size``, dtypes/layouts, ``pathlib`` paths, read from torch 2.13's
-  pickles and unchanged since 2.5) and refuses anything else with a ``CheckpointError``. None of
+  metadata dataclasses, ``torch.Size``, dtypes/layouts, ``pathlib`` paths: what torch 2.13's pickles
+  hold, tested on 2.13 only) and refuses anything else with a ``CheckpointError``. None of
   those classes runs code when built. The result is then checked: every storage entry points at a
   plain file name the sha256 manifest lists, with no stream transforms.
 - ``SafeReader`` serves that pre-validated ``Metadata`` to ``dcp.load`` (there is no fallback to
-  rank-local ``__N.metadata`` files), ``SafePlanner`` refuses non-tensor (pickled) entries; tensor
-  data is read by DCP with ``torch.load(weights_only=True)``.
+  rank-local ``__N.metadata`` files) and reads tensor data itself with
+  ``torch.load(weights_only=True)`` (whatever the torch version's default), refusing non-tensor
+  (pickled) entries.
 - ``CheckpointWriter`` is DCP's ``FileSystemWriter`` with the ``ckpt_write`` fault point after this
   rank's data file is written (``DSV3_FAULT=ckpt_write:STEP[:RANK] DSV3_FAULT_ERRNO=ENOSPC``).
 
@@ -23,17 +24,19 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
 import pickle
 from typing import Iterable
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import LoadItemType
+from torch.futures import Future
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata, MetadataIndex,
                                                    TensorStorageMetadata)
 
 from dsv3.errors import CheckpointError
-from dsv3.faults import fault_point
+from dsv3.faults import fault_point, first_line
 
 _META = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
@@ -99,24 +102,52 @@ def read_metadata(where: str, data: bytes, files: Iterable[str]) -> Metadata:
 
 
 class SafeReader(FileSystemReader):
-    """``FileSystemReader`` that hands DCP the metadata ``read_metadata`` validated."""
+    """``FileSystemReader`` that hands DCP the metadata ``read_metadata`` validated, and reads tensor
+    data itself with ``torch.load(weights_only=True)`` (torch < 2.6 defaults to False, and DCP's own
+    ``read_data`` changed across versions); non-tensor (pickled) entries are refused."""
 
     def __init__(self, path: str, metadata: Metadata):
         super().__init__(path)
+        self._root = str(path)
         self._validated = metadata
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if kwargs.get("rank") is not None:
-            raise CheckpointError(f"{self.path}: rank-local DCP metadata is not supported")
+            raise CheckpointError(f"{self._root}: rank-local DCP metadata is not supported")
         return self._validated
 
-
-class SafePlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner minus ``torch.load(weights_only=False)`` of non-tensor entries."""
-
-    def load_bytes(self, read_item, value) -> None:
-        raise CheckpointError(f"refusing to unpickle the non-tensor entry '{read_item.dest_index.fqn}' "
-                              f"of a DCP checkpoint (dsv3 writes none)")
+    def read_data(self, plan, planner) -> Future:
+        by_file: dict[str, list] = {}
+        for req in plan.items:
+            by_file.setdefault(self._validated.storage_data[req.storage_index].relative_path, []).append(req)
+        for rel, reqs in by_file.items():
+            fpath = os.path.join(self._root, rel)
+            with open(fpath, "rb") as f:
+                for req in reqs:
+                    if req.type == LoadItemType.BYTE_IO:
+                        raise CheckpointError(f"refusing to unpickle the non-tensor entry '{req.dest_index.fqn}' "
+                                              f"of {self._root} (dsv3 writes none)")
+                    info = self._validated.storage_data[req.storage_index]
+                    f.seek(info.offset)
+                    blob = f.read(info.length)
+                    try:
+                        tensor = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+                    except Exception as e:  # noqa: BLE001 - refused pickle or corrupted bytes
+                        raise CheckpointError(f"{fpath}: refusing entry '{req.dest_index.fqn}', it is not a plain "
+                                              f"tensor ({type(e).__name__}: {first_line(e)})") from None
+                    if not torch.is_tensor(tensor):
+                        raise CheckpointError(f"{fpath}: entry '{req.dest_index.fqn}' is not a tensor")
+                    for dim, (offset, length) in enumerate(zip(req.storage_offsets, req.lengths)):
+                        tensor = tensor.narrow(dim, offset, length)
+                    target = planner.resolve_tensor(req).detach()
+                    if target.size() != tensor.size():
+                        raise CheckpointError(f"{fpath}: entry '{req.dest_index.fqn}' has shape {tuple(tensor.shape)}, "
+                                              f"expected {tuple(target.shape)}")
+                    target.copy_(tensor)
+                    planner.commit_tensor(req, target)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
 
 
 class CheckpointWriter(FileSystemWriter):

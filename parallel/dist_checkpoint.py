@@ -19,6 +19,7 @@ and the temp folder is removed.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -39,13 +40,14 @@ from dsv3.checkpoint import (MANIFEST, NonFiniteCheckpointError, file_entry, fir
 from dsv3.errors import CheckpointError
 from dsv3.faults import fault_point, first_line
 from dsv3.model import Transformer
-from parallel.dcp_safe import CheckpointWriter, SafePlanner, SafeReader, read_metadata
+from parallel.dcp_safe import CheckpointWriter, SafeReader, read_metadata
 
 _NAME = re.compile(r"^ckpt_(\d{7})$")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 METADATA, META = ".metadata", "meta.json"
 FORMAT = "dsv3-dcp"
 FORMAT_VERSION = 1
+_HAS_NO_DIST = "no_dist" in inspect.signature(dcp.load).parameters   # older torch infers it
 
 
 def latest_sharded(run_dir: str) -> Optional[str]:
@@ -245,7 +247,7 @@ def _dcp_load(path: str, sd: dict, metadata, no_dist: bool) -> None:
     try:
         with warnings.catch_warnings():   # no_dist=True is what we mean, not a fallback to warn about
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(sd, storage_reader=SafeReader(path, metadata), planner=SafePlanner(), no_dist=no_dist)
+            dcp.load(sd, storage_reader=SafeReader(path, metadata), **({"no_dist": no_dist} if _HAS_NO_DIST else {}))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
         inner, who = _unwrap(e)
         if isinstance(inner, CheckpointError):

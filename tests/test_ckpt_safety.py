@@ -233,6 +233,30 @@ def test_sharded_metadata_pointing_outside_the_manifest(sharded, tmp_path):
         load_sharded_into_model(ckpt, Transformer(tiny_cfg(*OVERRIDES).model))
 
 
+def test_sharded_planted_tensor_pickle_is_refused(sharded, tmp_path):
+    """The data files are unpickled too (torch.load): only with weights_only=True, whatever torch's default."""
+    from dsv3.model import Transformer
+    from parallel.dcp_safe import read_metadata
+    from parallel.dist_checkpoint import load_sharded_into_model
+    ckpt = str(tmp_path / "ckpt_0000001")
+    shutil.copytree(os.path.join(sharded[0], "ckpt_0000001"), ckpt)
+    marker = str(tmp_path / "PWNED")
+    torch.save(_Plant(marker), os.path.join(ckpt, "__0_0.distcp"))
+    size = os.path.getsize(os.path.join(ckpt, "__0_0.distcp"))
+    mpath = os.path.join(ckpt, ".metadata")
+    md = read_metadata(mpath, open(mpath, "rb").read(), os.listdir(ckpt))
+    for info in md.storage_data.values():
+        if info.relative_path == "__0_0.distcp":
+            info.offset, info.length = 0, size
+    with open(mpath, "wb") as f:
+        pickle.dump(md, f)
+    _rehash(ckpt, ".metadata")
+    _rehash(ckpt, "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="it is not a plain tensor") as e:
+        load_sharded_into_model(ckpt, Transformer(tiny_cfg(*OVERRIDES).model))
+    assert "\n" not in str(e.value) and not os.path.exists(marker)
+
+
 # --------------------------------------------------------------------------------- one process
 def _tiny():
     torch.manual_seed(0)
