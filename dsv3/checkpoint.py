@@ -158,8 +158,9 @@ def write_error(final: str, previous: Optional[str], detail: str, disk_full: boo
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> Optional[str]:
     """The name of the first floating tensor holding NaN or Inf, else None."""
     for name, t in named:
-        if torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            return name
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+            if not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):   # FP8: no isfinite kernel
+                return name
     return None
 
 
