@@ -75,7 +75,8 @@ def write_json(path: str, obj: dict) -> None:
 def read_json(path: str) -> dict:
     """A checkpoint's JSON file as a dict; missing, unreadable or not an object → CheckpointError."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{os.path.dirname(path)} is not a complete checkpoint: {os.path.basename(path)} is missing")
+        raise CheckpointError(f"{os.path.dirname(path)} is not a complete checkpoint: "
+                              f"{os.path.basename(path)} is missing")
     try:
         with open(path, "rb") as f:
             obj = json.loads(f.read().decode("utf-8"))
@@ -113,7 +114,8 @@ def verify_file(folder: str, name: str, info: dict, data: Optional[bytes] = None
         raise CheckpointError(f"checkpoint file {fpath} is missing")
     size = len(data) if data is not None else os.path.getsize(fpath)
     if size != info["bytes"]:
-        raise CheckpointError(f"checkpoint file {fpath} is truncated or corrupted ({size} bytes, expected {info['bytes']})")
+        raise CheckpointError(f"checkpoint file {fpath} is truncated or corrupted "
+                              f"({size} bytes, expected {info['bytes']})")
     digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256(fpath)
     if digest != info["sha256"]:
         raise CheckpointError(f"checkpoint file {fpath} is corrupted (sha256 mismatch)")
@@ -309,7 +311,8 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch
         try:
             optimizer.load_state_dict(opt_state)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            raise CheckpointError(f"{path}/optimizer.pt does not match this model's optimizer: {first_line(e)}") from None
+            raise CheckpointError(f"{path}/optimizer.pt does not match this model's optimizer: "
+                                  f"{first_line(e)}") from None
     if restore_rng:
         rng = _torch_load(os.path.join(path, "rng.pt"))
         try:

@@ -41,7 +41,8 @@ class _Plant:
 
 
 def _digest(folder):
-    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in sorted(os.listdir(folder))}
+    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(folder))}
 
 
 def _rehash(ckpt, name, manifest="manifest.json"):
@@ -283,7 +284,8 @@ def test_one_process_enospc_through_the_fault_point(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         save_checkpoint(run, 2, model, opt, STATE)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("disk full while writing checkpoint") and "ckpt_0000001 is intact" in msg, msg
+    assert "\n" not in msg and msg.startswith("disk full while writing checkpoint"), msg
+    assert "ckpt_0000001 is intact" in msg, msg
     assert sorted(os.listdir(run)) == ["ckpt_0000001"]
     assert _digest(first) == before
     fresh = torch.nn.Linear(4, 3)
