@@ -5,7 +5,8 @@ Points: ``micro`` (after the first micro-batch's backward, mid gradient accumula
 ``ckpt`` (checkpoint files written, not yet renamed into place), ``ckpt_write`` (in the middle of a
 checkpoint write: some files written, others not), ``step`` (after the optimizer step),
 ``p2p`` (a pipeline send just posted, the transfer in flight), ``a2a`` (an expert all-to-all dispatch
-just started, in flight).
+just started, in flight), ``hf_shard`` (``python -m dsv3.hf``: output shard K written; the "step" is K).
+``DSV3_FAULT_SIGNAL=SIGTERM`` / ``SIGINT`` at ``step`` exercise the graceful stop (dsv3/stops.py).
 
 Multi-rank runs: ``DSV3_FAULT=point:step:rank`` (or ``DSV3_FAULT_RANK=rank``) kills only that rank
 (``RANK`` of the environment); without a rank every process reaching the point dies. Points deep in

@@ -240,7 +240,8 @@ def save_hf_checkpoint(model: Transformer, path: str, dtype: torch.dtype = torch
 def run_folder(path: str) -> str:
     """The training run folder of a run folder or of one of its ckpt_* folders."""
     path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "model.safetensors")) and not os.path.isfile(os.path.join(path, "config.yaml")):
+    is_ckpt = any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "manifest.json"))
+    if is_ckpt and not os.path.isfile(os.path.join(path, "config.yaml")):
         return os.path.dirname(path)
     return path
 

@@ -146,10 +146,12 @@ class RunLock:
 
 
 def has_checkpoints(run_dir: str) -> list[str]:
-    """Names of checkpoint folders (one-process or sharded, complete or not) in run_dir."""
+    """Names of checkpoint folders of a run (``ckpt_NNNNNNN``, one-process or sharded, complete or not,
+    and the temporary folders a writer leaves) in run_dir; a user's ``ckpt_best`` is not one."""
     if not os.path.isdir(run_dir):
         return []
-    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") or n.startswith(".tmp_ckpt_"))
+    from dsv3.checkpoint import CKPT_RE, PARTIAL_RE
+    return sorted(n for n in os.listdir(run_dir) if CKPT_RE.match(n) or PARTIAL_RE.match(n))
 
 
 def clear_for_fresh_run(run_dir: str) -> None:
@@ -189,13 +191,3 @@ def truncate_metrics(run_dir: str, step: int) -> int:
         os.replace(tmp, path)
     return dropped
 
-
-def remove_partial_checkpoints(run_dir: str) -> list[str]:
-    """Temporary checkpoint folders a killed run left behind (``.tmp_ckpt_*``, ``ckpt_*.tmp``,
-    ``ckpt_*.old_*``): never complete, never read. Called with the lock held."""
-    gone = []
-    for n in has_checkpoints(run_dir):
-        if n.startswith(".tmp_ckpt_") or n.endswith(".tmp") or ".old_" in n:
-            shutil.rmtree(os.path.join(run_dir, n), ignore_errors=True)
-            gone.append(n)
-    return gone

@@ -20,7 +20,8 @@ import torch.distributed as dist
 import yaml
 
 from dsv3.balance_metrics import BalanceMonitor
-from dsv3.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, remove_stale_partials,
+                             save_checkpoint)
 from dsv3.config import Config, load_config, to_dict
 from dsv3.data import Dataset, prepare_data
 from dsv3.errors import CheckpointError, UserError
@@ -30,8 +31,7 @@ from dsv3.model import Transformer
 from dsv3.moe import max_violation
 from dsv3.optim import build_optimizer, clip_grad_norm
 from dsv3.params import count_params
-from dsv3.run_dir import (RunLock, clear_for_fresh_run, has_checkpoints, remove_partial_checkpoints,
-                          truncate_metrics)
+from dsv3.run_dir import RunLock, clear_for_fresh_run, has_checkpoints, truncate_metrics
 from dsv3.stops import Interrupted, StopRequests, exit_code, raise_on_signal, restore
 from dsv3.train_log import StepLogger, measure_matmul_flops, step_line
 
@@ -173,7 +173,7 @@ def _commit_run_dir(cfg: Config, env: Dist, data: Dataset, step: int) -> None:
     if env.rank == 0:
         if t.resume == "none" and t.overwrite:
             clear_for_fresh_run(t.out_dir)
-        remove_partial_checkpoints(t.out_dir)
+        remove_stale_partials(t.out_dir)
         truncate_metrics(t.out_dir, step)
         tmp = os.path.join(t.out_dir, f"config.yaml.tmp{os.getpid()}")
         with open(tmp, "w") as f:
@@ -328,12 +328,16 @@ def _train(cfg: Config, env: Dist, data: Dataset, model: Transformer, start: flo
                 log.log(dict(step=step, val_loss=val, **monitor.take_domain_loads()),
                         f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
             if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or req:
+                err = None
                 if rank0:
-                    save_checkpoint(t.out_dir, step, model, optimizer,
-                                    dict(tokens=tokens, sampler=sampler.state_dict()))
-                    _prune(t)
+                    try:
+                        save_checkpoint(t.out_dir, step, model, optimizer,
+                                        dict(tokens=tokens, sampler=sampler.state_dict()))
+                        prune_checkpoints(t.out_dir, t.keep_last)
+                    except UserError as e:
+                        err = e
+                env.agree(err)  # a failed save stops every rank, none waits for it
                 saved_at = step
-                env.barrier()
             if req:
                 break
 
@@ -352,16 +356,6 @@ def _train(cfg: Config, env: Dist, data: Dataset, model: Transformer, start: flo
         result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
     log.close()
     return result
-
-
-def _prune(t) -> None:
-    """train.keep_last: older checkpoints go only once a newer one is complete (this is called after
-    the save returned)."""
-    if t.keep_last > 0:
-        from dsv3.checkpoint import list_checkpoints
-        import shutil
-        for old in list_checkpoints(t.out_dir)[:-t.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 class RankFailure(Exception):
@@ -474,7 +468,7 @@ def _train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, w
             if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or req:
                 save_sharded(t.out_dir, step, pm, dict(tokens=tokens, sampler=sampler.state_dict()))
                 if rank0:
-                    _prune(t)
+                    prune_checkpoints(t.out_dir, t.keep_last)
                 saved_at = step
             if req:
                 break

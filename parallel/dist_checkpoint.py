@@ -326,8 +326,11 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> di
     return meta
 
 
-def export_hf(path: str, model: Transformer, out_dir: str) -> None:
-    """A sharded checkpoint → the Hugging Face layout (one process; ``model`` gives the architecture)."""
+def export_hf(path: str, model: Transformer, out_dir: str, overwrite: bool = False) -> None:
+    """A sharded checkpoint → the Hugging Face layout (one process; ``model`` gives the architecture).
+    ``out_dir`` follows ``save_hf_checkpoint``'s rules: refused if non-empty without its marker, or
+    overlapping the checkpoint; a marked one replaced only with ``overwrite``."""
     from dsv3.hf import save_hf_checkpoint
     load_sharded_into_model(path, model)
-    save_hf_checkpoint(model, out_dir)
+    save_hf_checkpoint(model, out_dir, overwrite=overwrite, input_dirs=(os.path.dirname(os.path.abspath(path)),),
+                       written_by="parallel.dist_checkpoint.export_hf")
