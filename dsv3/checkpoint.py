@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -24,7 +25,7 @@ from typing import Iterable, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load, load_file, save_file
 
 from dsv3.errors import CheckpointError
 from dsv3.faults import fault_point, first_line
@@ -247,22 +248,80 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return ckpts[-1] if ckpts else None
 
 
-def read_state(path: str) -> dict:
-    """state.json of a checkpoint, checked for shape, with every file checked against the manifest."""
+def read_state(path: str, verify: bool = True) -> dict:
+    """state.json of a checkpoint, checked for shape, with every file checked against the manifest
+    (``verify=False``: the caller checks each file's bytes itself, ``read_checkpoint_files``)."""
     state_path = os.path.join(path, STATE)
     if not os.path.isfile(state_path):
         if os.path.isfile(os.path.join(path, MANIFEST)):
             raise CheckpointError(f"{path} is a sharded checkpoint (a multi-rank run's); load it with "
-                                  f"parallel.dist_checkpoint")
+                                  f"load_any_checkpoint or parallel.dist_checkpoint")
         raise CheckpointError(f"{path} is not a checkpoint: state.json is missing")
     meta = read_json(state_path)
     for key, kind in (("step", int), ("tokens", int), ("sampler", dict)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise CheckpointError(f"{state_path} is corrupted: no valid '{key}' entry")
     files = manifest_files(state_path, meta.get("files"), required=FILES)
-    for name, info in files.items():
-        verify_file(path, name, info)
+    if verify:
+        for name, info in files.items():
+            verify_file(path, name, info)
     return meta
+
+
+def checkpoint_kind(path: str) -> str:
+    """"single" (a one-process checkpoint: state.json) or "sharded" (a multi-rank run's DCP folder:
+    manifest.json) for a complete checkpoint folder; anything else is one CheckpointError."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    if os.path.isfile(os.path.join(path, STATE)):
+        return "single"
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return "sharded"
+    raise CheckpointError(f"{path} is not a complete checkpoint: it has neither state.json (one process) "
+                          f"nor manifest.json (sharded)")
+
+
+def check_tensors(where: str, tensors: dict, shapes: dict) -> None:
+    """The checkpoint's tensor names and shapes are exactly the model's (``tensors``: name → tensor or
+    shape; ``shapes``: name → shape)."""
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        what = f"missing tensor '{missing[0]}'" if missing else f"unknown tensor '{unexpected[0]}'"
+        raise CheckpointError(f"{where} does not match the model config: {what} "
+                              f"({len(missing)} missing, {len(unexpected)} unknown)")
+    for k, v in tensors.items():
+        if tuple(getattr(v, "shape", v)) != tuple(shapes[k]):
+            raise CheckpointError(f"{where}: tensor '{k}' has shape {tuple(getattr(v, 'shape', v))}, the model expects "
+                                  f"{tuple(shapes[k])}")
+
+
+def read_checkpoint_files(path: str, rng: bool = False) -> tuple[dict, dict, dict, Optional[dict]]:
+    """A one-process checkpoint read without a model: (state.json, model tensors, optimizer state dict,
+    RNG dict or None). Each file is read once and its bytes checked against the manifest before they
+    are parsed (so what is parsed is what was hashed, also when ranks read one folder together)."""
+    meta = read_state(path, verify=False)
+    files = meta["files"]
+    blobs = {}
+    for name in FILES if rng else FILES[:2]:
+        fpath = os.path.join(path, name)
+        try:
+            with open(fpath, "rb") as f:
+                blobs[name] = f.read(files[name]["bytes"] + 1)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {fpath}: {e.strerror or e}") from None
+        verify_file(path, name, files[name], data=blobs[name])
+    if not rng:
+        verify_file(path, FILES[2], files[FILES[2]])
+    try:
+        tensors = safetensors_load(blobs["model.safetensors"])
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {os.path.join(path, 'model.safetensors')}: {first_line(e)}") from None
+    opt = _torch_load(os.path.join(path, "optimizer.pt"), blobs["optimizer.pt"])
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise CheckpointError(f"{os.path.join(path, 'optimizer.pt')} is corrupted: not an optimizer state dict")
+    rng_state = _torch_load(os.path.join(path, "rng.pt"), blobs["rng.pt"]) if rng else None
+    return meta, tensors, opt, rng_state
 
 
 def load_model_weights(path: str, model: torch.nn.Module, verify: bool = True) -> None:
@@ -278,22 +337,13 @@ def load_model_weights(path: str, model: torch.nn.Module, verify: bool = True) -
         tensors = load_file(fpath)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {fpath}: {e}") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        what = f"missing tensor '{missing[0]}'" if missing else f"unknown tensor '{unexpected[0]}'"
-        raise CheckpointError(f"{fpath} does not match the model config: {what} "
-                              f"({len(missing)} missing, {len(unexpected)} unknown)")
-    for k, v in tensors.items():
-        if v.shape != own[k].shape:
-            raise CheckpointError(f"{fpath}: tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    check_tensors(fpath, tensors, {k: v.shape for k, v in model.state_dict().items()})
     model.load_state_dict(tensors)
 
 
-def _torch_load(fpath: str):
+def _torch_load(fpath: str, data: Optional[bytes] = None):
     try:
-        return torch.load(fpath, weights_only=True)
+        return torch.load(fpath if data is None else io.BytesIO(data), weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{fpath}: refusing to load it, it holds more than tensors and plain "
                               f"containers ({first_line(e)})") from None
@@ -320,6 +370,27 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch
         except (KeyError, TypeError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"{path}/rng.pt is corrupted: {first_line(e)}") from None
     return meta
+
+
+def load_any_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                        restore_rng: bool = True) -> dict:
+    """One process: a checkpoint of either kind into ``model`` (parameters and routing biases) and
+    ``optimizer`` (a ``dsv3.optim.AdamW``: moments and step; None to skip), every file verified first.
+    Returns the checkpoint's meta (step, tokens, sampler, ...) with ``kind``: "single" or "sharded".
+
+    A sharded checkpoint (a multi-rank run's, any layout) holds no RNG state (its ranks had one each),
+    so only a one-process checkpoint restores it; training draws no random numbers after
+    initialisation, so the losses do not depend on it. The optimizer's hyper-parameters (lr, betas,
+    weight decay) come from a one-process checkpoint's optimizer.pt, from ``optimizer`` as built for a
+    sharded one. The sampler state is the global position (epoch, index of sequences consumed by all
+    ranks together): it carries over between layouts (``dsv3.data.Sampler``). Raises CheckpointError."""
+    kind = checkpoint_kind(path)
+    if kind == "single":
+        meta = load_checkpoint(path, model, optimizer, restore_rng)
+    else:
+        from parallel.dist_checkpoint import load_sharded_into_model
+        meta = load_sharded_into_model(path, model, optimizer)
+    return dict(meta, kind=kind)
 
 
 # ------------------------------------------------------------------------- run-folder upkeep

@@ -307,16 +307,27 @@ class Dataset:
                 "shards": self.index["shards"], "fim_rate": self.index["fim_rate"]}
 
     def write_manifest(self, run_dir: str) -> str:
-        """``<run_dir>/corpus.json``: every file with its sha256, the tokenizer and the packed shards."""
+        """``<run_dir>/corpus.json``: every file with its sha256, the tokenizer and the packed shards.
+        The tokenizer file is copied to ``<run_dir>/tokenizer/`` (``tokenizer.json`` or
+        ``tokenizer.model``), and ``corpus.json``'s ``tokenizer.file`` names it relative to the run
+        folder with its ``file_sha256``, so the run folder alone serves ``dsv3.generate`` and
+        ``dsv3.hf export`` (``source`` keeps the path it was read from, for the record)."""
         path = os.path.join(run_dir, "corpus.json")
-        manifest = {**self.corpus.manifest(), "tokenizer": self.tokenizer.describe(),
+        tok_rel = os.path.join(TOKENIZER_DIR, self.tokenizer.file_name)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            tok_sha = _copy_atomic(self.tokenizer.source, os.path.join(run_dir, tok_rel))
+        except OSError as e:
+            raise DataError(f"cannot copy the tokenizer {self.tokenizer.source} into {run_dir} ({e.strerror}); make "
+                            f"train.out_dir writable or set it to a writable folder") from None
+        manifest = {**self.corpus.manifest(),
+                    "tokenizer": {**self.tokenizer.describe(), "file": tok_rel, "file_sha256": tok_sha},
                     "n_train_tokens": self.n_train_tokens, "n_val_tokens": self.n_val_tokens,
                     "shards": self.index["shards"], "fim_rate": self.index["fim_rate"],
                     "val_fraction": self.index["val_fraction"],
                     "val_documents": [{"name": d["name"], "domain": d["domain"]} for d in self.index["val_documents"]]}
         tmp = f"{path}.tmp{os.getpid()}"
         try:
-            os.makedirs(run_dir, exist_ok=True)
             with open(tmp, "w") as f:
                 json.dump(manifest, f, indent=1)
             os.replace(tmp, path)
@@ -324,6 +335,26 @@ class Dataset:
             raise DataError(f"cannot write {path} ({e.strerror}); make train.out_dir writable or set it to a "
                             f"writable folder") from None
         return path
+
+
+TOKENIZER_DIR = "tokenizer"   # <run_dir>/tokenizer/tokenizer.{json,model}, named by corpus.json
+
+
+def _copy_atomic(src: str, dst: str) -> str:
+    """Copy ``src`` to ``dst`` through a temporary file renamed into place; returns the sha256 of the
+    bytes written (read once, so the hash is of exactly what was copied)."""
+    with open(src, "rb") as f:
+        data = f.read()
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return hashlib.sha256(data).hexdigest()
 
 
 def prepare_data(data_cfg: DataConfig, vocab_size: int, run_dir: Optional[str] = None, seed: int = 0) -> Dataset:

@@ -269,20 +269,42 @@ def load_run_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[
 
 
 def find_tokenizer_file(folder: str) -> Optional[str]:
-    """tokenizer.json / tokenizer.model beside the weights, else the file a run's corpus.json names."""
+    """tokenizer.json / tokenizer.model beside the weights (a Hugging Face folder), else the copy in a
+    run folder that its corpus.json names (``tokenizer.file``, relative to the run folder, checked
+    against ``tokenizer.file_sha256``), else the absolute ``tokenizer.source`` older runs recorded.
+    A copy that no longer matches its sha256 is one CheckpointError."""
     for name in ("tokenizer.json", "tokenizer.model"):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     manifest = os.path.join(folder, "corpus.json")
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest) as f:
-                source = json.load(f).get("tokenizer", {}).get("source")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            source = None
-        if source and os.path.isfile(source):
-            return source
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            tok = json.load(f).get("tokenizer")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        tok = None
+    if not isinstance(tok, dict):
+        return None
+    rel, sha = tok.get("file"), tok.get("file_sha256")
+    if isinstance(rel, str) and rel and not os.path.isabs(rel) and ".." not in rel.replace("\\", "/").split("/"):
+        path = os.path.join(folder, rel)
+        if os.path.isfile(path):
+            _check_sha256(path, sha, manifest)
+            return path
+    source = tok.get("source")
+    if isinstance(source, str) and source and os.path.isfile(source):
+        return source
     return None
+
+
+def _check_sha256(path: str, sha: object, manifest: str) -> None:
+    import hashlib
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if isinstance(sha, str) and digest != sha:
+        raise CheckpointError(f"{path} does not match the sha256 {manifest} records for it (edited or damaged); "
+                              f"put back the tokenizer file the run trained with")
 
 
 class _PlainTokenizer:

@@ -111,6 +111,11 @@ class Tokenizer:
             return [self.decode(ids) for ids in batch]
         return self.backend.decode_batch([[int(i) for i in ids] for ids in batch], skip_special_tokens=False)
 
+    @property
+    def file_name(self) -> str:
+        """The conventional name of this tokenizer's file (as Hugging Face folders hold it)."""
+        return "tokenizer.model" if self._is_sp else "tokenizer.json"
+
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "vocab_size": self.vocab_size,
                 "eos_id": self.eos_id, "fim_ids": list(self.fim_ids) if self.fim_ids else None,

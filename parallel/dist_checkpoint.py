@@ -34,9 +34,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
-from dsv3.checkpoint import (MANIFEST, NonFiniteCheckpointError, file_entry, first_non_finite, free_bytes,
-                             is_disk_full, is_write_failure, manifest_files, read_json, verify_file,
-                             write_error, write_json, rename_into_place, fsync_path)
+from dsv3.checkpoint import (MANIFEST, STATE, NonFiniteCheckpointError, check_tensors, file_entry, first_non_finite,
+                             free_bytes, is_disk_full, is_write_failure, manifest_files, read_checkpoint_files,
+                             read_json, verify_file, write_error, write_json, rename_into_place, fsync_path)
 from dsv3.errors import CheckpointError
 from dsv3.faults import fault_point, first_line
 from dsv3.model import Transformer
@@ -258,12 +258,16 @@ def _dcp_load(path: str, sd: dict, metadata, no_dist: bool) -> None:
 
 def load_sharded(path: str, pm) -> dict:
     """Collective: fills this rank's ZeRO shards, moments, parameters and biases from any layout's
-    checkpoint, after ``verify_sharded`` passed on every rank. Returns the meta dict (step, tokens,
-    sampler). Every rank raises the same CheckpointError if any check fails."""
+    sharded checkpoint (after ``verify_sharded`` passed on every rank), or from a one-process
+    checkpoint (``state.json``: every rank reads and verifies the whole of it, then keeps its slices).
+    Returns the meta dict (step, tokens, sampler, opt_step, kind). The sampler state is the global
+    position, valid on any layout; a one-process checkpoint's RNG state is not restored (each rank has
+    its own stream). Every rank raises the same CheckpointError if any check fails."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    single = os.path.isfile(os.path.join(path, STATE))
     checked, failure = None, None
     try:
-        checked = verify_sharded(path, rank, world)
+        checked = _read_single(path, pm) if single else verify_sharded(path, rank, world)
     except CheckpointError as e:
         failure = first_line(e)
     except Exception as e:  # noqa: BLE001 - agreed below; a rank must not leave the others waiting
@@ -271,33 +275,80 @@ def load_sharded(path: str, pm) -> dict:
     failure = _agree(failure)
     if failure is not None:
         raise CheckpointError(failure)
+    if single:
+        meta, flat = checked
+        mine = _slices(pm)
+        _install(pm, meta["opt_step"], lambda n, suffix: flat[n + suffix][mine[n][0]:mine[n][0] + mine[n][2]], flat)
+        return dict(meta, kind="single")
     metadata, meta = checked
     sd = _state(pm, _global_numel(pm), fill=False)
     _dcp_load(path, sd, metadata, no_dist=False)
+    _install(pm, meta["opt_step"], lambda n, suffix: sd[n + suffix].local_shards()[0].tensor, sd)
+    return dict(meta, kind="sharded")
+
+
+def _install(pm, opt_step: int, local, biases: dict) -> None:
+    """This rank's masters, moments (with ``opt_step``) and biases from ``local(name, suffix)`` (the
+    slice ``_slices`` assigns this rank, suffix "" / ".exp_avg" / ".exp_avg_sq") and ``biases`` (by
+    state-dict name); then every rank's parameters are all-gathered from the masters."""
     mine = _slices(pm)
-    step_t = torch.tensor(float(meta["opt_step"]))
+    step_t = torch.tensor(float(opt_step))
     with torch.no_grad():
         for n, e in pm.zero.entries.items():
             vals = {}
             for suffix in ("",) + tuple("." + m for m in _MOMENTS):
                 full = torch.zeros(e.chunk, dtype=e.master.dtype)
                 if n in mine:
-                    local = sd[n + suffix].local_shards()[0].tensor
-                    full[:mine[n][2]] = local.to(full.dtype)
+                    full[:mine[n][2]] = local(n, suffix).to(full.dtype)
                 vals[suffix] = full
             if e.copies[0] is not None:  # only one copy of a mirrored stage read it: share by summing
                 flat = torch.cat(list(vals.values()))
                 dist.all_reduce(flat, group=e.copies[0])
                 vals = dict(zip(vals, flat.split(e.chunk)))
             e.master.copy_(vals[""])
-            if meta["opt_step"] > 0:
+            if opt_step > 0:
                 pm.zero.optimizer.state[e.master] = dict(
                     step=step_t.clone(), **{m: vals["." + m].to(pm.zero.optimizer._moment_dtype(e.master)) for m in _MOMENTS})
         for name, moe in _moes(pm).items():
             b = moe.gate.e_score_correction_bias
-            b.copy_(sd[f"{name}.gate.e_score_correction_bias"].to(b.dtype))
+            b.copy_(biases[f"{name}.gate.e_score_correction_bias"].to(b.dtype))
     pm.zero._all_gather()
-    return meta
+
+
+def _read_single(path: str, pm) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A one-process checkpoint as flat global tensors: ``{name}``, ``{name}.exp_avg``,
+    ``{name}.exp_avg_sq`` per parameter (moments zero if it has no optimizer state) and the biases,
+    checked against the full model of ``pm.cfg`` (names, shapes; the optimizer's parameter order from
+    ``dsv3.optim.build_optimizer`` on that model). Returns (meta with opt_step, tensors)."""
+    from dsv3.optim import build_optimizer
+    meta, tensors, opt, _ = read_checkpoint_files(path)
+    with torch.device("meta"):
+        full = Transformer(pm.cfg.model)
+    check_tensors(os.path.join(path, "model.safetensors"), tensors,
+                  {k: v.shape for k, v in full.state_dict().items()})
+    names = {id(p): n for n, p in full.named_parameters()}
+    order = [[names[id(p)] for p in g["params"]] for g in build_optimizer(full, pm.cfg.train).param_groups]
+    where = os.path.join(path, "optimizer.pt")
+    saved = [g.get("params") if isinstance(g, dict) else None for g in opt["param_groups"]]
+    if [len(g) if isinstance(g, list) else None for g in saved] != [len(g) for g in order]:
+        raise CheckpointError(f"{where} does not match this model's optimizer: parameter groups of "
+                              f"{[len(g) if isinstance(g, list) else None for g in saved]} tensors, "
+                              f"expected {[len(g) for g in order]}")
+    flat: dict[str, torch.Tensor] = {k: v.reshape(-1) for k, v in tensors.items()}
+    opt_step = 0
+    for idx_group, name_group in zip(saved, order):
+        for idx, n in zip(idx_group, name_group):
+            st = opt["state"].get(idx, {})
+            numel = tensors[n].numel()
+            for m in _MOMENTS:
+                v = st.get(m, torch.zeros(numel))
+                if not torch.is_tensor(v) or v.numel() != numel:
+                    raise CheckpointError(f"{where}: the {m} of '{n}' does not match its parameter "
+                                          f"({numel} elements)")
+                flat[f"{n}.{m}"] = v.reshape(-1)
+            if "step" in st:
+                opt_step = max(opt_step, int(float(st["step"])))
+    return dict(meta, opt_step=opt_step), flat
 
 
 def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> dict:
@@ -305,13 +356,14 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> di
     biases from a sharded checkpoint, every file verified first. Raises CheckpointError."""
     metadata, meta = verify_sharded(path)
     names = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    _check_names(path, metadata, {**{n: p.numel() for n, p in names.items()}, **{n: b.numel() for n, b in biases.items()}})
     sd: dict = {}
     for n, p in names.items():   # the dtypes the parallel run saved: masters ≥ FP32, moments as AdamW keeps them
         sd[n] = torch.empty(p.numel(), dtype=torch.promote_types(p.dtype, torch.float32))
         if optimizer is not None:
             for m in _MOMENTS:
                 sd[f"{n}.{m}"] = torch.empty(p.numel(), dtype=optimizer._moment_dtype(p))
-    biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
     for n, b in biases.items():
         sd[n] = torch.empty(b.shape, dtype=torch.float32)
     _dcp_load(path, sd, metadata, no_dist=True)
@@ -324,6 +376,21 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> di
         for n, b in biases.items():
             b.copy_(sd[n])
     return meta
+
+
+def _check_names(path: str, metadata, numel: dict[str, int]) -> None:
+    """The checkpoint stores exactly the model's parameters and biases (moments aside), each with the
+    model's element count: else one CheckpointError naming the first offender (a different config)."""
+    stored = {k: int(torch.Size(v.size).numel()) for k, v in metadata.state_dict_metadata.items()
+              if hasattr(v, "size") and not k.endswith(tuple("." + m for m in _MOMENTS))}
+    missing, unknown = sorted(set(numel) - set(stored)), sorted(set(stored) - set(numel))
+    if missing or unknown:
+        what = f"missing tensor '{missing[0]}'" if missing else f"unknown tensor '{unknown[0]}'"
+        raise CheckpointError(f"{path} does not match the model config: {what} "
+                              f"({len(missing)} missing, {len(unknown)} unknown)")
+    for k, n in numel.items():
+        if stored[k] != n:
+            raise CheckpointError(f"{path}: tensor '{k}' has {stored[k]} elements, the model expects {n}")
 
 
 def export_hf(path: str, model: Transformer, out_dir: str, overwrite: bool = False) -> None:
