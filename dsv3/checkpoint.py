@@ -6,7 +6,8 @@ failed write (disk full, I/O error) removes the temporary folder and raises one 
 Layout of ``RUN_DIR/ckpt_0000100/``: ``model.safetensors`` (parameters and the routing-bias
 buffers, our own names), ``optimizer.pt`` and ``rng.pt`` (tensors and numbers only, read back with
 ``torch.load(weights_only=True)``), ``state.json`` (step, tokens, sampler position, manifest).
-Nothing is ever unpickled beyond tensors and plain containers. Sharded checkpoints
+Nothing is ever unpickled beyond tensors and plain containers. ``load_any_checkpoint`` reads either
+kind into one process (a sharded one through ``parallel.dist_checkpoint``). Sharded checkpoints
 (``parallel/dist_checkpoint.py``) share the folder names, the manifest helpers, pruning and the
 clean-up of partial folders below; theirs is complete when ``manifest.json`` is present.
 """

@@ -6,7 +6,8 @@ one prefill over the prompt, then one token per step through the absorbed attent
     new_ids = generate(model, None, prompt_ids, 32, temperature=0.8, top_p=0.95, seed=1)
 
 ``python -m dsv3.generate --checkpoint DIR --prompt "def "`` where DIR is a Hugging Face checkpoint
-(config.json), a training run folder (config.yaml + ckpt_*/) or one ckpt_* folder of a run. Bad flags, an
+(config.json), a training run folder (config.yaml + ckpt_*/, one-process or sharded checkpoints) or one
+ckpt_* folder of a run; a run's tokenizer is its copy in ``RUN/tokenizer/``. Bad flags, an
 empty prompt or one longer than the model's context (max_seq_len) are one line on stderr and exit 2.
 """
 from __future__ import annotations

@@ -6,6 +6,9 @@
     python -m dsv3.hf convert IN OUT [--to-bf16 | --to-fp8] [--max-shard-size 5GB]   # streams, shard by shard
     python -m dsv3.hf export RUN_DIR OUT_DIR [--fp8]                                # a training run -> HF
 
+RUN_DIR is a training run folder or one of its ckpt_* folders, of a one-process or a sharded (multi-rank)
+run; the tokenizer is the run folder's copy (``tokenizer/``, named by corpus.json).
+
 Both CLIs refuse an OUT that overlaps the input or holds anything but an earlier output of theirs
 (``hf_shards.check_out_dir``); ``--overwrite`` replaces an earlier output, atomically.
 
@@ -27,6 +30,7 @@ import torch
 
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError, UserError
+from dsv3.faults import first_line
 from dsv3.hf_config import config_from_hf, config_to_hf, rope_interleaved
 from dsv3.hf_shards import CheckpointReader, check_out_dir, write_checkpoint
 from dsv3.hf_weights import (SCALE_SUFFIX, fused_expert_names, hf_slots, is_fp8_weight, rope_row_permutation,
@@ -246,11 +250,33 @@ def run_folder(path: str) -> str:
     return path
 
 
+def run_model_config(run_dir: str) -> ModelConfig:
+    """The ``model`` section of a run's config.yaml, validated. Only it is read: the weights need nothing
+    else, and a run written by an older version may hold keys since removed from other sections (or
+    ``model.linear_impl``, listed in ``dsv3.config.REMOVED``), which would otherwise make its
+    checkpoints unreadable. Raises CheckpointError (missing, not YAML) or ConfigError (bad values)."""
+    import yaml
+    from dsv3 import config
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{run_dir}: config.yaml is missing (not a training run folder)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"cannot read {cfg_path}: {first_line(e)}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{cfg_path} has no 'model' section (not a training run's config.yaml)")
+    removed = getattr(config, "REMOVED", {})
+    model = {k: v for k, v in model.items() if f"model.{k}" not in removed}
+    return config.from_dict({"model": model, "data": {"seq_len": 1}}).model
+
+
 def load_run_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[Transformer, str, str]:
     """Our training run folder (config.yaml + ckpt_*/model.safetensors) or one ckpt_* folder:
     (model, run folder, checkpoint folder) with the latest checkpoint's weights."""
     from dsv3.checkpoint import latest_checkpoint, load_model_weights
-    from dsv3.config import load_config
     path, run_dir = os.path.abspath(path), run_folder(path)
     if run_dir != path:
         ckpt = path
@@ -258,10 +284,7 @@ def load_run_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise CheckpointError(f"{path}: no ckpt_* checkpoint folder in this run")
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{run_dir}: config.yaml is missing (not a training run folder)")
-    model = Transformer(load_config(cfg_path).model).eval()
+    model = Transformer(run_model_config(run_dir)).eval()
     load_model_weights(ckpt, model)
     for p in model.parameters():
         p.data = p.data.to(dtype)

@@ -6,7 +6,8 @@ AdamW moments. Each rank writes the slice its ZeRO-1 shard covers (expert parame
 rank's block of experts), and of DualPipe's two copies of a stage only the lower pipeline rank writes.
 Routing biases (``...e_score_correction_bias``) are written once; the AdamW step, token count and the
 global sampler position go to ``meta.json``. DCP reads any slice back, so a run resumes on another
-layout (``load_sharded``) or on one process (``load_sharded_into_model``).
+layout (``load_sharded``) or on one process (``load_sharded_into_model``, or ``dsv3.checkpoint.
+load_any_checkpoint``); ``load_sharded`` also starts a multi-rank run from a one-process checkpoint.
 
 Safety: written to ``ckpt_NNNNNNN.tmp``; after every rank's data is on disk each rank hashes a share
 of the files, rank 0 writes ``manifest.json`` (bytes + sha256 of every file) last and renames the

@@ -6,8 +6,10 @@
 - Resume across kinds, in fp64 on 2 gloo ranks with EP2: a one-process model + AdamW loads the sharded
   checkpoint, and the 2 ranks load a one-process checkpoint; each holds the source's weights, biases,
   moments and step bitwise, and its next step matches the source's own next step (bounds derived below).
+  DualPipe PP2 on the same 2 ranks (both hold both stages) loads it bitwise on both copies.
 - The sampler's state is the global position: a 2-rank sampler's state resumes a 1-rank sampler on the
   same global sequences.
+- generate / export read only config.yaml's model section (older runs' removed keys do not matter).
 - ``init_from`` from a run folder of either kind, a ckpt folder and a Hugging Face folder written by
   ``dsv3.hf export`` (fp32: the logits bitwise; bf16: the weights are exactly their bf16 roundings);
   bad paths, shape mismatches and an HF folder missing a tensor are one CheckpointError line.
@@ -62,15 +64,25 @@ def sharded_run(tmp_path_factory):
     return out
 
 
-def _run_model(run: str):
-    """The run's config and a model holding its latest checkpoint (read by load_any_checkpoint)."""
+@pytest.fixture(scope="module")
+def run_model(sharded_run):
+    """The run's config, a model holding its latest checkpoint (read by load_any_checkpoint), the meta."""
     from dsv3.checkpoint import latest_checkpoint, load_any_checkpoint
     from dsv3.config import load_config
     from dsv3.model import Transformer
-    cfg = load_config(os.path.join(run, "config.yaml"))
+    cfg = load_config(os.path.join(sharded_run, "config.yaml"))
     model = Transformer(cfg.model).eval()
-    meta = load_any_checkpoint(latest_checkpoint(run), model)
+    meta = load_any_checkpoint(latest_checkpoint(sharded_run), model)
     return cfg, model, meta
+
+
+@pytest.fixture(scope="module")
+def hf_fp32(sharded_run, tmp_path_factory):
+    """``python -m dsv3.hf export RUN OUT --dtype fp32`` of the sharded run."""
+    from dsv3.hf import main as hf_main
+    out = str(tmp_path_factory.mktemp("hf") / "fp32")
+    assert hf_main(["export", sharded_run, out, "--dtype", "fp32"]) == 0
+    return out
 
 
 def test_tokenizer_is_copied_into_the_run_folder(sharded_run, tmp_path):
@@ -99,26 +111,39 @@ def test_tokenizer_is_copied_into_the_run_folder(sharded_run, tmp_path):
     assert find_tokenizer_file(str(moved)) == tok["source"]
 
 
-def test_export_and_generate_read_a_sharded_run(sharded_run, tmp_path, capsys):
+def test_export_and_generate_read_a_sharded_run(sharded_run, run_model, hf_fp32, capsys):
     from dsv3.generate import generate, main as generate_main
-    from dsv3.hf import load_hf_checkpoint, load_tokenizer, main as hf_main
-    cfg, model, meta = _run_model(sharded_run)
+    from dsv3.hf import load_hf_checkpoint, load_tokenizer
+    cfg, model, meta = run_model
     assert meta["kind"] == "sharded" and meta["step"] == 2
-    out = tmp_path / "hf"
-    assert hf_main(["export", sharded_run, str(out), "--dtype", "fp32"]) == 0, capsys.readouterr().err
-    back = load_hf_checkpoint(str(out))
+    back = load_hf_checkpoint(hf_fp32)
     ours = model.state_dict()
     for k, v in back.state_dict().items():
         if k in ours:
             assert torch.equal(v, ours[k]), k
-    assert (out / "tokenizer.json").read_bytes() == open(os.path.join(sharded_run, "tokenizer", "tokenizer.json"), "rb").read()
-    tok = load_tokenizer(os.path.join(sharded_run, "tokenizer", "tokenizer.json"))
+    tok_file = os.path.join(sharded_run, "tokenizer", "tokenizer.json")
+    with open(os.path.join(hf_fp32, "tokenizer.json"), "rb") as f, open(tok_file, "rb") as g:
+        assert f.read() == g.read()
+    tok = load_tokenizer(tok_file)
     prompt = tok.encode("def ")
-    expected = tok.decode(prompt + generate(model, tok, prompt, 6))
+    expected = tok.decode(prompt + generate(model, tok, prompt, 4))
     capsys.readouterr()
-    for where in (sharded_run, os.path.join(sharded_run, "ckpt_0000002")):
-        assert generate_main(["--checkpoint", where, "--prompt", "def ", "--max-new-tokens", "6"]) == 0
-        assert capsys.readouterr().out == expected + "\n"
+    assert generate_main(["--checkpoint", sharded_run, "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_a_run_config_with_removed_keys_still_reads(sharded_run, run_model, tmp_path):
+    """generate / export read only config.yaml's model section: an older run's removed keys
+    (train.grad_accum, parallel.num_chunks, model.linear_impl) do not make its checkpoints unreadable."""
+    import yaml
+    from dsv3.hf import run_model_config
+    with open(os.path.join(sharded_run, "config.yaml")) as f:
+        data = yaml.safe_load(f)
+    data["model"]["linear_impl"] = "torch"
+    data["train"]["grad_accum"] = 1
+    data["parallel"]["num_chunks"] = 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert run_model_config(str(tmp_path)) == run_model[0].model
 
 
 # ------------------------------------------------------------- resume across kinds, 2 ranks EP2
@@ -149,6 +174,7 @@ def _biases(model):
 
 
 def _ranks_worker(rank, world, sharded_dir, single_ckpt):
+    from dsv3.model import Transformer
     from parallel.dist_checkpoint import load_sharded, save_sharded
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
@@ -172,6 +198,15 @@ def _ranks_worker(rank, world, sharded_dir, single_ckpt):
     out["b2_loss"] = pm.train_step(rows, cfg.train.lr, model.mtp_weight)["loss"]
     out["b2"] = _local(pm)
     out["experts"] = sorted(pm.expert_names)
+    # C: DualPipe PP2 (each rank holds both stages: mirrored copies) resumes the one-process checkpoint
+    cfg = tiny_cfg("model.mtp.depth=1", "parallel.pp=2", "parallel.pp_schedule=dualpipe")
+    torch.manual_seed(5)
+    model = Transformer(cfg.model).double()
+    pm = parallelize(model, Mesh.from_config(cfg.parallel), cfg)
+    load_sharded(single_ckpt, pm)
+    out["c"] = {n: [e.param.detach().numpy().copy()] + [pm.zero.optimizer.state[e.master][m][:e.param.numel()].numpy()
+                                                         for m in ("exp_avg", "exp_avg_sq")]
+                for n, e in pm.zero.entries.items() if e.world == 1}
     return out
 
 
@@ -199,6 +234,8 @@ def test_resume_across_kinds_fp64_ep2(tmp_path):
     reference_step(single, opt, batch, cfg.train.grad_clip)
     s1 = {n: p.detach().clone() for n, p in single.named_parameters()}
     s1_bias = _biases(single)
+    names = {id(p): n for n, p in single.named_parameters()}
+    moments = {names[id(p)]: (st["exp_avg"].clone(), st["exp_avg_sq"].clone()) for p, st in opt.state.items()}
     ckpt = save_checkpoint(str(tmp_path / "single"), 1, single, opt,
                            dict(tokens=ROWS * cfg.data.seq_len, sampler={"epoch": 0, "index": ROWS}))
     s2_loss, _ = reference_step(single, opt, batch, cfg.train.grad_clip)
@@ -218,6 +255,11 @@ def test_resume_across_kinds_fp64_ep2(tmp_path):
     assert res[0]["b_meta"] == dict(kind="single", step=1, tokens=ROWS * cfg.data.seq_len,
                                     sampler={"epoch": 0, "index": ROWS}, opt_step=1)
     assert res[0]["b_opt_step"] == {1.0}
+    for r in (0, 1):   # DualPipe's mirrored stages: weights and moments bitwise on both copies
+        assert res[r]["c"].keys() == s1.keys()
+        for n, (w, m, v) in res[r]["c"].items():
+            assert all(torch.equal(torch.from_numpy(a).reshape(b.shape), b) for a, b in
+                       ((w, s1[n]), (m, moments[n][0]), (v, moments[n][1]))), (r, n)
 
     # one process holds the sharded checkpoint bitwise, and continues
     _, one = _model(5)
@@ -271,46 +313,42 @@ def test_sampler_state_is_the_global_position():
 
 
 # ------------------------------------------------------------------------------- init_from
-def test_init_from_hf_export_reproduces_the_logits(sharded_run, tmp_path, capsys):
+def test_init_from_hf_export_reproduces_the_logits(sharded_run, run_model, hf_fp32, tmp_path, capsys):
     from dsv3.hf import main as hf_main
     from dsv3.init_from import init_from
     from dsv3.model import Transformer
-    cfg, model, _ = _run_model(sharded_run)
+    cfg, model, _ = run_model
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model(tokens)
-    for dtype in ("fp32", "bf16"):
-        out = str(tmp_path / dtype)
-        assert hf_main(["export", sharded_run, out, "--dtype", dtype]) == 0, capsys.readouterr().err
+    bf16 = str(tmp_path / "bf16")
+    assert hf_main(["export", sharded_run, bf16]) == 0, capsys.readouterr().err   # BF16, the default
+    for out in (hf_fp32, bf16):
         fresh = Transformer(cfg.model).eval()
-        info = init_from(out, fresh)
-        assert info == dict(kind="hf", checkpoint=out, step=None)
+        assert init_from(out, fresh) == dict(kind="hf", checkpoint=out, step=None)
         got = fresh.state_dict()
-        for k, v in model.state_dict().items():
-            rounded = v if dtype == "fp32" or k.endswith("e_score_correction_bias") else v.bfloat16().float()
-            assert torch.equal(got[k], rounded), (dtype, k)
-        if dtype == "fp32":   # the same weights and biases: the same logits, bit for bit
-            with torch.no_grad():
-                assert torch.equal(fresh(tokens), want)
+        for k, v in model.state_dict().items():   # fp32: the weights; bf16: their roundings (biases FP32)
+            want = v if out == hf_fp32 or k.endswith("e_score_correction_bias") else v.bfloat16().float()
+            assert torch.equal(got[k], want), (out, k)
+    with torch.no_grad():   # the fp32 export's weights and biases are the run's: the logits bit for bit
+        fresh = Transformer(cfg.model).eval()
+        init_from(hf_fp32, fresh)
+        assert torch.equal(fresh(tokens), model(tokens))
     assert any(b.abs().sum() > 0 for b in _biases(model).values())   # biases moved in training, and came along
 
 
-def test_init_from_run_and_ckpt_folders(sharded_run, tmp_path):
+def test_init_from_run_and_ckpt_folders(sharded_run, run_model, tmp_path):
     from dsv3.checkpoint import save_checkpoint
     from dsv3.init_from import init_from
     from dsv3.model import Transformer
     from dsv3.optim import build_optimizer
-    cfg, model, _ = _run_model(sharded_run)
-    for path in (sharded_run, os.path.join(sharded_run, "ckpt_0000002")):
-        fresh = Transformer(cfg.model)
-        assert init_from(path, fresh) == dict(kind="sharded", checkpoint=os.path.join(sharded_run, "ckpt_0000002"), step=2)
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+    cfg, model, _ = run_model
     single_run = str(tmp_path / "single")
-    opt = build_optimizer(model, cfg.train)
-    ckpt = save_checkpoint(single_run, 7, model, opt, dict(tokens=0, sampler={}))
-    for path in (single_run, ckpt):
+    ckpt = save_checkpoint(single_run, 7, model, build_optimizer(model, cfg.train), dict(tokens=0, sampler={}))
+    save_checkpoint(single_run, 3, Transformer(cfg.model), build_optimizer(model, cfg.train), dict(tokens=0, sampler={}))
+    for path, want in ((sharded_run, dict(kind="sharded", checkpoint=os.path.join(sharded_run, "ckpt_0000002"), step=2)),
+                       (single_run, dict(kind="single", checkpoint=ckpt, step=7)),   # the latest, not the last written
+                       (ckpt, dict(kind="single", checkpoint=ckpt, step=7))):
         fresh = Transformer(cfg.model)
-        assert init_from(path, fresh) == dict(kind="single", checkpoint=ckpt, step=7)
+        assert init_from(path, fresh) == want
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
 
 
@@ -323,10 +361,9 @@ def _one_line_error(path, model, *fragments):
     assert "\n" not in msg and all(f in msg for f in fragments), msg
 
 
-def test_init_from_errors_are_one_line(sharded_run, tmp_path, capsys):
+def test_init_from_errors_are_one_line(sharded_run, hf_fp32, tmp_path):
     from safetensors.torch import load_file, save_file
     from dsv3.config import load_config
-    from dsv3.hf import main as hf_main
     from dsv3.model import Transformer
     cfg = load_config(os.path.join(sharded_run, "config.yaml"))
     model = Transformer(cfg.model)
@@ -342,10 +379,10 @@ def test_init_from_errors_are_one_line(sharded_run, tmp_path, capsys):
     _one_line_error(sharded_run, wider, "embed.weight", "elements")
     no_mtp = Transformer(load_config(os.path.join(sharded_run, "config.yaml"), ["model.mtp.depth=0"]).model)
     _one_line_error(sharded_run, no_mtp, "unknown tensor 'mtp.")
+    _one_line_error(hf_fp32, wider, "embed.weight", "shape")
+    _one_line_error(hf_fp32, no_mtp, "MTP layer", "model.mtp.depth=1")
     out = tmp_path / "hf"
-    assert hf_main(["export", sharded_run, str(out), "--dtype", "fp32"]) == 0, capsys.readouterr().err
-    _one_line_error(str(out), wider, "embed.weight", "shape")
-    _one_line_error(str(out), no_mtp, "MTP layer", "model.mtp.depth=1")
+    shutil.copytree(hf_fp32, out)
     tensors = load_file(str(out / "model.safetensors"))
     del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
     save_file(tensors, str(out / "model.safetensors"))
