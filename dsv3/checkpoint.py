@@ -319,7 +319,7 @@ def read_checkpoint_files(path: str, rng: bool = False) -> tuple[dict, dict, dic
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {os.path.join(path, 'model.safetensors')}: {first_line(e)}") from None
     opt = _torch_load(os.path.join(path, "optimizer.pt"), blobs["optimizer.pt"])
-    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
         raise CheckpointError(f"{os.path.join(path, 'optimizer.pt')} is corrupted: not an optimizer state dict")
     rng_state = _torch_load(os.path.join(path, "rng.pt"), blobs["rng.pt"]) if rng else None
     return meta, tensors, opt, rng_state

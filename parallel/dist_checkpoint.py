@@ -358,7 +358,7 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> di
     metadata, meta = verify_sharded(path)
     names = {n: p for n, p in model.named_parameters() if p.requires_grad}
     biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
-    _check_names(path, metadata, {**{n: p.numel() for n, p in names.items()}, **{n: b.numel() for n, b in biases.items()}})
+    _check_names(path, metadata, {n: t.numel() for n, t in (*names.items(), *biases.items())})
     sd: dict = {}
     for n, p in names.items():   # the dtypes the parallel run saved: masters ≥ FP32, moments as AdamW keeps them
         sd[n] = torch.empty(p.numel(), dtype=torch.promote_types(p.dtype, torch.float32))

@@ -50,7 +50,8 @@ def sharded_run(tmp_path_factory):
         cmd = [sys.executable, "-m", "dsv3.train", "configs/debug.yaml", "data.seq_len=16", "train.micro_batch_size=1",
                "train.steps=2", "train.warmup_steps=1", "train.sample_tokens=2", "train.eval_batches=1",
                "parallel.backend=gloo", "parallel.timeout_s=60", f"data.cache_dir={CACHE}", f"train.out_dir={out}"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     errs = []
     for p in procs:
         try:
@@ -343,8 +344,10 @@ def test_init_from_run_and_ckpt_folders(sharded_run, run_model, tmp_path):
     cfg, model, _ = run_model
     single_run = str(tmp_path / "single")
     ckpt = save_checkpoint(single_run, 7, model, build_optimizer(model, cfg.train), dict(tokens=0, sampler={}))
-    save_checkpoint(single_run, 3, Transformer(cfg.model), build_optimizer(model, cfg.train), dict(tokens=0, sampler={}))
-    for path, want in ((sharded_run, dict(kind="sharded", checkpoint=os.path.join(sharded_run, "ckpt_0000002"), step=2)),
+    older = Transformer(cfg.model)
+    save_checkpoint(single_run, 3, older, build_optimizer(older, cfg.train), dict(tokens=0, sampler={}))
+    sharded = os.path.join(sharded_run, "ckpt_0000002")
+    for path, want in ((sharded_run, dict(kind="sharded", checkpoint=sharded, step=2)),
                        (single_run, dict(kind="single", checkpoint=ckpt, step=7)),   # the latest, not the last written
                        (ckpt, dict(kind="single", checkpoint=ckpt, step=7))):
         fresh = Transformer(cfg.model)
