@@ -28,7 +28,16 @@ class Block(nn.Module):
             return torch.utils.checkpoint.checkpoint(norm, x, use_reentrant=False)
         return norm(x)
 
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: Optional[MLACache] = None, start_pos: int = 0) -> torch.Tensor:
+        """h = x + MLA(RMSNorm(x)): the first residual half, (B, T, dim)."""
+        return x + self.attn(self._norm(self.attn_norm, x), cos, sin, cache, start_pos)
+
+    def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(h), what the FFN / MoE sees; the block's output is h + ffn(ffn_input(h))."""
+        return self._norm(self.ffn_norm, h)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[MLACache] = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self._norm(self.attn_norm, x), cos, sin, cache, start_pos)
-        return x + self.ffn(self._norm(self.ffn_norm, x))
+        h = self.attention(x, cos, sin, cache, start_pos)
+        return h + self.ffn(self.ffn_input(h))

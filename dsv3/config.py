@@ -117,6 +117,7 @@ class ParallelConfig:
     nodes: int = 0                           # 0 = from the launcher's environment
     ranks_per_node: int = 0                  # 0 = from the launcher's environment
     dispatcher: Literal["flat", "two_hop"] = "two_hop"
+    overlap: bool = True                     # DualPipe(V), ep > 1: all-to-all under the paired chunk (§3.2.1)
     zero1: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     num_chunks: int = 0                      # pipeline micro-batches per step; 0 = the fewest the schedule allows

@@ -107,7 +107,43 @@ class AuxLossScaler(torch.autograd.Function):
 Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, GroupedExperts], torch.Tensor]
 
 
+class LocalRows:
+    """What a local dispatch 'receives': the tokens themselves with their routing (N, dim), (N, k), (N, k).
+    Also its own wait handle (nothing is in flight), so local and expert-parallel dispatch look alike."""
+
+    def __init__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+        self.x, self.indices, self.weights = x, indices, weights
+
+    def wait(self) -> "LocalRows":
+        return self
+
+
+class _Ready:
+    """A combine that has already happened (local dispatch): ``wait`` returns the (N, dim) output."""
+
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+
+    def wait(self) -> torch.Tensor:
+        return self.y
+
+
 class MoE(nn.Module):
+    """y = Σ_shared FFN(x) + Σ_{i ∈ topK} g_i FFN_i(x) (report eq. 12), as four steps a pipeline can
+    interleave with another micro-batch's work (report §3.2.1, Figure 4):
+
+        weights, indices, scores = moe.route(flat)            # the gate
+        recv = moe.dispatch(flat, indices, weights).wait()   # tokens to the ranks holding their experts
+        y = moe.combine(moe.run_experts(recv), recv).wait()  # experts there, outputs back and summed
+        y = moe.merge(y, moe.shared_experts(flat), (B, T, dim))   # + shared experts
+        y = moe.attach_balance(y, moe.balance(scores, indices, B))  # the balance loss's gradient rides on y
+
+    ``forward`` is exactly that composition. The ``dispatcher`` hook decides what the steps do: None
+    (one process) or a plain callable ``(x, indices, weights, experts) -> y`` is local — dispatch and
+    combine move nothing and the experts step runs the whole local dispatch; an expert-parallel
+    dispatcher (parallel/all_to_all.py) has ``dispatch`` / ``run_experts`` / ``combine`` of its own, the
+    first and last asynchronous all-to-alls."""
+
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
@@ -130,21 +166,56 @@ class MoE(nn.Module):
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         return weights, indices, scores
 
+    def _split_dispatcher(self) -> bool:
+        return hasattr(self.dispatcher, "dispatch")
+
+    def dispatch(self, flat: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+        """Starts sending (N, dim) tokens to their experts; ``.wait()`` gives the received rows."""
+        if self._split_dispatcher():
+            return self.dispatcher.dispatch(flat, indices, weights)
+        return LocalRows(flat, indices, weights)
+
+    def run_experts(self, recv) -> torch.Tensor:
+        """The routed experts on the received rows, gate-weighted and summed per row."""
+        if self._split_dispatcher():
+            return self.dispatcher.run_experts(recv, self.experts)
+        return (self.dispatcher or local_dispatch)(recv.x, recv.indices, recv.weights, self.experts)
+
+    def combine(self, y_rows: torch.Tensor, recv):
+        """Starts returning the experts' rows to their tokens; ``.wait()`` gives the routed output (N, dim)."""
+        if self._split_dispatcher():
+            return self.dispatcher.combine(y_rows, recv)
+        return _Ready(y_rows)
+
+    def balance(self, scores: torch.Tensor, indices: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+        """The complementary balance loss of this call (training only, else None); kept in
+        ``last_balance_loss`` for the step log."""
+        if not (self.cfg.aux_loss_alpha > 0 and self.training and scores.shape[0] > 0):
+            return None
+        aux = balance_loss(scores, indices, batch, self.cfg.aux_loss_alpha, self.cfg.aux_loss_type == "sequence")
+        self.last_balance_loss = aux.detach()
+        return aux
+
+    def merge(self, routed: torch.Tensor, shared: Optional[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """routed + shared (N, dim) → ``shape`` (B, T, dim)."""
+        y = routed if shared is None else routed + shared
+        return y.view(shape)
+
+    def attach_balance(self, y: torch.Tensor, aux: Optional[torch.Tensor]) -> torch.Tensor:
+        """y unchanged; its backward also trains the gate on the balance loss ``aux`` (``AuxLossScaler``)."""
+        if aux is not None and torch.is_grad_enabled():
+            y = AuxLossScaler.apply(y, aux, self.aux_loss_scale)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         weights, indices, scores = self.route(flat)
-        dispatch = self.dispatcher or local_dispatch
-        y = dispatch(flat, indices, weights.to(flat.dtype), self.experts)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        y = y.view(B, T, D)
-        if self.cfg.aux_loss_alpha > 0 and self.training and B * T > 0:
-            aux = balance_loss(scores, indices, B, self.cfg.aux_loss_alpha, self.cfg.aux_loss_type == "sequence")
-            self.last_balance_loss = aux.detach()
-            if torch.is_grad_enabled():
-                y = AuxLossScaler.apply(y, aux, self.aux_loss_scale)
-        return y
+        recv = self.dispatch(flat, indices, weights.to(flat.dtype)).wait()
+        routed = self.combine(self.run_experts(recv), recv).wait()
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None
+        y = self.merge(routed, shared, (B, T, D))
+        return self.attach_balance(y, self.balance(scores, indices, B))
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor, gamma: Optional[float] = None) -> None:

@@ -13,6 +13,10 @@ keeps a single embedding tensor for both. Every stage runs the very ops of ``Tra
 a pipelined micro-batch's loss is bitwise the single-process ``out.lm_loss + λ·out.mtp_loss``. The
 balance loss needs no threading: each MoE layer attaches its gradient through ``AuxLossScaler``; its
 value (and the LM / MTP parts) are summed per stage copy for the step log (``take_loss_parts``).
+
+A stage's forward is a chain of pieces (``DSV3Stage.begin_forward``) so that the overlapped executor
+(``parallel.overlap_pipeline.OverlapPipeline``, which ``parallelize()`` picks for DualPipe / DualPipeV
+with expert parallelism) can cut each MoE Block at its all-to-alls; ``forward`` runs the same pieces whole.
 """
 from __future__ import annotations
 
@@ -23,11 +27,16 @@ from torch import nn
 
 from dsv3.model import Transformer
 from dsv3.moe import MoE
+from parallel.overlap import Piece, params_of
 
 
 class DSV3Stage(nn.Module):
     """Layers [lo, hi) of ``model``; submodules and buffers are the model's own objects, so ``Pipeline``
-    names every tensor by the single-process model's names."""
+    names every tensor by the single-process model's names.
+
+    A forward is a chain of pieces (``begin_forward``): the embedding (first stage), one piece per
+    Block, the head with the MTP modules (last stage). ``forward`` runs them in order; the overlapped
+    executor (parallel/overlap.py) runs the same pieces, splitting a MoE Block at its all-to-alls."""
 
     rope = Transformer.rope            # the same slicing of the same buffers
     lm_loss = Transformer.lm_loss      # the same fused head + cross-entropy (needs norm, head)
@@ -48,25 +57,43 @@ class DSV3Stage(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    def begin_forward(self, mb: dict) -> list[Piece]:
+        """Starts a forward of micro-batch ``mb`` (tokens (B, T), labels (B, T)): clears the MoE layers'
+        balance record and returns the pieces, each ``fn(x) -> y`` on (B, T, dim) hidden states (the
+        embedding's x is None; the head's y is the scalar loss lm + λ·mtp)."""
+        ids = mb["tokens"]
+        cos, sin = self.rope(0, ids.shape[1])
+        for moe in self.moe_layers():
+            moe.last_balance_loss = None
+        pieces = []
+        if self.first:
+            pieces.append(Piece("embed", lambda x: self.embed(ids), params_of(self.embed)))
+        for layer in self.layers:
+            pieces.append(Piece(f"layer{layer.layer_id}", lambda x, layer=layer: layer(x, cos, sin, None, 0),
+                                params_of(layer), block=layer, rope=(cos, sin)))
+        if self.last:
+            pieces.append(Piece("head", lambda h: self._head(h, ids, mb["labels"]),
+                                params_of(self.norm, self.head, self.mtp, self.embed)))
+        return pieces
+
+    def _head(self, h: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lm_loss = self.lm_loss(h, labels)
+        mtp_loss = self.mtp_loss(h, ids, labels)
+        self.loss_parts["lm_loss"] += float(lm_loss.detach())
+        self.loss_parts["mtp_loss"] += float(mtp_loss.detach())
+        return lm_loss + self.mtp_weight * mtp_loss
+
+    def end_forward(self) -> None:
+        """Adds this forward's balance losses to the step's record (``take_loss_parts``)."""
+        self.loss_parts["balance_loss"] += sum(float(m.last_balance_loss) for m in self.moe_layers()
+                                               if m.last_balance_loss is not None)
+
     def forward(self, x: Optional[torch.Tensor], mb: dict) -> torch.Tensor:
         """x: (B, T, dim) from the previous stage (None on the first); mb: tokens (B, T), labels (B, T).
         Returns the hidden states (B, T, dim), or on the last stage the scalar loss."""
-        ids = mb["tokens"]
-        cos, sin = self.rope(0, ids.shape[1])
-        moes = self.moe_layers()
-        for moe in moes:
-            moe.last_balance_loss = None
-        if self.first:
-            x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, None, 0)
-        if self.last:
-            lm_loss = self.lm_loss(x, mb["labels"])
-            mtp_loss = self.mtp_loss(x, ids, mb["labels"])
-            self.loss_parts["lm_loss"] += float(lm_loss.detach())
-            self.loss_parts["mtp_loss"] += float(mtp_loss.detach())
-            x = lm_loss + self.mtp_weight * mtp_loss
-        self.loss_parts["balance_loss"] += sum(float(m.last_balance_loss) for m in moes if m.last_balance_loss is not None)
+        for piece in self.begin_forward(mb):
+            x = piece.fn(x)
+        self.end_forward()
         return x
 
 

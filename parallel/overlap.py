@@ -1,21 +1,27 @@
 """Computation–communication overlap of a paired forward and backward chunk (report §3.2.1, Figure 4).
 
-A MoE ``Block`` runs as parts with autograd cut between them (each part's inputs are fresh leaves):
+A stage's forward is a chain of pieces (``DSV3Stage.begin_forward``: embedding, Blocks, head + MTP).
+A MoE ``Block`` whose dispatcher is expert-parallel runs as parts through its own steps
+(``Block.attention``, ``MoE.route`` / ``dispatch`` / ``run_experts`` / ``combine`` / ``merge``), with
+autograd cut between them (each part's inputs are fresh leaves):
 
     forward:  attn (norms, MLA, gate; launches dispatch) | mlp (experts; launches combine) + shared experts | out
-    backward: out (launches combine-bwd) + shared-bwd | mlp B (launches dispatch-bwd), mlp W | attn B, attn W
+    backward: out (launches combine-bwd) + shared B | mlp B (launches dispatch-bwd) | attn B
 
 Each chunk is a generator that yields right before it waits on an all-to-all. ``run_pair`` alternates
 the backward chunk of micro-batch b and the forward chunk of micro-batch f at every yield, starting
 with the backward, so every all-to-all of one is in flight while the other computes (Figure 4):
 
-    B: combine-bwd ▶, shared B | F: attn ▶ dispatch | B: mlp B ▶ dispatch-bwd, mlp W | F: mlp ▶ combine, shared |
-    B: attn B, attn W, next layer's combine-bwd ▶ … | F: + residual, next layer's attn ▶ …
+    B: combine-bwd ▶, shared B | F: attn ▶ dispatch | B: mlp B ▶ dispatch-bwd | F: mlp ▶ combine, shared |
+    B: attn B, next layer's combine-bwd ▶ … | F: + residual, next layer's attn ▶ …
 
-Without ``overlap`` the same parts run F then B, so results are bitwise those of the overlapped run; the
-parts are the very ops of ``Block.forward`` and its autograd backward, in the same order, so they are
-also bitwise those of the unsplit module. On CPU the all-to-alls are gloo ``async_op`` collectives
-(``parallel.all_to_all``); on GPU the same yields are where a communication stream takes over.
+The parts are the very ops of ``Block.forward`` and its autograd backward, and a full B accumulates
+each part's weight gradients in the same autograd pass (as ``torch.autograd.backward`` over the whole
+stage does), so results are bitwise those of the plain ``Pipeline`` on the same stages, overlapped or
+not (``overlap=False`` runs the same parts F then B). Other pieces (the embedding, dense Blocks, the
+head with its MTP modules, whose all-to-alls stay synchronous) run whole. On CPU the all-to-alls are
+gloo ``async_op`` collectives (``parallel.all_to_all``); on GPU the same yields are where a
+communication stream takes over.
 
 ``parallel.overlap_pipeline.OverlapPipeline`` runs every pipeline stage this way.
 """
@@ -30,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.block import Block
-from dsv3.moe import AuxLossScaler, MoE, balance_loss
+from dsv3.moe import MoE
 from parallel.all_to_all import EPDispatcher, _pack, _Pending, _unpack
 from parallel.schedules import Op
 from parallel.trace import A2A, SerialLink, Tracer
@@ -69,9 +75,12 @@ class LinkDispatcher(EPDispatcher):
 
 
 def use_link_model(model: nn.Module, link: SerialLink, tracer: Optional[Tracer] = None) -> None:
-    """Wrap every MoE layer's ``EPDispatcher`` (from ``apply_expert_parallel``) in a ``LinkDispatcher``."""
+    """Wrap every MoE layer's ``EPDispatcher`` (from ``apply_expert_parallel``) in a ``LinkDispatcher``
+    (one already wrapped gets the new link and tracer)."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        if isinstance(moe.dispatcher, EPDispatcher):
+        if isinstance(moe.dispatcher, LinkDispatcher):
+            moe.dispatcher.link, moe.dispatcher.tracer = link, tracer
+        elif isinstance(moe.dispatcher, EPDispatcher):
             moe.dispatcher = LinkDispatcher(moe.dispatcher, link, tracer)
 
 
@@ -116,54 +125,61 @@ class _RouteReverse:
 # --------------------------------------------------------------------------------- pieces
 @dataclass
 class Piece:
-    """One step of a stage: ``fn(x, mb) -> y``. With ``block`` set (a MoE Block whose dispatcher is an
-    ``EPDispatcher``) it runs as overlappable parts, with ``rope(T) -> (cos, sin)``; else as one part."""
+    """One step of a stage's forward chain: ``fn(x) -> y``, differentiable in ``params``. With ``block``
+    (a ``Block``, ``fn`` being ``block(x, *rope)``) the executor may run it as the parts above instead."""
     name: str
-    fn: Callable
+    fn: Callable[[Optional[torch.Tensor]], torch.Tensor]
     params: list
     block: Optional[Block] = None
-    rope: Optional[Callable] = None
-
-    @property
-    def splits(self) -> bool:
-        b = self.block
-        return b is not None and isinstance(b.ffn, MoE) and isinstance(b.ffn.dispatcher, EPDispatcher)
+    rope: tuple = ()
 
 
-def _params(*modules) -> list[nn.Parameter]:
-    return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+def params_of(*modules: Optional[nn.Module]) -> list[nn.Parameter]:
+    """The trainable parameters of ``modules``, each once."""
+    seen = {id(p): p for m in modules if m is not None for p in m.parameters() if p.requires_grad}
+    return list(seen.values())
 
 
-def stage_pieces(module: nn.Module) -> list[Piece]:
-    """A stage's pieces: its own ``overlap_pieces()`` if it has one, else the whole stage as one part."""
-    if hasattr(module, "overlap_pieces"):
-        return module.overlap_pieces()
-    return [Piece(type(module).__name__, module, _params(module))]
+def _splits(p: Piece) -> bool:
+    """A MoE Block with an expert-parallel dispatcher: the only piece with all-to-alls to hide."""
+    return p.block is not None and isinstance(p.block.ffn, MoE) and isinstance(p.block.ffn.dispatcher, EPDispatcher)
+
+
+def _part_grads(outputs: list, grads: list, inputs: list, params: list, sink: Optional[WSink], name: str) -> list:
+    """One part's backward: the inputs' gradients. Weight gradients: with ``sink`` None in the same
+    autograd pass (each parameter's .grad accumulated once, its hooks firing, exactly as a
+    ``torch.autograd.backward`` over the whole stage does); else queued on ``sink`` (a Bi op's W)."""
+    if sink is None:
+        torch.autograd.backward(outputs, grads, inputs=inputs + params)
+        out = [x.grad for x in inputs]
+        for x in inputs:
+            x.grad = None
+        return out
+    out, weight = backward_input(outputs, grads, inputs, params)
+    if params:
+        sink(name, weight)
+    return out
 
 
 def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generator:
-    """The ops of ``Block.forward`` + ``MoE.forward`` in their order, cut at the all-to-alls."""
+    """``Block.forward`` through its MoE's steps (``MoE.forward``), cut at the all-to-alls."""
     moe: MoE = block.ffn
-    disp: EPDispatcher = moe.dispatcher
     with tr.span("attn F"):
-        h = x + block.attn(block._norm(block.attn_norm, x), cos, sin, None, 0)
-        xn = block._norm(block.ffn_norm, h)
+        h = block.attention(x, cos, sin)
+        xn = block.ffn_input(h)
         B, T, D = xn.shape
         flat = xn.reshape(B * T, D)
         weights, indices, scores = moe.route(flat)
         w = weights.to(flat.dtype)
-        handle = disp.dispatch(flat.detach(), indices, w.detach())
-        aux = None
-        if moe.cfg.aux_loss_alpha > 0 and moe.training and B * T > 0:
-            aux = balance_loss(scores, indices, B, moe.cfg.aux_loss_alpha, moe.cfg.aux_loss_type == "sequence")
-            moe.last_balance_loss = aux.detach()
+        handle = moe.dispatch(flat.detach(), indices, w.detach())
+        aux = moe.balance(scores, indices, B)
     yield
     recv = handle.wait()
     with tr.span("mlp F"):
         rx, rw = recv.x.detach().requires_grad_(), recv.weight.detach().requires_grad_()
         recv = dataclasses.replace(recv, x=rx, weight=rw)
-        y_rows = disp.run_experts(recv, moe.experts)
-        combine = disp.combine(y_rows.detach(), recv)
+        y_rows = moe.run_experts(recv)
+        combine = moe.combine(y_rows.detach(), recv)
     flat_s = s = None
     if moe.shared_experts is not None:
         with tr.span("shared F"):
@@ -174,37 +190,32 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generat
     with tr.span("out F"):
         h_o = h.detach().requires_grad_()
         s_o = None if s is None else s.detach().requires_grad_()
-        y = yc if s_o is None else yc + s_o
-        y = y.view(B, T, D)
-        aux_o = None
-        if aux is not None:
-            aux_o = aux.detach().requires_grad_()
-            y = AuxLossScaler.apply(y, aux_o, moe.aux_loss_scale)
-        out = h_o + y
+        aux_o = None if aux is None else aux.detach().requires_grad_()
+        out = h_o + moe.attach_balance(moe.merge(yc, s_o, (B, T, D)), aux_o)
     return out, dict(x=x, h=h, flat=flat, w=w, aux=aux, hops=recv.hops, rx=rx, rw=rw, y_rows=y_rows,
                      flat_s=flat_s, s=s, h_o=h_o, yc=yc, s_o=s_o, aux_o=aux_o, out=out)
 
 
-def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: WSink) -> Generator:
+def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: Optional[WSink]) -> Generator:
     moe: MoE = block.ffn
     disp: EPDispatcher = moe.dispatcher
     with tr.span("out B"):
         leaves = [t for t in (r["h_o"], r["yc"], r["s_o"], r["aux_o"]) if t is not None]
-        g = dict(zip([id(t) for t in leaves], torch.autograd.grad(r["out"], leaves, g_out)))
+        g = dict(zip([id(t) for t in leaves], _part_grads([r["out"]], [g_out], leaves, [], sink, "out W")))
         route = _RouteForward(disp, r["hops"], g[id(r["yc"])])
     g_flat = None
     if r["s"] is not None:
         with tr.span("shared B"):
-            (g_flat,), weight = backward_input([r["s"]], [g[id(r["s_o"])]], [r["flat_s"]], _params(moe.shared_experts))
-        sink("shared W", weight)
+            (g_flat,) = _part_grads([r["s"]], [g[id(r["s_o"])]], [r["flat_s"]], params_of(moe.shared_experts),
+                                    sink, "shared W")
     yield
     g_rows = route.wait()
     with tr.span("mlp B"):
-        (g_rx, g_rw), weight = backward_input([r["y_rows"]], [g_rows], [r["rx"], r["rw"]], _params(moe.experts))
+        g_rx, g_rw = _part_grads([r["y_rows"]], [g_rows], [r["rx"], r["rw"]], params_of(moe.experts), sink, "mlp W")
         g_rx = torch.zeros_like(r["rx"]) if g_rx is None else g_rx
         g_rw = torch.zeros_like(r["rw"]) if g_rw is None else g_rw
-        route = _RouteReverse(disp, r["hops"], [g_rx.to(r["flat"].dtype).contiguous(), g_rw.float().contiguous()])
-    sink("mlp W", weight)
+        g_rw = g_rw.to(torch.promote_types(r["w"].dtype, torch.float32))   # as _DispatchAttach.backward sends it
+        route = _RouteReverse(disp, r["hops"], [g_rx.to(r["flat"].dtype).contiguous(), g_rw.contiguous()])
     yield
     g_flat_d, g_w = route.wait()
     with tr.span("attn B"):
@@ -213,40 +224,48 @@ def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: 
         if r["aux_o"] is not None:
             outs.append(r["aux"])
             grads.append(g[id(r["aux_o"])])
-        params = _params(block.attn_norm, block.attn, block.ffn_norm, moe.gate)
-        (g_x,), weight = backward_input(outs, grads, [r["x"]], params)
-    sink("attn W", weight)
+        params = params_of(block.attn_norm, block.attn, block.ffn_norm, moe.gate)
+        (g_x,) = _part_grads(outs, grads, [r["x"]], params, sink, "attn W")
     return g_x
 
 
-def stage_forward(pieces: Sequence[Piece], x: Optional[torch.Tensor], mb: dict, tr: Tracer) -> Generator:
-    """Generator over a stage's forward; returns (output, record for ``stage_backward``)."""
+def stage_forward(stage: nn.Module, x: Optional[torch.Tensor], mb: dict, tr: Tracer) -> Generator:
+    """Generator over a stage's forward on micro-batch ``mb``; returns (output, record for
+    ``stage_backward``). A stage with ``begin_forward(mb) -> pieces`` / ``end_forward()`` (``DSV3Stage``)
+    runs piece by piece, each piece's input a fresh leaf; any other module runs whole."""
+    if hasattr(stage, "begin_forward"):
+        pieces = stage.begin_forward(mb)
+    else:
+        pieces = [Piece(type(stage).__name__, lambda x: stage(x, mb), params_of(stage))]
     record = []
     for i, p in enumerate(pieces):
         if i > 0:
             x = x.detach().requires_grad_()
-        if p.splits:
-            y, r = yield from _moe_forward(p.block, x, *p.rope(x.shape[1]), tr)
+        if _splits(p):
+            y, r = yield from _moe_forward(p.block, x, *p.rope, tr)
         else:
             with tr.span(f"{p.name} F"):
-                y = p.fn(x, mb)
+                y = p.fn(x)
             r = dict(x=x, out=y)
         record.append((p, r))
         x = y
+    if hasattr(stage, "end_forward"):
+        stage.end_forward()
     return x, record
 
 
-def stage_backward(record: list, g: Optional[torch.Tensor], tr: Tracer, sink: WSink) -> Generator:
-    """Generator over a stage's backward; returns the input's gradient (None on a first stage)."""
+def stage_backward(record: list, g: Optional[torch.Tensor], tr: Tracer, sink: Optional[WSink] = None) -> Generator:
+    """Generator over a stage's backward; returns the input's gradient (None on a first stage).
+    ``sink`` None: a full B (weight gradients accumulated as it goes); else a Bi, each part's weight
+    gradient handed to ``sink(name, closure)`` for the W op."""
     for p, r in reversed(record):
-        if p.splits:
+        if _splits(p):
             g = yield from _moe_backward(p.block, r, g, tr, sink)
         else:
             with tr.span(f"{p.name} B"):
                 inputs = [] if r["x"] is None else [r["x"]]
-                grads, weight = backward_input([r["out"]], [g], inputs, p.params)
+                grads = _part_grads([r["out"]], [g], inputs, p.params, sink, f"{p.name} W")
                 g = grads[0] if inputs else None
-            sink(f"{p.name} W", weight)
     return g
 
 
@@ -280,13 +299,6 @@ def run_pair(f_gen: Generator, b_gen: Generator, tr: Tracer, f_mb: int = -1, b_m
     return done["F"], done["B"]
 
 
-def run_now(tr: Tracer) -> WSink:
-    def sink(name: str, weight: Callable[[], None]) -> None:
-        with tr.span(name):
-            weight()
-    return sink
-
-
 def pair_1f1b(ops: Sequence[Op]) -> list[Op]:
     """1F1B's steady state F(i+w), B(i) as one FB op (micro-batches differ; the last stage's F and B of
     one micro-batch stay apart). It cannot deadlock (F(i+w)'s activation came in the previous op, B(i)'s
@@ -294,7 +306,7 @@ def pair_1f1b(ops: Sequence[Op]) -> list[Op]:
     r's pair i waits for rank r+1's pair i, which waits for rank r's pair i−1's forward output, so the
     steady state issues one pair per 2·(F&B) instead of one F and one B per F + B. Megatron pairs
     chunks of different virtual stages (interleaved 1F1B) to break that cycle; DualPipe pairs the two
-    directions. Kept for the comparison (``OverlapPipeline(pair_steady=True)``)."""
+    directions. Kept for that comparison (tests/test_overlap.py simulates it)."""
     out, i = [], 0
     while i < len(ops):
         a, b = ops[i], ops[i + 1] if i + 1 < len(ops) else None

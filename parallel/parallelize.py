@@ -26,6 +26,7 @@ from parallel.dsv3_stages import (dsv3_microbatches, dsv3_stages, set_aux_loss_s
                                   take_loss_parts, update_bias_pipelined, moe_by_name)
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.mesh import Mesh
+from parallel.overlap_pipeline import OverlapPipeline
 from parallel.pipeline import Pipeline
 from parallel.schedules import layout
 from parallel.zero import Zero1
@@ -70,7 +71,6 @@ class ParallelModel:
         expert_names = {n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
         self.pipe: Optional[Pipeline] = None
         if pc.pp > 1:
-            from parallel.overlap_pipeline import member_only_groups_ctx
             dispatchers = {}
             for n, moe in zip(self.moe_names, (m for m in model.moe_layers())):
                 dispatchers[n], moe.dispatcher = moe.dispatcher, None   # process groups do not deep-copy
@@ -80,11 +80,14 @@ class ParallelModel:
             if rows % self.num_chunks:
                 raise UserError(f"train.micro_batch_size × train.grad_accum = {rows} sequences per pipeline step do "
                                 f"not split into parallel.num_chunks={self.num_chunks} micro-batches")
-            with member_only_groups_ctx():
-                self.pipe = Pipeline(model, dsv3_stages(model, layout(pc.pp_schedule, pc.pp).num_model_stages),
-                                     pc.pp_schedule, self.num_chunks, act_shape=(rows // self.num_chunks, T, D),
-                                     act_dtype=next(model.parameters()).dtype, group=mesh.group("pp"),
-                                     recv_timeout=pc.timeout_s)
+            # DualPipe(V) pairs a forward and a backward chunk in its FB ops: with expert parallelism, run
+            # them interleaved so each chunk's all-to-alls hide under the other's compute (report §3.2.1)
+            overlapped = pc.overlap and pc.ep > 1 and pc.pp_schedule in ("dualpipe", "dualpipev")
+            executor = OverlapPipeline if overlapped else Pipeline
+            self.pipe = executor(model, dsv3_stages(model, layout(pc.pp_schedule, pc.pp).num_model_stages),
+                                 pc.pp_schedule, self.num_chunks, act_shape=(rows // self.num_chunks, T, D),
+                                 act_dtype=next(model.parameters()).dtype, group=mesh.group("pp"),
+                                 recv_timeout=pc.timeout_s)
             for n, moe in moe_by_name(self.pipe).items():
                 moe.dispatcher = dispatchers[n]
             set_aux_loss_scale(self.pipe, 1.0)

@@ -175,27 +175,10 @@ class Pipeline:
         self._after_backward(b, dx)
 
     def _forward_backward(self, op: Op) -> None:
-        f, b = op.f, op.b
-        x_f = self._input(f)
-        x_b, y_b, g_b = self._take_backward(b)
-        y_f = self.overlapped_forward_backward(self._module(f.stage), x_f, self.mbs[f.mb],
-                                               self._module(b.stage), y_b, g_b)
-        self._after_forward(f, x_f, y_f)
-        self._after_backward(b, None if x_b is None else x_b.grad)
-
-    def overlapped_forward_backward(self, f_module: nn.Module, f_input: Optional[torch.Tensor], f_mb: dict,
-                                    b_module: nn.Module, b_output: torch.Tensor,
-                                    b_grad: Optional[torch.Tensor]) -> torch.Tensor:
-        """One call for a paired F&B (SPEC §4 steady state). Returns the forward's output and leaves the
-        backward's gradients in ``.grad`` (inputs and parameters), as ``torch.autograd.backward`` does.
-        A stage class defining ``overlapped_forward_backward`` with this signature (minus self) takes over,
-        e.g. to interleave one micro-batch's all-to-all with the other's compute; else F then B."""
-        hook = getattr(type(f_module), "overlapped_forward_backward", None)
-        if hook is not None and type(f_module) is type(b_module):
-            return hook(f_module, f_input, f_mb, b_module, b_output, b_grad)
-        y = f_module(f_input, f_mb)
-        torch.autograd.backward(b_output, b_grad)
-        return y
+        """A paired F&B (SPEC §4 steady state), here its F then its B; ``OverlapPipeline``
+        (parallel/overlap_pipeline.py) interleaves the two chunks instead."""
+        self._forward(op.f)
+        self._backward(op.b)
 
     # --------------------------------------------------------------------------------- P2P
     def _tag(self, m: Msg) -> int:
@@ -251,13 +234,14 @@ _GROUPS: dict = {"world": None, "by_ranks": {}}
 
 
 def _copy_group(ranks: tuple[int, ...]):
-    """One process group per set of global ranks for the life of the default group: pipelines built
-    again over the same ranks (another dtype, another schedule) reuse it, so ``new_group`` under
-    ``use_local_synchronization`` (hashed names: one name per rank set) never rendezvouses twice."""
+    """The process group of one set of global ranks, made by those ranks only
+    (``use_local_synchronization``): pipelines side by side (one per data-parallel index, PP × EP)
+    each make their own groups. One group per rank set for the life of the default group: pipelines
+    built again over the same ranks reuse it, so the rank set's hashed name never rendezvouses twice."""
     if _GROUPS["world"] is not dist.group.WORLD:
         _GROUPS.update(world=dist.group.WORLD, by_ranks={})
     if ranks not in _GROUPS["by_ranks"]:
-        _GROUPS["by_ranks"][ranks] = dist.new_group(list(ranks))
+        _GROUPS["by_ranks"][ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
     return _GROUPS["by_ranks"][ranks]
 
 

@@ -6,8 +6,6 @@ step from the updated weights agreeing as closely. One 4-rank gloo group runs 1F
 4 ranks and DualPipeV on ranks {0, 1}; each rank scores itself against the saved reference."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tests.conftest import config_path
@@ -60,7 +58,6 @@ def _rel(x, y):
 def _worker(rank, world, ref_path):
     import torch.distributed as dist
     from parallel.dsv3_stages import dsv3_microbatches, dsv3_stages, moe_by_name, update_bias_pipelined
-    from parallel.overlap_pipeline import member_only_groups_ctx
     from parallel.pipeline import Pipeline
     from parallel.schedules import layout
     ref = torch.load(ref_path)
@@ -68,14 +65,12 @@ def _worker(rank, world, ref_path):
     for kind, n in KINDS:
         if rank >= n:
             continue
-        with member_only_groups_ctx():
-            group = dist.new_group(list(range(n))) if n < world else None
+        group = dist.new_group(list(range(n)), use_local_synchronization=True) if n < world else None
         for dtype, steps in ((torch.float32, 1), (torch.float64, 2)):
             cfg, model, batch = _setup(dtype)
             mbs = dsv3_microbatches(batch, C)
-            with member_only_groups_ctx():
-                pipe = Pipeline(model, dsv3_stages(model, layout(kind, n).num_model_stages), kind, C,
-                                act_shape=(B, SEQ, cfg.model.dim), act_dtype=dtype, group=group, recv_timeout=60)
+            pipe = Pipeline(model, dsv3_stages(model, layout(kind, n).num_model_stages), kind, C,
+                            act_shape=(B, SEQ, cfg.model.dim), act_dtype=dtype, group=group, recv_timeout=60)
             opt = torch.optim.SGD(pipe.parameters(), lr=LR)
             for step in range(steps):
                 expect = ref[(str(dtype), step)]
