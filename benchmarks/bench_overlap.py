@@ -1,14 +1,17 @@
 """Computation–communication overlap under DualPipe with expert parallelism (report §3.2.1, Figure 4):
-the share of all-to-all time hidden under compute, and the step time of overlapped vs sequential F&B.
+the share of all-to-all time hidden under compute, and the step time of overlapped vs sequential F&B,
+measured on the training executor: ``parallelize()`` builds ``OverlapPipeline`` over ``DSV3Stage``s (the
+debug model's MLA + DeepSeekMoE Blocks, head and MTP), exactly as ``dsv3.train`` does.
 
 8 gloo processes: 2 pipeline ranks × 4 expert ranks (2 simulated nodes × 2 GPUs per EP group, flat
 dispatch). Costs are modelled so that 2 shared CPU cores show the schedule, not contention: every
 attention / routed-experts / shared-experts call also takes a fixed time (backward 2×), and every
 all-to-all holds its rank's serial link for latency + max(IB bytes / IB bandwidth, NVLink bytes /
 NVLink bandwidth), bytes being the real split sizes of this step's routing (IB : NVLink = 50 : 160).
-The model is dsv3 Blocks (MLA + DeepSeekMoE) cut into 2 stages (``block_stages``).
+*Sequential* runs the same executor with ``overlap=False`` (the same parts F then B).
 
     python benchmarks/bench_overlap.py                   # ≈ 3 min on 2 cores
+    python benchmarks/bench_overlap.py --mtp-depth 0     # without the MTP module (its all-to-alls run unsplit)
     python benchmarks/bench_overlap.py --chunks 20 --trace /tmp/overlap.json   # open in ui.perfetto.dev
 """
 from __future__ import annotations
@@ -24,40 +27,51 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from parallel.launch_utils import run_ranks  # noqa: E402
 
-OVERRIDES = ["model.vocab_size=256", "model.n_layers=4", "model.n_dense_layers=0", "model.mtp.depth=0",
-             "parallel.pp=2", "parallel.ep=4", "parallel.nodes=4", "parallel.ranks_per_node=2"]
+PP, EP, WORLD = 2, 4, 8
+
+
+def _overrides(args) -> list[str]:
+    from dsv3.config import TrainConfig
+    dp = WORLD // PP
+    # TODO(issue 16 item 3 landing): keep only train.global_batch once it is committed
+    batch = ([f"train.global_batch={args.batch * args.chunks * dp}"] if "global_batch" in TrainConfig.__dataclass_fields__
+             else [f"train.grad_accum={args.chunks}", f"parallel.num_chunks={args.chunks}"])
+    return ["model.vocab_size=256", "model.n_layers=4", "model.n_dense_layers=0", f"model.mtp.depth={args.mtp_depth}",
+            f"data.seq_len={args.seq}", f"train.micro_batch_size={args.batch}", "parallel.pp_schedule=dualpipe",
+            f"parallel.pp={PP}", f"parallel.ep={EP}", "parallel.nodes=4", "parallel.ranks_per_node=2",
+            "parallel.dispatcher=flat"] + batch
 
 
 def _rank(rank, world, args):
     import torch.distributed as dist
     from dsv3.config import load_config
     from dsv3.model import Transformer
-    from parallel.expert_parallel import apply_expert_parallel
+    from parallel.dsv3_stages import dsv3_microbatches
     from parallel.mesh import Mesh
-    from parallel.overlap import use_link_model
-    from parallel.overlap_pipeline import OverlapPipeline, block_stages
+    from parallel.parallelize import parallelize
     from parallel.trace import SerialLink, Tracer, add_compute_cost
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "debug.yaml"), OVERRIDES)
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "debug.yaml"), _overrides(args))
     mesh = Mesh.from_config(cfg.parallel)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    model.train()
+    pm = parallelize(model, mesh, cfg)
+    pipe = pm.pipe
+    assert type(pipe).__name__ == "OverlapPipeline", type(pipe)
     ms = 1e-3
+    blocks = [b for s in pipe.stage_module.values() for b in list(s.layers) + [m.block for m in getattr(s, "mtp", [])]]
+    for b in blocks:
+        for m, c in ((b.attn, args.attn_ms), (b.ffn.experts, args.mlp_ms), (b.ffn.shared_experts, args.shared_ms)):
+            if m is not None:
+                add_compute_cost(m, c * ms, 2 * c * ms)
+    g = torch.Generator().manual_seed(1 + pm.dp_index)
+    rows = torch.randint(0, cfg.model.vocab_size, (args.chunks * args.batch, args.seq + 1), generator=g)
+    mbs = dsv3_microbatches(rows, args.chunks)
     out = {}
     for overlap in (False, True):
-        torch.manual_seed(0)
-        model = Transformer(cfg.model)
-        model.train()
-        apply_expert_parallel(model, mesh, cfg.parallel, kind="flat")
         tr = Tracer(rank)
-        link = SerialLink(args.latency_ms * ms, {"inter": args.ib_mbps * 1e6, "intra": args.ib_mbps * 3.2e6})
-        use_link_model(model, link, tr)
-        for b in model.layers:
-            for m, c in ((b.attn, args.attn_ms), (b.ffn.experts, args.mlp_ms), (b.ffn.shared_experts, args.shared_ms)):
-                add_compute_cost(m, c * ms, 2 * c * ms)
-        pipe = OverlapPipeline(model, block_stages(model, 2), "dualpipe", args.chunks, overlap=overlap, tracer=tr,
-                               member_only_groups=True, act_shape=(args.batch, args.seq, cfg.model.dim),
-                               act_dtype=torch.float32, group=mesh.group("pp"))
-        g = torch.Generator().manual_seed(1 + mesh.ep_rank)
-        mbs = [dict(tokens=t[:, :-1], targets=t[:, 1:]) for t in
-               (torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=g) for _ in range(args.chunks))]
+        pipe.trace(tr, SerialLink(args.latency_ms * ms, {"inter": args.ib_mbps * 1e6, "intra": args.ib_mbps * 3.2e6}))
+        pipe.overlap = overlap
         times = []
         for step in range(args.steps + 1):
             tr.clear()
@@ -88,8 +102,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chunks", type=int, default=40, help="micro-batches per step (DualPipe: even, ≥ 4)")
     ap.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2, help="sequences per micro-batch")
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--mtp-depth", type=int, default=1, help="MTP modules on the last stage (debug.yaml: 1)")
     ap.add_argument("--attn-ms", type=float, default=20.0, help="modelled attention forward (backward 2×)")
     ap.add_argument("--mlp-ms", type=float, default=20.0, help="modelled routed-experts forward")
     ap.add_argument("--shared-ms", type=float, default=10.0, help="modelled shared-expert forward")
@@ -98,12 +113,16 @@ def main() -> None:
     ap.add_argument("--trace", default="", help="write the overlapped step's Chrome trace here")
     args = ap.parse_args()
 
-    res = run_ranks(_rank, 8, args, timeout=900, env={"OMP_NUM_THREADS": "1"})
-    step = {ov: statistics.median(max(r[ov]["times"][i] for r in res) for i in range(args.steps)) for ov in (False, True)}
-    print(f"DualPipe, 2 pipeline ranks × 4 expert ranks, {args.chunks} micro-batches of {args.batch}×{args.seq}; "
-          f"modelled attn/mlp/shared {args.attn_ms}/{args.mlp_ms}/{args.shared_ms} ms (bwd 2×), "
-          f"a2a {args.latency_ms} ms + bytes at IB {args.ib_mbps} MB/s, NVLink {3.2 * args.ib_mbps:g} MB/s")
-    print(f"{'rank':>4s} {'a2a':>5s} {'a2a s':>7s} {'hidden':>7s} {'a2a s in FB':>11s} {'hidden in FB':>12s} {'P2P wait s':>10s}")
+    res = run_ranks(_rank, WORLD, args, timeout=900, env={"OMP_NUM_THREADS": "1"})
+    step = {ov: statistics.median(max(r[ov]["times"][i] for r in res) for i in range(args.steps))
+            for ov in (False, True)}
+    isa = torch.backends.cpu.get_cpu_capability()
+    print(f"DualPipe through parallelize(), {PP} pipeline ranks × {EP} expert ranks, {args.chunks} micro-batches of "
+          f"{args.batch}×{args.seq}, MTP depth {args.mtp_depth}; modelled attn/mlp/shared "
+          f"{args.attn_ms}/{args.mlp_ms}/{args.shared_ms} ms (bwd 2×), a2a {args.latency_ms} ms + bytes at IB "
+          f"{args.ib_mbps} MB/s, NVLink {3.2 * args.ib_mbps:g} MB/s; CPU ISA {isa}")
+    print(f"{'rank':>4s} {'a2a':>5s} {'a2a s':>7s} {'hidden':>7s} {'a2a s in FB':>11s} {'hidden in FB':>12s} "
+          f"{'P2P wait s':>10s}")
     sums = {}
     for ov in (False, True):
         print("overlapped" if ov else "sequential F then B")
@@ -114,14 +133,16 @@ def main() -> None:
             tot["hid"] += s["frac"] * s["comm"]
             tot["comm_fb"] += s["comm_fb"]
             tot["hid_fb"] += s["frac_fb"] * s["comm_fb"]
-            print(f"{rank:4d} {s['n_a2a']:5d} {s['comm']:7.3f} {s['frac']:7.1%} {s['comm_fb']:11.3f} {s['frac_fb']:12.1%} {s['p2p_wait']:10.3f}")
+            print(f"{rank:4d} {s['n_a2a']:5d} {s['comm']:7.3f} {s['frac']:7.1%} {s['comm_fb']:11.3f} "
+                  f"{s['frac_fb']:12.1%} {s['p2p_wait']:10.3f}")
         sums[ov] = tot
         print(f"all  {'':5s} {tot['comm']:7.3f} {tot['hid'] / tot['comm']:7.1%} {tot['comm_fb']:11.3f} "
               f"{tot['hid_fb'] / tot['comm_fb']:12.1%}   step {step[ov] * 1e3:.0f} ms")
     ov = sums[True]
     print(f"\ncommunication overlapped: {ov['hid'] / ov['comm']:.1%} of all all-to-all time "
-          f"({ov['hid_fb'] / ov['comm_fb']:.1%} inside paired F&B ops; target ≥ 90%)")
-    print(f"step time overlapped / sequential: {step[True] * 1e3:.0f} / {step[False] * 1e3:.0f} ms = {step[True] / step[False]:.3f}")
+          f"({ov['hid_fb'] / ov['comm_fb']:.1%} inside paired F&B ops; target ≥ 90%)  [CPU ISA {isa}]")
+    print(f"step time overlapped / sequential: {step[True] * 1e3:.0f} / {step[False] * 1e3:.0f} ms = "
+          f"{step[True] / step[False]:.3f}  [CPU ISA {isa}]")
     if args.trace:
         from parallel.trace import Event, write_chrome_trace
         write_chrome_trace(args.trace, [[Event(*e) for e in r[True]["events"]] for r in res])
