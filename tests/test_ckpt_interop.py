@@ -152,6 +152,16 @@ EP2 = ["model.mtp.depth=1", "parallel.ep=2", "train.micro_batch_size=1"]
 ROWS = 2
 
 
+def _dualpipe_batch() -> list[str]:
+    """4 micro-batches of 1 sequence where the config has ``train.global_batch`` (issue 16 item 3); older
+    configs split micro_batch_size × grad_accum rows into the schedule's minimum of chunks."""
+    import dataclasses
+    from dsv3.config import TrainConfig
+    if "global_batch" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return ["train.micro_batch_size=1", "train.global_batch=4"]
+    return []
+
+
 def _model(seed: int):
     from dsv3.model import Transformer
     cfg = tiny_cfg(*EP2)
@@ -200,7 +210,8 @@ def _ranks_worker(rank, world, sharded_dir, single_ckpt):
     out["b2"] = _local(pm)
     out["experts"] = sorted(pm.expert_names)
     # C: DualPipe PP2 (each rank holds both stages: mirrored copies) resumes the one-process checkpoint
-    cfg = tiny_cfg("model.mtp.depth=1", "parallel.pp=2", "parallel.pp_schedule=dualpipe")
+    cfg = tiny_cfg("model.mtp.depth=1", "parallel.pp=2", "parallel.pp_schedule=dualpipe",
+                   *_dualpipe_batch())   # DualPipe: an even number of >= 2·PP micro-batches
     torch.manual_seed(5)
     model = Transformer(cfg.model).double()
     pm = parallelize(model, Mesh.from_config(cfg.parallel), cfg)
