@@ -94,7 +94,6 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.006
     max_seq_len: int = 4096
-    linear_impl: Literal["torch", "fp8"] = "torch"
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
@@ -120,7 +119,6 @@ class ParallelConfig:
     overlap: bool = True                     # DualPipe(V), ep > 1: all-to-all under the paired chunk (§3.2.1)
     zero1: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    num_chunks: int = 0                      # pipeline micro-batches per step; 0 = the fewest the schedule allows
     timeout_s: float = 300.0                 # a collective or pipeline receive waiting longer fails the run
 
 
@@ -155,8 +153,8 @@ class BatchRamp:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
-    micro_batch_size: int = 8
-    grad_accum: int = 1
+    micro_batch_size: int = 8                # sequences per forward, in every layout
+    global_batch: int = 8                    # sequences per optimizer step over all data-parallel replicas (dsv3/batch.py)
     lr: float = 1e-3
     warmup_steps: int = 10
     lr_segments: list[LRSegment] = field(default_factory=list)
@@ -173,6 +171,7 @@ class TrainConfig:
     out_dir: str = "runs/debug"
     ckpt_every: int = 0                      # 0 = only at the end
     resume: str = "none"                     # none | auto | path to a checkpoint folder
+    init_from: Optional[str] = None          # fresh start from these weights + biases (dsv3 run/ckpt or HF folder), step 0
     overwrite: bool = False                  # resume=none into a folder that holds checkpoints: replace them
     keep_last: int = 0                       # keep only the newest N checkpoints (0 = keep all)
     max_skipped_steps: int = 5               # consecutive non-finite steps skipped before the run stops (exit 3)
@@ -254,12 +253,23 @@ def _convert(tp, value, path: str):
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
 
 
+REMOVED = {  # keys of older configs: one line saying what replaced them
+    "train.grad_accum": "set train.global_batch (sequences per optimizer step over all data-parallel replicas = "
+                        "the old micro_batch_size × grad_accum × dp)",
+    "parallel.num_chunks": "pipeline micro-batches are train.global_batch / (dp × train.micro_batch_size)",
+    "model.linear_impl": "fp8.enabled=true is the one switch for FP8 GEMMs",
+}
+
+
 def _build(cls, data: dict, path: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}." if path else ""
+        for k in unknown:
+            if f"{where}{k}" in REMOVED:
+                raise ConfigError(f"{where}{k} was removed: {REMOVED[where + k]}")
         raise ConfigError(f"unknown config key '{where}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})")
     kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
@@ -369,10 +379,10 @@ _INT_AT_LEAST_1 = (  # sizes and counts; a 0 divides by zero or builds an empty 
     "model.mla.qk_rope_head_dim", "model.mla.v_head_dim", "model.mla.rope_scaling.original_max_position_embeddings",
     "model.moe.n_routed_experts", "model.moe.moe_inter_dim", "model.moe.n_activated_experts", "model.moe.n_group",
     "model.moe.topk_group", "fp8.block", "parallel.pp", "parallel.ep", "data.seq_len", "train.micro_batch_size",
-    "train.grad_accum", "train.max_skipped_steps", "train.log_every", "train.eval_batches")
+    "train.global_batch", "train.max_skipped_steps", "train.log_every", "train.eval_batches")
 _INT_AT_LEAST_0 = (  # 0 means off / none / automatic
     "model.n_dense_layers", "model.moe.n_shared_experts", "model.moe.bias_update_stop_tokens", "model.mtp.depth",
-    "model.mtp.lambda_switch_tokens", "parallel.nodes", "parallel.ranks_per_node", "parallel.num_chunks",
+    "model.mtp.lambda_switch_tokens", "parallel.nodes", "parallel.ranks_per_node",
     "train.steps", "train.warmup_steps", "train.seed", "train.ckpt_every", "train.keep_last", "train.eval_every",
     "train.sample_tokens", "train.batch_ramp.start_sequences", "train.batch_ramp.tokens")
 _FLOAT_POSITIVE = (
@@ -389,7 +399,8 @@ _NON_EMPTY = {  # an empty path would silently mean the current folder
     "data.domain_field": "a jsonl field name, or null",
     "data.cache_dir": "a folder for the tokenizer and packed data (default .cache/dsv3)",
     "train.out_dir": "the run's folder (e.g. runs/mine)",
-    "train.resume": "none, auto or a checkpoint folder"}
+    "train.resume": "none, auto or a checkpoint folder",
+    "train.init_from": "a dsv3 run or ckpt_* folder, a Hugging Face DeepSeek-V3 folder, or null"}
 
 
 def _get(cfg, key: str):
@@ -437,28 +448,28 @@ def _check_ranges(cfg: "Config") -> None:
             raise ConfigError(msg)
 
 
-def _pipeline_checks(cfg: "Config") -> list[tuple[bool, str]]:
-    """What parallel/ needs of pp, its schedule and num_chunks, checkable without the world size
-    (parallel/schedules.py ``_check``, parallel/dsv3_stages.py, parallel/parallelize.py)."""
+def _layout_checks(cfg: "Config") -> list[tuple[bool, str]]:
+    """What parallel/ needs of pp, its schedule and the global batch, checkable without the world size
+    (the batch split is checked again with the real dp at start: dsv3/batch.py ``check_layout``)."""
+    from dsv3.batch import check_layout
     pc, t = cfg.parallel, cfg.train
-    if pc.pp == 1:
-        return []
-    dual = pc.pp_schedule in ("dualpipe", "dualpipev")
-    stages = 2 * pc.pp if pc.pp_schedule == "dualpipev" else pc.pp
-    chunks = pc.num_chunks or (2 * pc.pp if dual else pc.pp)
-    need = 2 * pc.pp if dual else pc.pp
-    rows = t.micro_batch_size * t.grad_accum
-    return [
-        (stages <= cfg.model.n_layers, f"parallel.pp={pc.pp} with {pc.pp_schedule} needs {stages} model stages but "
-                                       f"model.n_layers={cfg.model.n_layers}; lower parallel.pp or add layers"),
-        (pc.pp_schedule != "dualpipe" or pc.pp % 2 == 0,
-         f"parallel.pp_schedule=dualpipe needs an even parallel.pp, got {pc.pp}; use dualpipev for an odd one"),
-        (chunks >= need and (pc.pp_schedule != "dualpipe" or chunks % 2 == 0),
-         f"parallel.num_chunks={chunks}: {pc.pp_schedule} with pp={pc.pp} needs "
-         f"{'an even number ' if pc.pp_schedule == 'dualpipe' else ''}>= {need}; raise it or set 0 for the fewest"),
-        (rows % chunks == 0, f"train.micro_batch_size × train.grad_accum = {rows} sequences per pipeline step do not "
-                             f"split into parallel.num_chunks={chunks} micro-batches"),
-    ]
+    try:
+        check_layout(t, 1, pc.pp, pc.pp_schedule)   # dp = 1 gives the most micro-batches a layout can have
+        split = (True, "")
+    except UserError as e:
+        split = (False, str(e).replace(" over dp=1 × ", " over ").replace("(dp=1 × ", "("))
+    checks = [(pc.zero1 or (pc.pp == 1 and pc.ep == 1),
+               f"parallel.zero1=false works only with plain data parallelism (pp=1, ep=1), got pp={pc.pp}, ep={pc.ep}: "
+               f"the pipeline and expert-parallel trainer shards the optimizer state (ZeRO-1)")]
+    if pc.pp > 1:
+        stages = 2 * pc.pp if pc.pp_schedule == "dualpipev" else pc.pp
+        checks += [
+            (stages <= cfg.model.n_layers, f"parallel.pp={pc.pp} with {pc.pp_schedule} needs {stages} model stages but "
+                                           f"model.n_layers={cfg.model.n_layers}; lower parallel.pp or add layers"),
+            (pc.pp_schedule != "dualpipe" or pc.pp % 2 == 0,
+             f"parallel.pp_schedule=dualpipe needs an even parallel.pp, got {pc.pp}; use dualpipev for an odd one")]
+    return checks + [split, (t.batch_ramp is None or t.batch_ramp.start_sequences <= t.global_batch,
+                             "train.batch_ramp.start_sequences must be <= train.global_batch")]
 
 
 def validate(cfg: Config) -> Config:
@@ -484,7 +495,7 @@ def validate(cfg: Config) -> Config:
          f"parallel.ep={cfg.parallel.ep} does not divide model.moe.n_routed_experts={moe.n_routed_experts}"),
         (t.sample_tokens == 0 or t.sample_prompt != "",
          "train.sample_prompt is empty; give a prompt or set train.sample_tokens=0"),
-        *_pipeline_checks(cfg),
+        *_layout_checks(cfg),
     ]
     for ok, msg in checks:
         if not ok:

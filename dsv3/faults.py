@@ -33,6 +33,11 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def current_step() -> int:
+    """The step the training loop last announced (for messages about where a run failed)."""
+    return _current_step
+
+
 def set_step(step: int) -> None:
     """The training loop announces the step it is running (1-based) for points that pass no step."""
     global _current_step

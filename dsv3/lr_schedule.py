@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from dsv3.config import TrainConfig
 
@@ -26,13 +27,29 @@ def lr_at(cfg: TrainConfig, step: int, tokens: int) -> float:
     return prev_lr
 
 
-def micro_batches_at(cfg: TrainConfig, tokens: int, dp_size: int = 1) -> int:
-    """Micro-batches per step under the batch-size ramp: the global batch grows linearly from
-    start_sequences to micro_batch_size·grad_accum·dp over `tokens`, rounded to whole micro-batches."""
-    full = cfg.grad_accum
-    ramp = cfg.batch_ramp
-    if ramp is None or ramp.tokens <= 0 or tokens >= ramp.tokens:
-        return full
-    per_micro = cfg.micro_batch_size * dp_size
-    seqs = ramp.start_sequences + (full * per_micro - ramp.start_sequences) * tokens / ramp.tokens
-    return max(1, min(full, math.ceil(seqs / per_micro)))
+class Schedule:
+    """Everything a step's number and token count decide, in one place for every layout: the LR (above),
+    the MTP weight λ (report §2.2: λ_start, then λ_end after ``lambda_switch_tokens``), the bias-update
+    speed γ (report §2.1.2: ``bias_update_speed``, 0 after ``bias_update_stop_tokens``) and the micro-batches
+    per data-parallel replica under the batch ramp (dsv3/batch.py)."""
+
+    def __init__(self, cfg, dp: int = 1, pp: int = 1, schedule: str = "1f1b"):
+        from dsv3.batch import check_layout
+        self.cfg, self.dp, self.pp, self.schedule = cfg, dp, pp, schedule
+        check_layout(cfg.train, dp, pp, schedule)
+
+    def mtp_weight(self, tokens: int) -> float:
+        mtp = self.cfg.model.mtp
+        return mtp.lambda_end if mtp.lambda_switch_tokens is not None and tokens >= mtp.lambda_switch_tokens \
+            else mtp.lambda_start
+
+    def gamma(self, tokens: int) -> Optional[float]:
+        """γ for the bias update; None = the config's ``bias_update_speed``."""
+        stop = self.cfg.model.moe.bias_update_stop_tokens
+        return 0.0 if stop is not None and tokens >= stop else None
+
+    def at(self, step: int, tokens: int) -> tuple[float, float, Optional[float], int]:
+        """(lr, λ, γ, micro-batches per replica) of optimizer step ``step`` (0-based) after ``tokens``."""
+        from dsv3.batch import micro_batches_at
+        return (lr_at(self.cfg.train, step, tokens), self.mtp_weight(tokens), self.gamma(tokens),
+                micro_batches_at(self.cfg.train, tokens, self.dp, self.pp, self.schedule))

@@ -81,7 +81,7 @@ class Transformer(nn.Module):
                 m.recompute = enabled
 
     def set_aux_loss_scale(self, scale: float) -> None:
-        """Gradient scale of the balance loss (1/grad_accum when the LM loss is divided by it)."""
+        """Gradient scale of the balance loss (1/micro-batches when the LM loss is divided by their number)."""
         for moe in self.moe_layers():
             moe.aux_loss_scale = scale
 

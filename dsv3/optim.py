@@ -94,6 +94,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AdamW:
                  moment_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
 
 
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """The one gradient-clipping rule of every layout (report: clip to 1.0): the factor the gradients are
+    multiplied by, given the global norm (a Python float, from squares summed in fp64). A non-finite norm
+    gives 1.0: that step is skipped by the divergence guard, nothing to scale."""
+    if max_norm > 0 and math.isfinite(norm):
+        return min(max_norm / (norm + 1e-6), 1.0)
+    return 1.0
+
+
 def clip_grad_norm(params, max_norm: float) -> float:
     """Global L2 gradient norm, clipped to max_norm (report: 1.0). Returns the norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -102,8 +111,8 @@ def clip_grad_norm(params, max_norm: float) -> float:
     # squares summed in fp64 and the coefficient a Python float, as parallel/zero.py does on its shards:
     # with the norm in FP32 the coefficients of the two differ by ~1e-7, which later steps amplify
     norm = math.sqrt(float(sum(g.double().square().sum() for g in grads)))
-    if max_norm > 0 and math.isfinite(norm):
-        coef = min(max_norm / (norm + 1e-6), 1.0)
+    coef = clip_coefficient(norm, max_norm)
+    if coef != 1.0:
         for g in grads:
             g.mul_(coef)
     return norm

@@ -119,7 +119,7 @@ def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int | None = No
         m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim + m.mla.v_head_dim) * seq
     eff = hw["fp8_gemm"] / hw["fp8_peak"]
     sec_per_token = linear_flops / hw["fp8_gemm"] + attn_flops / (hw["bf16_peak"] * eff)
-    batch = batch_sequences or t.micro_batch_size * t.grad_accum
+    batch = batch_sequences or t.global_batch
     tokens_per_gpu = batch * seq / gpus * pp  # each pipeline replica's GPU sees its DP share, for its stage only
     compute = sec_per_token * tokens_per_gpu / pp
     nodes = min(m.moe.topk_group, m.moe.n_group) if m.moe.n_group > 1 else 1

@@ -20,13 +20,13 @@ import torch.distributed as dist
 import yaml
 
 from dsv3.balance_metrics import BalanceMonitor
-from dsv3.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, remove_stale_partials,
+from dsv3.checkpoint import (latest_checkpoint, load_any_checkpoint, prune_checkpoints, remove_stale_partials,
                              save_checkpoint)
 from dsv3.config import Config, load_config, to_dict
 from dsv3.data import Dataset, prepare_data
 from dsv3.errors import CheckpointError, UserError
 from dsv3.faults import PeerError, fault_point, first_line, set_step
-from dsv3.lr_schedule import lr_at, micro_batches_at
+from dsv3.lr_schedule import Schedule
 from dsv3.model import Transformer
 from dsv3.moe import max_violation
 from dsv3.optim import build_optimizer, clip_grad_norm
@@ -229,133 +229,183 @@ def train(cfg: Config) -> dict:
     try:
         lock, data = _open_run_dir(cfg, env)
         model = Transformer(cfg.model).to(env.device)
-        if cfg.fp8.enabled or cfg.model.linear_impl == "fp8":
+        if cfg.fp8.enabled:
             from dsv3.precision import apply_fp8
             apply_fp8(model, cfg.fp8)
+        if t.init_from is not None:   # a resumed checkpoint (train.resume) overwrites these weights later
+            from dsv3.init_from import init_from
+            info = init_from(t.init_from, model)
+            if env.rank == 0:
+                print(f"initialised from {info['checkpoint']} ({info['kind']}); fresh optimizer at step 0", flush=True)
         model.set_recompute(t.recompute)
         model.train()
         if env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1 or cfg.parallel.zero1):
             return train_parallel(cfg, env, data, model, start, old_handlers)
-        return _train(cfg, env, data, model, start, old_handlers)
+        return _loop(cfg, env, data, LocalSteps(cfg, env, model), start, old_handlers)
     finally:
         restore(old_handlers)
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, env: Dist, data: Dataset, model: Transformer, start: float, old_handlers: dict) -> dict:
-    t, rank0 = cfg.train, env.rank == 0
-    optimizer = build_optimizer(model, t)
-    sampler = data.train_sampler(t.micro_batch_size, t.seed, env.rank, env.world)
+class LocalSteps:
+    """The step interface on one process, or plain data parallel (``parallel.zero1=false``): the whole
+    model and optimizer on every rank, gradients averaged by all-reduce. ``ParallelSteps`` is the
+    other implementation; ``_loop`` drives either."""
 
+    def __init__(self, cfg: Config, env: Dist, model: Transformer):
+        self.cfg, self.env, self.model = cfg, env, model
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.dp, self.dp_index, self.pp = env.world, env.rank, 1
+        self.eval_model = model     # eval, balance hooks and the end sample run on it
+        self.layout = ""
+
+    def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float], autocast,
+                   may_step, monitor: BalanceMonitor) -> dict:
+        """One optimizer step on this replica's rows (C micro-batches of micro_batch_size): the loss is
+        the mean over the global batch (each micro-batch's mean / C, averaged over replicas)."""
+        model, env, t = self.model, self.env, self.cfg.train
+        C = rows.shape[0] // t.micro_batch_size
+        model.mtp_weight = mtp_weight
+        model.set_aux_loss_scale(1.0 / C)
+        sums = dict(loss=0.0, lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
+        for micro, batch in enumerate(rows.split(t.micro_batch_size)):
+            with autocast():
+                out = model(batch[:, :-1], labels=batch[:, 1:])
+            (out.loss / C).backward()
+            monitor.after_forward(C)
+            if micro == 0:
+                fault_point("micro")
+            for k in sums:
+                sums[k] += float(getattr(out, k).detach()) / C
+        env.all_reduce_([p.grad for p in self.params if p.grad is not None], average=True)
+        if env.world > 1:  # the global batch's losses, not this rank's slice
+            logged = torch.tensor(list(sums.values()), dtype=torch.float64, device=env.device)
+            env.all_reduce_([logged], average=True)
+            sums = dict(zip(sums, logged.tolist()))
+        grad_norm = clip_grad_norm(self.params, t.grad_clip)
+        ok = may_step(sums["loss"], grad_norm)
+        if ok:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loads = model.expert_loads()
+        env.all_reduce_(loads + monitor.histograms, average=False)
+        model.update_bias(loads, gamma if ok else 0.0)
+        return dict(sums, grad_norm=grad_norm, loads=loads, skipped=not ok)
+
+    def latest(self, run_dir: str) -> Optional[str]:
+        return latest_checkpoint(run_dir)
+
+    def load(self, path: str) -> dict:
+        if not os.path.isdir(path):
+            raise CheckpointError(f"train.resume={path}: no checkpoint folder there")
+        return load_any_checkpoint(path, self.model, self.optimizer)   # either kind: one-process or sharded
+
+    def save(self, run_dir: str, step: int, extra: dict) -> None:
+        err = None
+        if self.env.rank == 0:
+            try:
+                save_checkpoint(run_dir, step, self.model, self.optimizer, extra)
+                prune_checkpoints(run_dir, self.cfg.train.keep_last)
+            except UserError as e:
+                err = e
+        self.env.agree(err)  # a failed save stops every rank, none waits for it
+
+
+def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handlers: dict) -> dict:
+    """The one training loop, for every layout: ``steps`` is ``LocalSteps`` or ``ParallelSteps``.
+    LR, λ, γ and the batch come from ``Schedule``; the divergence guard and the stop requests from
+    ``StepGuard``; every step logs one record (balance fields where the whole model runs on this rank)."""
+    t, rank0 = cfg.train, env.rank == 0
+    sampler = data.train_sampler(t.micro_batch_size, t.seed, steps.dp_index, steps.dp)
     step, tokens = 0, 0
-    ckpt = latest_checkpoint(t.out_dir) if t.resume == "auto" else (None if t.resume == "none" else t.resume)
+    ckpt = steps.latest(t.out_dir) if t.resume == "auto" else (None if t.resume == "none" else t.resume)
     if ckpt is not None:
-        if not os.path.isdir(ckpt):
-            raise CheckpointError(f"train.resume={t.resume}: no checkpoint folder at {ckpt}")
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = steps.load(ckpt)
         step, tokens = state["step"], state["tokens"]
         sampler.load_state_dict(state["sampler"])
         if rank0:
             print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
     _commit_run_dir(cfg, env, data, step)
-
-    fpt, peak, autocast, log = run_setup(cfg, env, data, step)
+    fpt, peak, autocast, log = run_setup(cfg, env, data, step, steps.layout)
+    sched = Schedule(cfg, steps.dp, cfg.parallel.pp if steps.pp > 1 else 1, cfg.parallel.pp_schedule)
+    model = steps.eval_model
+    monitor = BalanceMonitor(model) if model is not None else None
     losses: list[float] = []
-    params = [p for p in model.parameters() if p.requires_grad]
-    monitor = BalanceMonitor(model)  # per-layer balance fields (dsv3/balance_metrics.py), after any resume
     saved_at, req = step, 0
     restore(old_handlers)
-    with StopRequests(t.time_limit_s, start) as stops:
-        guard = StepGuard(cfg, env, stops)
-        while step < t.steps:
-            t0 = time.perf_counter()
-            lr = lr_at(t, step, tokens)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            moe_cfg, mtp_cfg = cfg.model.moe, cfg.model.mtp
-            if mtp_cfg.lambda_switch_tokens is not None and tokens >= mtp_cfg.lambda_switch_tokens:
-                model.mtp_weight = mtp_cfg.lambda_end
-            n_micro = micro_batches_at(t, tokens, env.world)
-            model.set_aux_loss_scale(1.0 / n_micro)
-            sums = dict(loss=0.0, lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
-            step_tokens = 0
-            for micro in range(n_micro):
-                batch = sampler.next_batch().to(env.device)
-                with autocast():
-                    out = model(batch[:, :-1], labels=batch[:, 1:])
-                (out.loss / n_micro).backward()
-                monitor.after_forward(n_micro)
-                if micro == 0:
-                    fault_point("micro", step + 1)
-                for k in sums:
-                    sums[k] += float(getattr(out, k).detach()) / n_micro
-                step_tokens += batch[:, :-1].numel() * env.world
-            env.all_reduce_([p.grad for p in params if p.grad is not None], average=True)
-            if env.world > 1:  # log the global batch's losses, not rank 0's slice
-                logged = torch.tensor(list(sums.values()), dtype=torch.float64, device=env.device)
-                env.all_reduce_([logged], average=True)
-                sums = dict(zip(sums, logged.tolist()))
-            grad_norm = clip_grad_norm(params, t.grad_clip)
-            ok = guard.check(sums["loss"], grad_norm, step + 1)
-            if ok:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loads = model.expert_loads()
-            env.all_reduce_(loads + monitor.histograms, average=False)
-            gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
-            model.update_bias(loads, gamma if ok else 0.0)
-            tokens += step_tokens
-            step += 1
-            maxvio = [max_violation(load) for load in loads]
-            dt = time.perf_counter() - t0
-            record = dict(step=step, tokens=tokens, **sums, lr=lr, grad_norm=grad_norm,
-                          tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak,
-                          maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
-                          maxvio=maxvio, **monitor.step_fields(loads))
-            if not ok:
-                record.update(skipped=True, skipped_steps=guard.skipped_total)
-            losses.append(sums["loss"])
-            line = step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None
-            if not ok:
-                line = (f"step {step:>5}/{t.steps} | skipped: non-finite loss {sums['loss']} or grad norm {grad_norm} "
-                        f"({guard.consecutive} in a row, {guard.skipped_total} in all)")
-            log.log(record, line)
-            fault_point("step", step)
-            req = guard.after_step(dt)
-            if t.eval_every and step % t.eval_every == 0 and step < t.steps and rank0 and not req:
-                val = evaluate(model, data, cfg, autocast, monitor)
-                log.log(dict(step=step, val_loss=val, **monitor.take_domain_loads()),
-                        f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or req:
-                err = None
-                if rank0:
-                    try:
-                        save_checkpoint(t.out_dir, step, model, optimizer,
-                                        dict(tokens=tokens, sampler=sampler.state_dict()))
-                        prune_checkpoints(t.out_dir, t.keep_last)
-                    except UserError as e:
-                        err = e
-                env.agree(err)  # a failed save stops every rank, none waits for it
-                saved_at = step
-            if req:
-                break
+    try:
+        with StopRequests(t.time_limit_s, start) as stops:
+            guard = StepGuard(cfg, env, stops)
+            while step < t.steps:
+                t0 = time.perf_counter()
+                lr, mtp_weight, gamma, n_micro = sched.at(step, tokens)
+                rows = torch.cat([sampler.next_batch() for _ in range(n_micro)]).to(env.device)
+                set_step(step + 1)
+                stats = steps.train_step(rows, lr, mtp_weight, gamma, autocast,
+                                         lambda loss, norm: guard.check(loss, norm, step + 1),
+                                         monitor or _NO_MONITOR)
+                step_tokens = rows[:, :-1].numel() * steps.dp
+                tokens += step_tokens
+                step += 1
+                loads, skipped = stats.pop("loads"), stats.pop("skipped")
+                maxvio = [max_violation(load) for load in loads]
+                dt = time.perf_counter() - t0
+                record = dict(step=step, tokens=tokens, **stats, lr=lr, sequences=rows.shape[0] * steps.dp,
+                              tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak,
+                              maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
+                              maxvio=maxvio)
+                record.update(monitor.step_fields(loads) if monitor is not None
+                              else dict(tokens_per_expert=[load.tolist() for load in loads]))
+                line = step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None
+                if skipped:
+                    record.update(skipped=True, skipped_steps=guard.skipped_total)
+                    line = (f"step {step:>5}/{t.steps} | skipped: non-finite loss {stats['loss']} or grad norm "
+                            f"{stats['grad_norm']} ({guard.consecutive} in a row, {guard.skipped_total} in all)")
+                losses.append(stats["loss"])
+                log.log(record, line)
+                fault_point("step", step)
+                req = guard.after_step(dt)
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps and not req and model is not None:
+                    val = evaluate(model, data, cfg, autocast, monitor)
+                    log.log(dict(step=step, val_loss=val, **monitor.take_domain_loads()),
+                            f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
+                if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or req:
+                    steps.save(t.out_dir, step, dict(tokens=tokens, sampler=sampler.state_dict()))
+                    saved_at = step
+                if req:
+                    break
 
-    result: dict = dict(losses=losses)
-    if req:
+        result: dict = dict(losses=losses)
+        if req:
+            raise Stopped(_stop_message(req, step, os.path.join(t.out_dir, f"ckpt_{saved_at:07d}")), exit_code(req))
+        if model is not None:   # every rank runs it (expert parallelism dispatches across ranks); rank 0 logs
+            val = evaluate(model, data, cfg, autocast, monitor)
+            ent = data.val_unigram_entropy()
+            domain = monitor.take_domain_loads()
+            log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent, **domain), advance=False)
+            log.print(f"validation loss {val:.4f} nats/token | validation unigram entropy {ent:.4f} nats/token "
+                      f"| gap {ent - val:+.4f}")
+            sample = sample_text(model, data, cfg)
+            log.print(f"sample: {sample!r}")
+            result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
+        return result
+    finally:
         log.close()
-        raise Stopped(_stop_message(req, step, os.path.join(t.out_dir, f"ckpt_{saved_at:07d}")), exit_code(req))
-    if rank0:
-        val = evaluate(model, data, cfg, autocast, monitor)
-        ent = data.val_unigram_entropy()
-        domain = monitor.take_domain_loads()
-        log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent, **domain), advance=False)
-        log.print(f"validation loss {val:.4f} nats/token | validation unigram entropy {ent:.4f} nats/token "
-                  f"| gap {ent - val:+.4f}")
-        log.print(f"sample: {sample_text(model, data, cfg)!r}")
-        result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
-    log.close()
-    return result
+
+
+class _NoMonitor:
+    """Where the pipeline holds copies of the stages, the balance hooks have no model to watch."""
+    histograms: list = []
+
+    def after_forward(self, n_micro: int) -> None:
+        pass
+
+
+_NO_MONITOR = _NoMonitor()
 
 
 class RankFailure(Exception):
@@ -391,91 +441,17 @@ def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, st
     pipeline reads its data-parallel replica's rows; rank 0 logs the global batch's losses.
     A transfer or collective that fails or times out because another rank died or hangs raises
     ``RankFailure`` (one line: this rank, the step, the operation, parallel.timeout_s)."""
-    where = {"step": 0, "log": None}
+    from parallel.steps import ParallelSteps
     try:
-        return _train_parallel(cfg, env, data, model, where, start, old_handlers or {})
+        with _group_timeout(cfg.parallel.timeout_s):
+            steps = ParallelSteps(cfg, env, model)
+        return _loop(cfg, env, data, steps, start, old_handlers or {})
     except Exception as e:  # noqa: BLE001 - only peer failures are rewritten
         if not _is_peer_failure(e):
             raise
-        if where["log"] is not None:
-            where["log"].close()
-        raise RankFailure(f"rank {env.rank}/{env.world}: step {where['step']}: {first_line(e)} -- another rank "
+        from dsv3.faults import current_step
+        raise RankFailure(f"rank {env.rank}/{env.world}: step {current_step()}: {first_line(e)} -- another rank "
                           f"likely died or hangs (parallel.timeout_s={cfg.parallel.timeout_s:g}); giving up") from e
-
-
-def _train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, where: dict, start: float,
-                    old_handlers: dict) -> dict:
-    from parallel.dist_checkpoint import latest_sharded, load_sharded, save_sharded
-    from parallel.mesh import Mesh
-    from parallel.parallelize import parallelize
-    t, rank0 = cfg.train, env.rank == 0
-    with _group_timeout(cfg.parallel.timeout_s):
-        mesh = Mesh.from_config(cfg.parallel)
-        pm = parallelize(model, mesh, cfg)
-    sampler = data.train_sampler(t.micro_batch_size, t.seed, pm.dp_index, pm.dp)
-    step, tokens = 0, 0
-    ckpt = latest_sharded(t.out_dir) if t.resume == "auto" else (None if t.resume == "none" else t.resume)
-    if ckpt is not None:
-        state = load_sharded(ckpt, pm)
-        step, tokens = state["step"], state["tokens"]
-        sampler.load_state_dict(state["sampler"])
-        if rank0:
-            print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
-    _commit_run_dir(cfg, env, data, step)
-    pc = cfg.parallel
-    fpt, peak, autocast, log = run_setup(
-        cfg, env, data, step, f" (pp {pc.pp} {pc.pp_schedule if pc.pp > 1 else ''} × dp {mesh.dp}, ep {pc.ep}, ZeRO-1)")
-    where["log"] = log
-    losses: list[float] = []
-    moe_cfg, mtp_cfg = cfg.model.moe, cfg.model.mtp
-    mtp_weight = model.mtp_weight
-    saved_at, req = step, 0
-    restore(old_handlers)
-    with StopRequests(t.time_limit_s, start) as stops:
-        guard = StepGuard(cfg, env, stops)
-        while step < t.steps:
-            t0 = time.perf_counter()
-            lr = lr_at(t, step, tokens)
-            if mtp_cfg.lambda_switch_tokens is not None and tokens >= mtp_cfg.lambda_switch_tokens:
-                mtp_weight = mtp_cfg.lambda_end
-            n_micro = micro_batches_at(t, tokens, pm.dp) if pc.pp == 1 else t.grad_accum
-            rows = torch.cat([sampler.next_batch() for _ in range(n_micro)]).to(env.device)
-            gamma = 0.0 if (moe_cfg.bias_update_stop_tokens is not None and tokens >= moe_cfg.bias_update_stop_tokens) else None
-            where["step"] = step + 1
-            set_step(step + 1)
-            stats = pm.train_step(rows, lr, mtp_weight, gamma, autocast,
-                                  may_step=lambda loss, norm: guard.check(loss, norm, step + 1))
-            step_tokens = rows[:, :-1].numel() * pm.dp
-            tokens += step_tokens
-            step += 1
-            loads = pm.all_layer_loads(stats.pop("loads"))
-            skipped = stats.pop("skipped")
-            maxvio = [max_violation(load) for load in loads]
-            dt = time.perf_counter() - t0
-            record = dict(step=step, tokens=tokens, **stats, lr=lr, tokens_per_s=step_tokens / dt,
-                          mfu=step_tokens * fpt / dt / peak, maxvio_mean=sum(maxvio) / max(len(maxvio), 1),
-                          maxvio_max=max(maxvio, default=0.0), maxvio=maxvio,
-                          tokens_per_expert=[load.tolist() for load in loads])
-            line = step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None
-            if skipped:
-                record.update(skipped=True, skipped_steps=guard.skipped_total)
-                line = (f"step {step:>5}/{t.steps} | skipped: non-finite loss {stats['loss']} or grad norm "
-                        f"{stats['grad_norm']} ({guard.consecutive} in a row, {guard.skipped_total} in all)")
-            losses.append(stats["loss"])
-            log.log(record, line)
-            fault_point("step", step)
-            req = guard.after_step(dt)
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or req:
-                save_sharded(t.out_dir, step, pm, dict(tokens=tokens, sampler=sampler.state_dict()))
-                if rank0:
-                    prune_checkpoints(t.out_dir, t.keep_last)
-                saved_at = step
-            if req:
-                break
-    log.close()
-    if req:
-        raise Stopped(_stop_message(req, step, os.path.join(t.out_dir, f"ckpt_{saved_at:07d}")), exit_code(req))
-    return dict(losses=losses)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dsv3 import optim
 from dsv3.experts import GroupedExperts
 from dsv3.moe import MoE
 from parallel.all_to_all import EPDispatcher, TrafficCounters
@@ -96,8 +97,8 @@ def clip_grad_norm_ep(model: torch.nn.Module, mesh: Mesh, max_norm: float) -> fl
     if mesh.ep > 1:
         dist.all_reduce(expert, group=mesh.group("ep"))
     norm = float((total + expert).sqrt())
-    if max_norm > 0 and math.isfinite(norm):
-        coef = min(max_norm / (norm + 1e-6), 1.0)
+    coef = optim.clip_coefficient(norm, max_norm)
+    if coef != 1.0:
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(coef)

@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args, queue, env):
+def _entry(rank, world, port, fn, args, queue, env, received):
     try:
         os.environ.update(env)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -29,6 +29,9 @@ def _entry(rank, world, port, fn, args, queue, env):
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
         try:
             queue.put((rank, True, fn(rank, world, *args)))
+            # tensors in the result travel as shared-memory handles that this process serves: stay
+            # alive until the parent has taken every result (else it finds no handle under load)
+            received.wait(timeout=600)
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -38,8 +41,9 @@ def _entry(rank, world, port, fn, args, queue, env):
 def run_ranks(fn, world: int, *args, timeout: float = 180.0, env: dict | None = None) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    received = ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, env or {}), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, env or {}, received), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -63,6 +67,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 180.0, env: dict | None = 
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             results[rank] = value
     finally:
+        received.set()
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dsv3.batch import check_layout
 from dsv3.config import Config
 from dsv3.errors import UserError
 from dsv3.model import Transformer
@@ -28,15 +29,8 @@ from parallel.expert_parallel import apply_expert_parallel
 from parallel.mesh import Mesh
 from parallel.overlap_pipeline import OverlapPipeline
 from parallel.pipeline import Pipeline
-from parallel.schedules import layout
+from parallel.schedules import layout, schedule
 from parallel.zero import Zero1
-
-
-def num_chunks(pcfg) -> int:
-    """Pipeline micro-batches per step: ``parallel.num_chunks``, or the fewest the schedule allows."""
-    if pcfg.num_chunks > 0:
-        return pcfg.num_chunks
-    return 2 * pcfg.pp if pcfg.pp_schedule in ("dualpipe", "dualpipev") else pcfg.pp
 
 
 def _ready_after(pipe: Pipeline) -> dict[str, Optional[int]]:
@@ -74,18 +68,14 @@ class ParallelModel:
             dispatchers = {}
             for n, moe in zip(self.moe_names, (m for m in model.moe_layers())):
                 dispatchers[n], moe.dispatcher = moe.dispatcher, None   # process groups do not deep-copy
-            self.num_chunks = num_chunks(pc)
+            self.num_chunks = check_layout(cfg.train, mesh.dp, pc.pp, pc.pp_schedule)   # of the full global batch
             T, D = cfg.data.seq_len, cfg.model.dim
-            rows = cfg.train.micro_batch_size * cfg.train.grad_accum
-            if rows % self.num_chunks:
-                raise UserError(f"train.micro_batch_size × train.grad_accum = {rows} sequences per pipeline step do "
-                                f"not split into parallel.num_chunks={self.num_chunks} micro-batches")
             # DualPipe(V) pairs a forward and a backward chunk in its FB ops: with expert parallelism, run
             # them interleaved so each chunk's all-to-alls hide under the other's compute (report §3.2.1)
             overlapped = pc.overlap and pc.ep > 1 and pc.pp_schedule in ("dualpipe", "dualpipev")
             executor = OverlapPipeline if overlapped else Pipeline
             self.pipe = executor(model, dsv3_stages(model, layout(pc.pp_schedule, pc.pp).num_model_stages),
-                                 pc.pp_schedule, self.num_chunks, act_shape=(rows // self.num_chunks, T, D),
+                                 pc.pp_schedule, self.num_chunks, act_shape=(cfg.train.micro_batch_size, T, D),
                                  act_dtype=next(model.parameters()).dtype, group=mesh.group("pp"),
                                  recv_timeout=pc.timeout_s)
             for n, moe in moe_by_name(self.pipe).items():
@@ -99,7 +89,7 @@ class ParallelModel:
             model.set_aux_loss_scale(1.0)
             self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
             copies = {n: (None, 1) for n in self.params}
-            ready = {n: cfg.train.grad_accum for n in self.params}
+            ready = {n: check_layout(cfg.train, mesh.dp) for n in self.params}   # set per step in train_step
         self.expert_names = expert_names
         groups = {"dense": _shard_group(mesh, "dp")}
         groups["expert"] = _shard_group(mesh, "edp") if pc.ep > 1 else groups["dense"]
@@ -108,7 +98,7 @@ class ParallelModel:
 
     # ------------------------------------------------------------------------------ a step
     def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float] = None,
-                   autocast=None, may_step=None) -> dict:
+                   autocast=None, may_step=None, on_micro=None) -> dict:
         """rows: this DP replica's sequences for the step (n, T+1), the same on every rank of its pipeline.
         Returns the global mean loss and its parts, the grad norm, the summed loads per MoE name and
         ``skipped``. ``may_step(loss, grad_norm)`` (default: both finite) decides whether the optimizer
@@ -120,7 +110,9 @@ class ParallelModel:
         device = next(iter(self.params.values())).device
         sums = torch.zeros(4, dtype=torch.float64, device=device)   # lm + λ·mtp, lm, mtp, balance; summed over micro-batches
         if self.pipe is not None:
-            C = self.num_chunks
+            C = rows.shape[0] // self.cfg.train.micro_batch_size
+            if C != self.pipe.num_chunks:   # the batch ramp: this step's schedule has another chunk count
+                self._set_chunks(C)
             set_mtp_weight(self.pipe, mtp_weight)
             with autocast():
                 losses = self.pipe.step(dsv3_microbatches(rows, C))
@@ -136,6 +128,8 @@ class ParallelModel:
                 with autocast():
                     out = self.model(mb["tokens"], labels=mb["labels"])
                 out.loss.backward()
+                if on_micro is not None:   # the balance monitor's per-layer loss (one replica's micro-batches)
+                    on_micro(C)
                 sums += torch.tensor([float(out.lm_loss + mtp_weight * out.mtp_loss), float(out.lm_loss),
                                       float(out.mtp_loss), float(out.balance_loss)], dtype=torch.float64, device=device)
         divisor = C * self.dp
@@ -147,6 +141,14 @@ class ParallelModel:
         loads = self._update_bias(gamma if stepped else 0.0)
         return dict(loss=loss, lm_loss=float(sums[1]), mtp_loss=float(sums[2]),
                     balance_loss=float(sums[3]), grad_norm=grad_norm, loads=loads, skipped=not stepped)
+
+    def _set_chunks(self, C: int) -> None:
+        """Rebuild this rank's schedule for C micro-batches, and when each parameter's gradient is
+        complete (ZeRO-1 launches a bucket's reduce-scatter then)."""
+        self.pipe.num_chunks = C
+        self.pipe.ops = schedule(self.cfg.parallel.pp_schedule, self.pipe.rank, self.pipe.num_ranks, C)
+        for n, count in _ready_after(self.pipe).items():
+            self.zero.entries[n].ready_after = count
 
     def _sum_over_dp(self, loads: list[torch.Tensor]) -> None:
         if self.dp > 1:

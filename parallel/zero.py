@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.config import TrainConfig
+from dsv3 import optim
 from dsv3.optim import AdamW
 
 
@@ -148,8 +149,8 @@ class Zero1:
                 e.param.grad, e.master.grad, e.fired = None, None, 0
             self._next = 0
             return norm
-        if self.max_norm > 0 and math.isfinite(norm):
-            coef = min(self.max_norm / (norm + 1e-6), 1.0)
+        coef = optim.clip_coefficient(norm, self.max_norm)
+        if coef != 1.0:
             for e in self.entries.values():
                 e.master.grad.mul_(coef)
         for g in self.optimizer.param_groups:

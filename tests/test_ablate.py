@@ -19,7 +19,7 @@ from dsv3 import ablate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")
 STEPS, K, TOKENS_PER_STEP = 4, 4, 2 * 32        # debug: top-4; micro_batch 2 × seq_len 32
-TINY = ["data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=2", "train.warmup_steps=2",
+TINY = ["data.seq_len=32", "train.micro_batch_size=2", "train.global_batch=2", "train.eval_batches=2", "train.warmup_steps=2",
         "train.sample_tokens=2", f"data.cache_dir={CACHE}"]
 VARIANTS = """
 variants:

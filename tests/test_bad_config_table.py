@@ -14,7 +14,7 @@ from dsv3.data import open_index, prepare_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
-TINY = ["train.steps=2", "train.micro_batch_size=2", "data.seq_len=32", "train.sample_tokens=2",
+TINY = ["train.steps=2", "train.micro_batch_size=2", "train.global_batch=2", "data.seq_len=32", "train.sample_tokens=2",
         "train.eval_batches=1", "model.vocab_size=300", "data.tokenizer_sample_mb=0.1"]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -48,12 +48,17 @@ CONFIG_CASES = [
     (["parallel.pp=0"], "parallel.pp must be >= 1"),
     (["parallel.ep=0"], "parallel.ep must be >= 1"),
     (["parallel.ep=3"], "parallel.ep=3 does not divide model.moe.n_routed_experts=16"),
-    (["parallel.num_chunks=-1"], "parallel.num_chunks must be >= 0"),
+    (["parallel.num_chunks=4"], "parallel.num_chunks was removed: pipeline micro-batches are train.global_batch"),
     (["parallel.timeout_s=0"], "parallel.timeout_s must be > 0"),
     (["parallel.pp=8"], "model.n_layers=4"),
     (["parallel.pp=3", "parallel.pp_schedule=dualpipe"], "needs an even parallel.pp"),
-    (["parallel.pp=2", "parallel.pp_schedule=dualpipe", "parallel.num_chunks=2"], "parallel.num_chunks=2"),
-    (["parallel.pp=2", "parallel.num_chunks=3"], "do not split into parallel.num_chunks=3"),
+    (["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.global_batch=2", "train.micro_batch_size=1"],
+     "dualpipe with pp=2 needs an even number of >= 4"),
+    (["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.global_batch=5", "train.micro_batch_size=1"],
+     "needs an even number of >= 4"),
+    (["train.global_batch=5"], "train.global_batch=5 does not split over train.micro_batch_size=2"),
+    (["parallel.zero1=false", "parallel.ep=2"], "parallel.zero1=false works only with plain data parallelism"),
+    (["model.linear_impl=fp8"], "model.linear_impl was removed: fp8.enabled=true"),
     (["train.lr=-1"], "train.lr must be >= 0"),
     (["train.lr=nan"], "train.lr must be a finite number, got nan"),
     (["train.lr=.inf"], "train.lr must be a finite number, got inf"),
@@ -65,7 +70,8 @@ CONFIG_CASES = [
     (["train.eps=0"], "train.eps must be > 0"),
     (["train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
     (["train.micro_batch_size=0"], "train.micro_batch_size must be >= 1"),
-    (["train.grad_accum=0"], "train.grad_accum must be >= 1"),
+    (["train.grad_accum=2"], "train.grad_accum was removed: set train.global_batch"),
+    (["train.global_batch=0"], "train.global_batch must be >= 1"),
     (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
     (["train.max_skipped_steps=0"], "train.max_skipped_steps must be >= 1"),
     (["train.lock_stale_s=0"], "train.lock_stale_s must be > 0"),

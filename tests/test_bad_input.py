@@ -14,7 +14,7 @@ from dsv3.checkpoint import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")
-TINY = ["train.steps=2", "train.micro_batch_size=2", "data.seq_len=32", "train.sample_tokens=2",
+TINY = ["train.steps=2", "train.micro_batch_size=2", "train.global_batch=2", "data.seq_len=32", "train.sample_tokens=2",
         "train.eval_batches=1", f"data.cache_dir={CACHE}"]
 
 

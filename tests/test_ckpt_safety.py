@@ -27,7 +27,7 @@ from tests.conftest import REPO, tiny_cfg
 from tests.dist_utils import run_ranks
 
 ROWS, SEQ = 2, 16   # per rank
-OVERRIDES = ("data.seq_len=16", "train.micro_batch_size=1", "train.grad_accum=2")
+OVERRIDES = ("data.seq_len=16", "train.micro_batch_size=1", "train.global_batch=4")
 
 
 class _Plant:
@@ -297,7 +297,7 @@ def test_one_process_enospc_in_the_trainer_exits_2_one_line(tmp_path):
     out = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_FAULT="ckpt_write:2", DSV3_FAULT_ERRNO="ENOSPC")
     cmd = [sys.executable, "-m", "dsv3.train", "configs/debug.yaml", "train.steps=2", "train.ckpt_every=1",
-           "train.micro_batch_size=2", "train.grad_accum=1", "data.seq_len=32", "train.warmup_steps=1",
+           "train.micro_batch_size=2", "train.global_batch=2", "data.seq_len=32", "train.warmup_steps=1",
            "train.sample_tokens=2", "train.eval_batches=1", f"data.cache_dir={os.path.join(REPO, '.cache', 'dsv3')}",
            f"train.out_dir={out}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

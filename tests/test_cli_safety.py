@@ -31,7 +31,7 @@ def world(tmp_path_factory):
     checkpoint and an export with one tensor removed. Paths by name; {name} in argv is replaced by them."""
     base = tmp_path_factory.mktemp("cli")
     run = str(base / "run")
-    assert train_mod.main([DEBUG, "train.steps=1", "train.micro_batch_size=2", "data.seq_len=32",
+    assert train_mod.main([DEBUG, "train.steps=1", "train.micro_batch_size=2", "train.global_batch=2", "data.seq_len=32",
                            "train.sample_tokens=2", "train.eval_batches=1", f"data.cache_dir={CACHE}",
                            f"train.out_dir={run}"]) == 0
     w = {"run": run, "base": str(base), "export": str(base / "export"), "mine": str(base / "mine"),

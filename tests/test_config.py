@@ -121,3 +121,42 @@ def test_every_float_must_be_finite_and_sizes_positive():
     cfg = load_config(None, ["model.moe.n_shared_experts=0", "model.mtp.depth=0", "train.grad_clip=0",
                              "train.steps=0", "model.n_dense_layers=0", "train.time_limit_s=0"])
     assert (cfg.model.moe.n_shared_experts, cfg.train.grad_clip, cfg.train.steps) == (0, 0.0, 0)
+
+
+def test_report_global_batch_and_long_context_phases():
+    """The report's batch (§4.2: 15,360 sequences, ramped from 3,072 over 469B tokens) and its two
+    context-extension phases (§4.3: 1,000 steps each at LR 7.3e-6, 32K × 1,920 then 128K × 480, YaRN 40)."""
+    r = _cli(config_path("dsv3_671b.yaml"))
+    assert r.returncode == 0 and "  global_batch: 15360\n" in r.stdout
+    t = load_config(config_path("dsv3_671b.yaml")).train
+    assert (t.global_batch, t.batch_ramp.start_sequences, t.batch_ramp.tokens) == (15360, 3072, 469_000_000_000)
+    for name, seq, batch, source in (("dsv3_671b_32k.yaml", 32768, 1920, "runs/dsv3_671b"),
+                                     ("dsv3_671b_128k.yaml", 131072, 480, "runs/dsv3_671b_32k")):
+        c = load_config(config_path(name))
+        assert (c.data.seq_len, c.train.global_batch, c.train.steps, c.train.lr, c.train.warmup_steps) == \
+            (seq, batch, 1000, 7.3e-6, 0), name
+        assert c.train.lr_segments == [] and c.train.batch_ramp is None and c.train.init_from == source
+        assert c.model.mla.rope_scaling.factor == 40.0 and c.model.max_seq_len >= seq
+
+
+def test_batch_split_and_ramp_rounding_rule():
+    """dsv3/batch.py: micro-batches per replica = batch / (dp · micro_batch_size); under the ramp the batch
+    is rounded down to a multiple of dp · micro_batch_size, never below the schedule's fewest chunks,
+    even under DualPipe. Hand-computed on the report's layout (PP16 × DP128, micro-batch 1)."""
+    from dsv3.batch import check_layout, micro_batches_at
+    from dsv3.errors import UserError
+    t = load_config(config_path("dsv3_671b.yaml")).train
+    assert check_layout(t, 128, 16, "dualpipe") == 120                       # 15360 / 128
+    ramp = t.batch_ramp.tokens
+    assert micro_batches_at(t, 0, 128, 16, "dualpipe") == 32                 # 3072 / 128 = 24 < 2·16
+    assert micro_batches_at(t, ramp // 2, 128, 16, "dualpipe") == 72         # 9216 / 128
+    # 3072 + 12288·f = 128·73.5 → 73 chunks, odd: DualPipe takes 72; 1F1B keeps 73
+    f_tokens = int(ramp * (128 * 73.5 - 3072) / 12288)
+    assert micro_batches_at(t, f_tokens, 128, 16, "dualpipe") == 72
+    assert micro_batches_at(t, f_tokens, 128, 16, "1f1b") == 73
+    assert micro_batches_at(t, ramp, 128, 16, "dualpipe") == 120
+    assert micro_batches_at(t, 0, 128) == 24                                 # no pipeline: 3072 / 128
+    with pytest.raises(UserError, match=r"train.global_batch=15360 does not split over dp=7"):
+        check_layout(t, 7)
+    with pytest.raises(UserError, match=r"gives 15 micro-batches .* needs an even number of >= 32"):
+        check_layout(t, 1024, 16, "dualpipe")

@@ -22,8 +22,8 @@ CACHE = os.path.join(ROOT, ".cache", "dsv3")
 KILL_STEP = 2
 BASE = ["data.seq_len=16", "train.micro_batch_size=1", "train.steps=4", "train.ckpt_every=1", "train.warmup_steps=1",
         "parallel.backend=gloo", f"data.cache_dir={CACHE}"]
-PP2 = ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.grad_accum=2"]
-EP4 = ["parallel.ep=4", "parallel.dispatcher=flat", "train.grad_accum=1"]
+PP2 = ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.global_batch=2"]
+EP4 = ["parallel.ep=4", "parallel.dispatcher=flat", "train.global_batch=4"]
 CASES = {  # name: (world, overrides, fault point, victim rank, signal, parallel.timeout_s)
     "pp2_1f1b_p2p_kill": (2, PP2, "p2p", 1, "SIGKILL", 20),
     "pp1_dp4_ep4_a2a_kill": (4, EP4, "a2a", 2, "SIGKILL", 20),

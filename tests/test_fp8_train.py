@@ -14,7 +14,7 @@ from dsv3.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")
-RUN = ["train.steps=50", "train.micro_batch_size=4", "data.seq_len=32", "train.sample_tokens=2",
+RUN = ["train.steps=50", "train.micro_batch_size=4", "train.global_batch=4", "data.seq_len=32", "train.sample_tokens=2",
        "train.eval_batches=1", "train.ckpt_every=0", f"data.cache_dir={CACHE}"]
 
 

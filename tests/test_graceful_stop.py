@@ -19,7 +19,7 @@ from parallel.launch_utils import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")
 WORLD, STEPS, STOP = 2, 4, 2
-BASE = ["data.seq_len=16", "train.micro_batch_size=1", f"train.steps={STEPS}", "train.warmup_steps=1",
+BASE = ["data.seq_len=16", "train.micro_batch_size=1", "train.global_batch=2", f"train.steps={STEPS}", "train.warmup_steps=1",
         "train.sample_tokens=2", "train.eval_batches=1", "parallel.backend=gloo", "parallel.timeout_s=60",
         f"data.cache_dir={CACHE}"]
 

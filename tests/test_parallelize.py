@@ -10,10 +10,10 @@ from tests.conftest import config_path
 from tests.dist_utils import reference_step, run_ranks
 
 WORLD, STEPS, SEQ, GLOBAL_ROWS = 8, 3, 16, 16
-BASE = [f"data.seq_len={SEQ}", "train.micro_batch_size=1"]
-RUNS = {  # name: overrides; the rows of a DP replica = micro_batch_size × grad_accum = GLOBAL_ROWS / dp
-    "pp2_dp4_ep4_dualpipe": ["parallel.pp=2", "parallel.ep=4", "parallel.pp_schedule=dualpipe", "train.grad_accum=4"],
-    "pp1_dp8_ep4": ["parallel.ep=4", "train.grad_accum=2"],
+BASE = [f"data.seq_len={SEQ}", "train.micro_batch_size=1", f"train.global_batch={GLOBAL_ROWS}"]
+RUNS = {  # name: overrides; the rows of a DP replica = GLOBAL_ROWS / dp micro-batches of one sequence
+    "pp2_dp4_ep4_dualpipe": ["parallel.pp=2", "parallel.ep=4", "parallel.pp_schedule=dualpipe"],
+    "pp1_dp8_ep4": ["parallel.ep=4"],
 }
 
 

@@ -20,7 +20,7 @@ from dsv3.stops import Interrupted, StopRequests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")
-TINY = ["train.micro_batch_size=2", "data.seq_len=32", "train.sample_tokens=2", "train.eval_batches=1",
+TINY = ["train.micro_batch_size=2", "train.global_batch=2", "data.seq_len=32", "train.sample_tokens=2", "train.eval_batches=1",
         "train.warmup_steps=1", f"data.cache_dir={CACHE}"]
 
 

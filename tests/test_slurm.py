@@ -41,12 +41,12 @@ def test_slurm_two_nodes_of_four(tmp_path):
                SLURM_JOB_NODELIST="127.0.0.1", DSV3_NPROC_PER_NODE="4", DSV3_PYTHON=sys.executable,
                MASTER_PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS="1")
     out = tmp_path / "dist"
-    proc = subprocess.run(["bash", "launch/slurm.sbatch", *ARGS, "train.micro_batch_size=1", f"train.out_dir={out}"],
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", *ARGS, "train.micro_batch_size=1", "train.global_batch=8", f"train.out_dir={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world 8" in proc.stdout
     ref = tmp_path / "one"
-    single = subprocess.run([sys.executable, "-m", "dsv3.train", *ARGS, "train.micro_batch_size=8", f"train.out_dir={ref}"],
+    single = subprocess.run([sys.executable, "-m", "dsv3.train", *ARGS, "train.micro_batch_size=8", "train.global_batch=8", f"train.out_dir={ref}"],
                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     for a, b in zip(losses(out), losses(ref)):

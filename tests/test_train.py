@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from dsv3.config import load_config
-from dsv3.lr_schedule import lr_at, micro_batches_at
+from dsv3.batch import micro_batches_at
+from dsv3.lr_schedule import lr_at
 from dsv3.optim import AdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")
 STEPS = 6
-SMALL = [f"train.steps={STEPS}", "train.micro_batch_size=4", "train.grad_accum=2", "data.seq_len=64",
+SMALL = [f"train.steps={STEPS}", "train.micro_batch_size=4", "train.global_batch=8", "data.seq_len=64",
          "train.ckpt_every=2", "train.sample_tokens=4", "train.eval_batches=1", "train.warmup_steps=2",
          f"data.cache_dir={CACHE}"]
 
@@ -108,9 +109,9 @@ def test_lr_schedule_matches_report():
     assert lr_at(t, 10_000, int(14.3e12) - 1) == pytest.approx(2.2e-5, rel=1e-6)
     assert lr_at(t, 10_000, int(14.5e12)) == pytest.approx(2.2e-5)
     assert lr_at(t, 10_000, int(14.3e12 + 333e9 + 1)) == pytest.approx(7.3e-6)
-    # batch ramp 3072 → 15360 sequences over the first 469B tokens (micro-batch 1)
+    # batch ramp 3072 → 15360 sequences over the first 469B tokens (micro-batch 1), one replica and no pipeline
     assert micro_batches_at(t, 0) == 3072
-    assert micro_batches_at(t, int(469e9 / 2)) == math.ceil((3072 + 15360) / 2)
+    assert micro_batches_at(t, int(469e9 / 2)) == (3072 + 15360) // 2
     assert micro_batches_at(t, int(469e9)) == 15360
 
 

@@ -1,0 +1,53 @@
+"""The training loop's step interface over ``parallelize()``: PP × DP (EP inside DP) with ZeRO-1 and
+sharded checkpoints. ``dsv3.train.LocalSteps`` is the one-process implementation; ``dsv3.train._loop``
+drives either, so LR, λ, γ, the batch ramp, the divergence guard, stops, logging and checkpoints are
+the same code in every layout."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from dsv3.checkpoint import latest_checkpoint
+from parallel.dist_checkpoint import load_sharded, save_sharded
+from parallel.mesh import Mesh
+from parallel.parallelize import parallelize
+
+
+class ParallelSteps:
+    def __init__(self, cfg, env, model):
+        self.cfg, self.env = cfg, env
+        pc = cfg.parallel
+        self.mesh = Mesh.from_config(pc)
+        self.pm = parallelize(model, self.mesh, cfg)
+        self.dp, self.dp_index, self.pp = self.pm.dp, self.pm.dp_index, pc.pp
+        # without a pipeline every rank runs the whole (expert-sharded) model: eval, balance hooks and the
+        # end sample run on it, every rank together (the expert all-to-all needs them all)
+        self.eval_model = model if pc.pp == 1 else None
+        overlap = getattr(self.pm.pipe, "overlap", False) if self.pm.pipe is not None else False
+        sched = f"pp {pc.pp} {pc.pp_schedule}{' overlapped' if overlap else ''} × " if pc.pp > 1 else ""
+        self.layout = f" ({sched}dp {self.mesh.dp}, ep {pc.ep}, ZeRO-1)"
+
+    def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float], autocast,
+                   may_step, monitor) -> dict:
+        stats = self.pm.train_step(rows, lr, mtp_weight, gamma, autocast, may_step=may_step,
+                                   on_micro=monitor.after_forward)
+        if monitor.histograms:   # summed over every rank that routed tokens
+            flat = torch.cat(monitor.histograms)
+            torch.distributed.all_reduce(flat)
+            for h, piece in zip(monitor.histograms, flat.split([h.numel() for h in monitor.histograms])):
+                h.copy_(piece)
+        stats["loads"] = self.pm.all_layer_loads(stats["loads"])
+        return stats
+
+    def latest(self, run_dir: str) -> Optional[str]:
+        return latest_checkpoint(run_dir)   # either kind
+
+    def load(self, path: str) -> dict:
+        return load_sharded(path, self.pm)  # a sharded checkpoint of any layout, or a one-process one
+
+    def save(self, run_dir: str, step: int, extra: dict) -> None:
+        from dsv3.checkpoint import prune_checkpoints
+        save_sharded(run_dir, step, self.pm, extra)
+        if self.env.rank == 0:
+            prune_checkpoints(run_dir, self.cfg.train.keep_last)
