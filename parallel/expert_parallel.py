@@ -15,7 +15,6 @@ over its expert-data-parallel copies and divided by the same DP size.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

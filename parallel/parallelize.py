@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from dsv3.batch import check_layout
 from dsv3.config import Config
-from dsv3.errors import UserError
 from dsv3.model import Transformer
 from parallel.dsv3_stages import (dsv3_microbatches, dsv3_stages, set_aux_loss_scale, set_mtp_weight,
                                   take_loss_parts, update_bias_pipelined, moe_by_name)

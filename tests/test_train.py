@@ -4,7 +4,6 @@ plus the LR schedule against the report's figures and AdamW against torch's."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
