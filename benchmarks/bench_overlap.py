@@ -86,13 +86,25 @@ def _rank(rank, world, args):
     return out
 
 
+def _hidden(ev) -> tuple[float, float]:
+    """(share of the all-to-all time under compute, all-to-all seconds). Compute is the parts' spans less
+    the time their thread waited on an all-to-all inside them (an unsplit piece: the head with MTP)."""
+    from parallel.overlap import WAIT
+    from parallel.trace import intersect, length, union
+    comm = union((e.start, e.end) for e in ev if e.cat == "a2a")
+    covered = intersect(comm, union((e.start, e.end) for e in ev if e.cat == "compute"))
+    blocked = intersect(covered, union((e.start, e.end) for e in ev if e.cat == WAIT))
+    total = length(comm)
+    return ((length(covered) - length(blocked)) / total if total > 0 else 1.0), total
+
+
 def _summary(events) -> dict:
-    from parallel.trace import Event, length, overlapped_fraction, union
+    from parallel.trace import Event, length, union
     ev = [Event(*e) for e in events]
-    frac, comm = overlapped_fraction(ev)
+    frac, comm = _hidden(ev)
     fb = union((e.start, e.end) for e in ev if e.cat == "op" and e.name.startswith("FB"))
     in_fb = [e for e in ev if e.cat != "a2a" or any(a <= e.start and e.end <= b + 1e-3 for a, b in fb)]
-    frac_fb, comm_fb = overlapped_fraction(in_fb)
+    frac_fb, comm_fb = _hidden(in_fb)
     p2p = length(union((e.start, e.end) for e in ev if e.cat == "p2p"))
     return dict(frac=frac, comm=comm, frac_fb=frac_fb, comm_fb=comm_fb, p2p_wait=p2p,
                 n_a2a=sum(e.cat == "a2a" for e in ev))

@@ -43,6 +43,7 @@ from parallel.trace import A2A, SerialLink, Tracer
 from parallel.weight_grad import backward_input
 
 WSink = Callable[[str, Callable[[], None]], None]   # receives each part's weight-grad closure
+WAIT = "wait"   # trace category: this rank's thread blocked on an all-to-all (inside a part's span, not compute)
 
 
 # ----------------------------------------------------------------- modelled, traced transport
@@ -71,7 +72,20 @@ class LinkDispatcher(EPDispatcher):
             self.tracer.add(direction, A2A, start, done)
         out = buf.new_empty(sum(recv_counts), row_bytes)
         work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=async_op)
-        return _Pending(work if async_op else None, out, done)
+        pending = _Pending(work if async_op else None, out, done)
+        return pending if self.tracer is None else _TracedWait(pending, self.tracer)
+
+
+class _TracedWait:
+    """A pending all-to-all whose ``wait`` is recorded (``WAIT``): a piece that runs unsplit (e.g. the
+    head with its MTP Block) waits inside its own compute span, which is then no compute."""
+
+    def __init__(self, pending: _Pending, tracer: Tracer):
+        self.pending, self.tracer = pending, tracer
+
+    def wait(self) -> torch.Tensor:
+        with self.tracer.span("wait", WAIT):
+            return self.pending.wait()
 
 
 def use_link_model(model: nn.Module, link: SerialLink, tracer: Optional[Tracer] = None) -> None:
@@ -150,6 +164,8 @@ def _part_grads(outputs: list, grads: list, inputs: list, params: list, sink: Op
     autograd pass (each parameter's .grad accumulated once, its hooks firing, exactly as a
     ``torch.autograd.backward`` over the whole stage does); else queued on ``sink`` (a Bi op's W)."""
     if sink is None:
+        for x in inputs:     # the inputs are this part's own leaves: their .grad is exactly the gradient
+            x.grad = None
         torch.autograd.backward(outputs, grads, inputs=inputs + params)
         out = [x.grad for x in inputs]
         for x in inputs:
