@@ -31,15 +31,12 @@ PP, EP, WORLD = 2, 4, 8
 
 
 def _overrides(args) -> list[str]:
-    from dsv3.config import TrainConfig
     dp = WORLD // PP
-    # TODO(issue 16 item 3 landing): keep only train.global_batch once it is committed
-    batch = ([f"train.global_batch={args.batch * args.chunks * dp}"] if "global_batch" in TrainConfig.__dataclass_fields__
-             else [f"train.grad_accum={args.chunks}", f"parallel.num_chunks={args.chunks}"])
     return ["model.vocab_size=256", "model.n_layers=4", "model.n_dense_layers=0", f"model.mtp.depth={args.mtp_depth}",
-            f"data.seq_len={args.seq}", f"train.micro_batch_size={args.batch}", "parallel.pp_schedule=dualpipe",
+            f"data.seq_len={args.seq}", f"train.micro_batch_size={args.batch}",
+            f"train.global_batch={args.batch * args.chunks * dp}", "parallel.pp_schedule=dualpipe",
             f"parallel.pp={PP}", f"parallel.ep={EP}", "parallel.nodes=4", "parallel.ranks_per_node=2",
-            "parallel.dispatcher=flat"] + batch
+            "parallel.dispatcher=flat"]
 
 
 def _rank(rank, world, args):

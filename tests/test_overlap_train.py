@@ -12,19 +12,14 @@ that each of its 4 stages has all-to-alls).
 """
 from __future__ import annotations
 
-import io
-
 import torch
 
-from dsv3.config import TrainConfig
 from tests.conftest import config_path
 from tests.dist_utils import run_ranks
 
 WORLD, SEQ, ROWS, STEPS = 4, 16, 4, 2   # ROWS: sequences per DP replica and step (4 micro-batches of 1)
-BASE = [f"data.seq_len={SEQ}", "train.micro_batch_size=1", "parallel.pp=2", "parallel.ep=2", "parallel.dispatcher=flat"]
-# TODO(issue 16 item 3 landing): drop the grad_accum form once train.global_batch is committed
-BASE.append(f"train.global_batch={2 * ROWS}" if "global_batch" in TrainConfig.__dataclass_fields__
-            else f"train.grad_accum={ROWS}")
+BASE = [f"data.seq_len={SEQ}", "train.micro_batch_size=1", f"train.global_batch={2 * ROWS}", "parallel.pp=2",
+        "parallel.ep=2", "parallel.dispatcher=flat"]
 
 
 def _run(rank, overrides: list[str], dtype: torch.dtype, trace: str = ""):
@@ -66,9 +61,7 @@ def _worker(rank, world):
         runs[kind, "off"] = _run(rank, o + ["parallel.overlap=false"], dtype)
         if kind == "dualpipe":
             runs[kind, "traced_off"] = _run(rank, o, dtype, trace="off")
-    buf = io.BytesIO()   # bytes, not shared-memory tensors that die with this process
-    torch.save(runs, buf)
-    return buf.getvalue()
+    return runs
 
 
 def interleaved_ops(events) -> list[str]:
@@ -88,7 +81,7 @@ def interleaved_ops(events) -> list[str]:
 
 
 def test_overlap_on_off_bitwise_and_interleaved():
-    results = [torch.load(io.BytesIO(b)) for b in run_ranks(_worker, WORLD, timeout=300)]
+    results = run_ranks(_worker, WORLD, timeout=300)
     for kind in ("dualpipe", "dualpipev"):
         for rank, r in enumerate(results):
             on, off = r[kind, "on"], r[kind, "off"]
