@@ -98,16 +98,27 @@ class BalanceMonitor:
     def step_fields(self, loads: list[torch.Tensor]) -> dict:
         """The step's fields (STEP_FIELDS); resets the per-step accumulators. ``loads`` are the
         step's tokens per expert per layer, already summed over micro-batches and ranks."""
+        fields = self.fields(loads, [self._bias(m) for m in self.moes], self.histograms, self.balance_sums)
+        for h in self.histograms:
+            h.zero_()
+        self.balance_sums = [0.0 for _ in self.moes]
+        return fields
+
+    def fields(self, loads: list[torch.Tensor], bias: list[torch.Tensor], histograms: list[torch.Tensor],
+               balance_sums: list[float]) -> dict:
+        """The fields from every layer's values (where a pipeline spreads the layers over ranks, the caller
+        gathers them first: parallel/pipeline_eval.py); keeps the running MaxVio and the previous bias."""
         loads = [l.detach().float().cpu() for l in loads]
         if self.accum_loads is None:
             self.accum_loads = [torch.zeros_like(l) for l in loads]
         for acc, l in zip(self.accum_loads, loads):
             acc += l
         accum = [max_violation(a) for a in self.accum_loads]
-        bias = [self._bias(m) for m in self.moes]
+        if len(self.prev_bias) != len(bias):
+            self.prev_bias = [b.clone() for b in bias]
         drift = [float((b - p).norm()) for b, p in zip(bias, self.prev_bias)]
         self.prev_bias = bias
-        hist = [h.tolist() for h in self.histograms]
+        hist = [[int(x) for x in h.tolist()] for h in histograms]
         total = [sum(h) for h in hist]
         fields = dict(
             tokens_per_expert=[[int(round(x)) for x in l.tolist()] for l in loads],
@@ -116,19 +127,18 @@ class BalanceMonitor:
             bias=[[float(f"{x:.8g}") for x in b.tolist()] for b in bias], bias_drift=drift,
             bias_mean=[float(b.mean()) for b in bias],
             bias_spread=[float(b.std(unbiased=False)) for b in bias],
-            balance_loss_layers=list(self.balance_sums),
+            balance_loss_layers=[float(b) for b in balance_sums],
             groups_per_token=hist,
             groups_per_token_mean=(sum(mean_of_histogram(h) * t for h, t in zip(hist, total)) / sum(total)
                                    if sum(total) else 0.0))
-        for h in self.histograms:
-            h.zero_()
-        self.balance_sums = [0.0 for _ in self.moes]
         return fields
 
     # --------------------------------------------------------------------------------- evaluation
-    def take_domain_loads(self) -> dict:
-        """{domain: [[tokens per expert] per layer]} recorded since the last call; also
-        ``val_maxvio`` per layer over all domains together."""
+    def take_domain_loads(self, domain_loads: Optional[dict] = None) -> dict:
+        """{domain: [[tokens per expert] per layer]} recorded since the last call (or the given, gathered
+        ones); also ``val_maxvio`` per layer over all domains together."""
+        if domain_loads is not None:
+            self.domain_loads = domain_loads
         loads = {d: [l.tolist() for l in per_layer] for d, per_layer in sorted(self.domain_loads.items())}
         total = None
         for per_layer in self.domain_loads.values():

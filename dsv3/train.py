@@ -261,6 +261,12 @@ class LocalSteps:
         self.eval_model = model     # eval, balance hooks and the end sample run on it
         self.layout = ""
 
+    def balance_monitor(self) -> BalanceMonitor:
+        return BalanceMonitor(self.model)
+
+    def evaluate(self, data: Dataset, cfg: Config, autocast, monitor) -> float:
+        return evaluate(self.model, data, cfg, autocast, monitor)
+
     def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float], autocast,
                    may_step, monitor: BalanceMonitor) -> dict:
         """One optimizer step on this replica's rows (C micro-batches of micro_batch_size): the loss is
@@ -333,7 +339,7 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
     fpt, peak, autocast, log = run_setup(cfg, env, data, step, steps.layout)
     sched = Schedule(cfg, steps.dp, cfg.parallel.pp if steps.pp > 1 else 1, cfg.parallel.pp_schedule)
     model = steps.eval_model
-    monitor = BalanceMonitor(model) if model is not None else None
+    monitor = steps.balance_monitor()
     losses: list[float] = []
     saved_at, req = step, 0
     restore(old_handlers)
@@ -346,8 +352,7 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
                 rows = torch.cat([sampler.next_batch() for _ in range(n_micro)]).to(env.device)
                 set_step(step + 1)
                 stats = steps.train_step(rows, lr, mtp_weight, gamma, autocast,
-                                         lambda loss, norm: guard.check(loss, norm, step + 1),
-                                         monitor or _NO_MONITOR)
+                                         lambda loss, norm: guard.check(loss, norm, step + 1), monitor)
                 step_tokens = rows[:, :-1].numel() * steps.dp
                 tokens += step_tokens
                 step += 1
@@ -358,8 +363,7 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
                               tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak,
                               maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
                               maxvio=maxvio)
-                record.update(monitor.step_fields(loads) if monitor is not None
-                              else dict(tokens_per_expert=[load.tolist() for load in loads]))
+                record.update(monitor.step_fields(loads))
                 line = step_line(record, t.steps) if step % t.log_every == 0 or step == t.steps else None
                 if skipped:
                     record.update(skipped=True, skipped_steps=guard.skipped_total)
@@ -369,8 +373,8 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
                 log.log(record, line)
                 fault_point("step", step)
                 req = guard.after_step(dt)
-                if t.eval_every and step % t.eval_every == 0 and step < t.steps and not req and model is not None:
-                    val = evaluate(model, data, cfg, autocast, monitor)
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps and not req:
+                    val = steps.evaluate(data, cfg, autocast, monitor)
                     log.log(dict(step=step, val_loss=val, **monitor.take_domain_loads()),
                             f"step {step:>5}/{t.steps} | val loss {val:.4f}", advance=False)
                 if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or req:
@@ -382,30 +386,19 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
         result: dict = dict(losses=losses)
         if req:
             raise Stopped(_stop_message(req, step, os.path.join(t.out_dir, f"ckpt_{saved_at:07d}")), exit_code(req))
-        if model is not None:   # every rank runs it (expert parallelism dispatches across ranks); rank 0 logs
-            val = evaluate(model, data, cfg, autocast, monitor)
-            ent = data.val_unigram_entropy()
-            domain = monitor.take_domain_loads()
-            log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent, **domain), advance=False)
-            log.print(f"validation loss {val:.4f} nats/token | validation unigram entropy {ent:.4f} nats/token "
-                      f"| gap {ent - val:+.4f}")
-            sample = sample_text(model, data, cfg)
-            log.print(f"sample: {sample!r}")
-            result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
+        # every rank evaluates (the expert all-to-all and the pipeline need them all); rank 0 logs
+        val = steps.evaluate(data, cfg, autocast, monitor)
+        ent = data.val_unigram_entropy()
+        domain = monitor.take_domain_loads()
+        log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent, **domain), advance=False)
+        log.print(f"validation loss {val:.4f} nats/token | validation unigram entropy {ent:.4f} nats/token "
+                  f"| gap {ent - val:+.4f}")
+        if model is not None:   # generation needs the whole model on a rank: not under a pipeline
+            log.print(f"sample: {sample_text(model, data, cfg)!r}")
+        result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
         return result
     finally:
         log.close()
-
-
-class _NoMonitor:
-    """Where the pipeline holds copies of the stages, the balance hooks have no model to watch."""
-    histograms: list = []
-
-    def after_forward(self, n_micro: int) -> None:
-        pass
-
-
-_NO_MONITOR = _NoMonitor()
 
 
 class RankFailure(Exception):

@@ -53,6 +53,7 @@ class DSV3Stage(nn.Module):
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.mtp_weight = model.mtp_weight
         self.loss_parts = dict(lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
+        self.balance_by_moe: dict[int, float] = {}
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -84,9 +85,12 @@ class DSV3Stage(nn.Module):
         return lm_loss + self.mtp_weight * mtp_loss
 
     def end_forward(self) -> None:
-        """Adds this forward's balance losses to the step's record (``take_loss_parts``)."""
-        self.loss_parts["balance_loss"] += sum(float(m.last_balance_loss) for m in self.moe_layers()
-                                               if m.last_balance_loss is not None)
+        """Adds this forward's balance losses to the step's record (``take_loss_parts``), in all and per
+        MoE layer (``balance_by_moe``, keyed by the layer object's id, for the balance fields)."""
+        values = {id(m): float(m.last_balance_loss) for m in self.moe_layers() if m.last_balance_loss is not None}
+        self.loss_parts["balance_loss"] += sum(values.values())
+        for k, v in values.items():
+            self.balance_by_moe[k] = self.balance_by_moe.get(k, 0.0) + v
 
     def forward(self, x: Optional[torch.Tensor], mb: dict) -> torch.Tensor:
         """x: (B, T, dim) from the previous stage (None on the first); mb: tokens (B, T), labels (B, T).

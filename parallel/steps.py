@@ -28,6 +28,21 @@ class ParallelSteps:
         sched = f"pp {pc.pp} {pc.pp_schedule}{' overlapped' if overlap else ''} × " if pc.pp > 1 else ""
         self.layout = f" ({sched}dp {self.mesh.dp}, ep {pc.ep}, ZeRO-1)"
 
+    def balance_monitor(self):
+        """Hooks on the model's routers, or, under a pipeline, on this rank's stage copies with every
+        layer's fields gathered across the ranks (parallel/pipeline_eval.py)."""
+        from dsv3.balance_metrics import BalanceMonitor
+        if self.pm.pipe is None:
+            return BalanceMonitor(self.eval_model)
+        from parallel.pipeline_eval import PipelineBalance
+        return PipelineBalance(self.pm)
+
+    def evaluate(self, data, cfg, autocast, monitor) -> float:
+        if self.pm.pipe is None:
+            from dsv3.train import evaluate
+            return evaluate(self.eval_model, data, cfg, autocast, monitor)
+        return monitor.evaluate(data, cfg, autocast)
+
     def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float], autocast,
                    may_step, monitor) -> dict:
         stats = self.pm.train_step(rows, lr, mtp_weight, gamma, autocast, may_step=may_step,

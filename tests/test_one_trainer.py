@@ -85,7 +85,7 @@ def test_every_layout_runs_the_one_loop(tmp_path, monkeypatch, layout, world, ov
             assert c["update_bias"] == STEPS * n_moe, (rank, c)
     if layout == "pp2":
         assert sum(c["update_bias"] for c in counts) >= STEPS * n_moe
-        return
+        _pipeline_eval_equals_one_process(out, evals[-1]["val_loss"])
     for r in steps:
         for k in BALANCE:
             assert k in r and len(r[k]) == n_moe, (k, r.get(k))
@@ -115,3 +115,22 @@ def test_init_from_starts_fresh_from_another_runs_weights(tmp_path, capsys):
                            f"train.out_dir={tmp_path}/x"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(err) == 1 and "nope" in err[0], err
+
+
+def _pipeline_eval_equals_one_process(out_dir, val_loss):
+    """The pipeline's forward-only evaluation runs the very ops of Transformer.forward stage by stage, the
+    hidden states handed on in the model's dtype: the final validation loss equals one process's on the
+    same (final, sharded) checkpoint bit for bit."""
+    import torch
+    from dsv3.checkpoint import latest_checkpoint, load_any_checkpoint
+    from dsv3.config import load_config
+    from dsv3.data import prepare_data
+    from dsv3.model import Transformer
+    from dsv3.train import evaluate
+    cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"), BASE + [f"train.out_dir={out_dir}"])
+    model = Transformer(cfg.model)
+    load_any_checkpoint(latest_checkpoint(out_dir), model, None, restore_rng=False)
+    data = prepare_data(cfg.data, cfg.model.vocab_size, None, seed=cfg.train.seed)
+    from contextlib import nullcontext
+    assert evaluate(model, data, cfg, nullcontext) == val_loss
+    assert torch.isfinite(torch.tensor(val_loss))
