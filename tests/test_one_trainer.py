@@ -64,7 +64,7 @@ def _moe_layers():
 @pytest.mark.parametrize("layout,world,overrides", [
     ("one_process", 1, []),
     ("ep2", 2, ["parallel.ep=2"]),
-    ("pp2", 2, ["parallel.pp=2"]),
+    ("pp2", 2, ["parallel.pp=2", "train.batch_ramp={start_sequences: 2, tokens: 40}"]),
 ])
 def test_every_layout_runs_the_one_loop(tmp_path, monkeypatch, layout, world, overrides):
     out = str(tmp_path / layout)
@@ -76,7 +76,9 @@ def test_every_layout_runs_the_one_loop(tmp_path, monkeypatch, layout, world, ov
         counts = run_ranks(_counted_run, world, out, overrides, timeout=300)
     steps, evals = _records(out)
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
-    assert all(r["sequences"] == 4 for r in steps)            # the global batch, whatever the layout
+    # the global batch, whatever the layout; under PP2 with the ramp: 2 sequences at 0 tokens, then
+    # 2 + 2·30/40 = 3.5 → 3 after the first step's 2 × 15 tokens (rounded down, >= 2 chunks for 1F1B on 2)
+    assert [r["sequences"] for r in steps] == ([2, 3] if layout == "pp2" else [4] * STEPS)
     n_moe = _moe_layers()
     for rank, c in enumerate(counts):
         assert c["schedule"] == STEPS, (rank, c)
