@@ -10,67 +10,22 @@ import pytest
 import torch
 
 from tests.dist_utils import run_ranks
+from tests.rounding import gamma, routed_abs_sums, swiglu_abs_sums, swiglu_chain, worst
 
 WORLD, NODES, RPN = 8, 2, 4
 DIM, INTER, E, K, GROUPS, TOPK_GROUP = 160, 24, 16, 4, 2, 1   # DIM > 128: two FP8 tiles, one ragged
 
-# ---- rounding bounds. The expert-parallel path computes the same sums as the single-process one in
-# another order (other GEMM row blockings, the gate weight applied to the output instead of the up
-# projection, the k partial outputs summed at relays), so no fixed tolerance holds on every CPU's
-# kernels (issue 15: 1.21e-6 against a fixed 1e-6 on an AVX2 EPYC). Each comparison gets a bound derived
-# from the computation instead (Higham, Accuracy and Stability of Numerical Algorithms, §3.1): a sum of n
-# products, in any order, with or without FMA, is within γ_n = n·u/(1 − n·u) of exact times the sum of
-# the products' absolute values; each of the two computations is that close to exact, hence the 2.
+# ---- rounding bounds (tests/rounding.py). The expert-parallel path computes the same sums as the
+# single-process one in another order (other GEMM row blockings, the gate weight applied to the output
+# instead of the up projection, the k partial outputs summed at relays), so no fixed tolerance holds on
+# every CPU's kernels (issue 15: 1.21e-6 against a fixed 1e-6 on an AVX2 EPYC): each comparison gets a
+# bound derived from the computation, γ_n times absolute sums (swiglu_abs_sums), twice for two computations.
 # Through a chain of GEMMs these worst-case sums exceed the values by a few hundred times, so in fp32 the
 # bound would be ~10% of the output and more than the gate's gradient itself: the comparison runs in fp64
 # (the dispatcher is dtype-generic; test_parallelize runs it so), where the bound is ~1e-9 relative or
 # less, and a single fp32 rounding in the transport exceeds it 100× (measured), as would a lost or
 # misrouted row. (Realised errors are ~1e-4 of the bound.)
-U = 2.0 ** -53
-C_SILU = 8     # roundings in silu or silu' (exp ≤ 1 ulp in libm and SLEEF, then add, divide, multiply)
-# along one row: W1 x and W3 x (DIM terms), silu, ⊙, W2 h (INTER terms), the gate weight; backward W2ᵀg
-# (DIM), silu', W1ᵀ and W3ᵀ (2·INTER); the 2.1 and 3.1 are the |silu'| ≤ 1.1 factors where a DIM-term
-# error passes through silu (see _abs_sums)
-CHAIN = 2 * INTER + 3.1 * DIM + 2 * C_SILU + 4
-
-
-def _gamma(n: float) -> float:
-    return n * U / (1 - n * U)
-
-
-def _abs_sums(x, w1, w2, w3, w, g) -> dict:
-    """The absolute-value sums that rounding errors are fractions of, for rows r of SwiGLU experts
-    y_r = w_r·W2(silu(W1 x_r) ⊙ W3 x_r) under the output gradient g_r. x (R, D), w1/w3 (R, I, D), w2 (R, D, I),
-    w (R,), g (R, D); fp64. With A = |W1||x| ≥ |W1 x|, B = |W3||x| ≥ |W3 x|, H = A⊙B (|silu(a)| ≤ |a|), and
-    G = |W2|ᵀ|g|, first-order error propagation (|silu'| ≤ 1.1, |silu''| ≤ 0.5) bounds every error of a
-    row's chain by γ_CHAIN times: y: |w|·|W2|H; ∂/∂w: |g|·|W2|H; ∂/∂x: |w|·(|W1|ᵀ(G⊙B⊙(1.1 + A/2)) +
-    |W3|ᵀ(G⊙A)); ∂/∂W1: |w|·(G⊙B⊙(1.1 + A/2)) ⊗ |x|; ∂/∂W2: |w|·|g| ⊗ H; ∂/∂W3: |w|·(G⊙A) ⊗ |x|. (The A/2
-    is silu'' times the error of W1 x.) Sums over rows add their length to the γ."""
-    xa, w1, w2, w3, wa, ga = x.abs(), w1.abs(), w2.abs(), w3.abs(), w.abs()[:, None], g.abs()
-    A, B = torch.einsum("rid,rd->ri", w1, xa), torch.einsum("rid,rd->ri", w3, xa)
-    G = torch.einsum("rdi,rd->ri", w2, ga)
-    W2H = torch.einsum("rdi,ri->rd", w2, A * B)
-    d_gate, d_up = G * B * (1.1 + A / 2), G * A
-    return {"y": wa * W2H, "w": (ga * W2H).sum(-1),
-            "x": wa * (torch.einsum("rid,ri->rd", w1, d_gate) + torch.einsum("rid,ri->rd", w3, d_up)),
-            "w1": wa[..., None] * d_gate[:, :, None] * xa[:, None, :],
-            "w2": wa[..., None] * ga[:, :, None] * (A * B)[:, None, :],
-            "w3": wa[..., None] * d_up[:, :, None] * xa[:, None, :]}
-
-
-def _routed_abs_sums(experts, x, idx, w, g) -> tuple[torch.Tensor, dict]:
-    """_abs_sums of the N·k rows (token t, choice j) of a routed dispatch; returns (token of each row, sums)."""
-    N, k = idx.shape
-    rows, tok = idx.reshape(-1), torch.arange(N).repeat_interleave(k)
-    f = lambda t: t.detach().double()  # noqa: E731
-    return tok, _abs_sums(f(x)[tok], f(experts.w1)[rows], f(experts.w2)[rows], f(experts.w3)[rows],
-                          f(w).reshape(-1), f(g)[tok])
-
-
-def _worst(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> float:
-    """max |got − want| / bound (≤ 1: within the bound; 0/0 counts as 0)."""
-    err = (got.double() - want.double()).abs()
-    return (err / bound.clamp_min(1e-300)).max().item() if err.numel() else 0.0
+CHAIN = swiglu_chain(DIM, INTER)
 
 
 def _layer_bounds(moe, x, x_routed, g, tokens_all_ranks: int) -> dict:
@@ -85,25 +40,25 @@ def _layer_bounds(moe, x, x_routed, g, tokens_all_ranks: int) -> dict:
     N = x.shape[0]
     with torch.no_grad():
         w, idx, scores = moe.gate(x)
-    tok, r = _routed_abs_sums(moe.experts, x_routed, idx, w, g)
+    tok, r = routed_abs_sums(moe.experts, x_routed, idx, w, g)
     sh = moe.shared_experts
-    s = _abs_sums(x.double(), *(m.weight.detach().double().expand(N, -1, -1) for m in (sh.w1, sh.w2, sh.w3)),
-                  torch.ones(N, dtype=torch.float64), g.double())
+    s = swiglu_abs_sums(x.double(), *(m.weight.detach().double().expand(N, -1, -1) for m in (sh.w1, sh.w2, sh.w3)),
+                        torch.ones(N, dtype=torch.float64), g.double())
     per_token = lambda t: torch.zeros(N, t.shape[1], dtype=torch.float64).index_add(0, tok, t)  # noqa: E731
     S = scores.double().gather(1, idx).sum(-1)
     dz = torch.zeros(N, E, dtype=torch.float64).scatter(
         1, idx, (c.routed_scaling_factor * r["w"].view(N, K).amax(-1) / (2 * S))[:, None].expand(N, K))
     wg = moe.gate.weight.detach().double().abs()
-    out = {"y": 2 * _gamma(CHAIN + K + 1) * (per_token(r["y"]) + s["y"]),
+    out = {"y": 2 * gamma(CHAIN + K + 1) * (per_token(r["y"]) + s["y"]),
            # routed + shared + gate paths into x; the gate path's own sums are E and K + 3 long
-           "gx": 2 * _gamma(CHAIN + E + 2 * K + 5) * (per_token(r["x"]) + s["x"] + dz @ wg),
-           "gate.weight": 2 * _gamma(CHAIN + N + K + 3) * (dz.t() @ x.double().abs())}
+           "gx": 2 * gamma(CHAIN + E + 2 * K + 5) * (per_token(r["x"]) + s["x"] + dz @ wg),
+           "gate.weight": 2 * gamma(CHAIN + N + K + 3) * (dz.t() @ x.double().abs())}
     rows = idx.reshape(-1)
     for name in ("w1", "w2", "w3"):
         mine = torch.zeros((E,) + r[name].shape[1:], dtype=torch.float64).index_add(0, rows, r[name])
         dist.all_reduce(mine)                              # an expert sums rows from every rank
-        out[f"experts.{name}"] = 2 * _gamma(CHAIN + tokens_all_ranks * K) * mine
-        out[f"shared_experts.{name}.weight"] = 2 * _gamma(CHAIN + N) * s[name].sum(0)
+        out[f"experts.{name}"] = 2 * gamma(CHAIN + tokens_all_ranks * K) * mine
+        out[f"shared_experts.{name}.weight"] = 2 * gamma(CHAIN + N) * s[name].sum(0)
     return out
 
 
@@ -162,11 +117,11 @@ def _check_layer(rank, world, kind, fp8, n_tokens):
     y, gx, g = _run(ep, x, probe)
     mine = Placement.contiguous(E, WORLD).local_experts(rank)
     bound = _layer_bounds(ref, x.view(-1, DIM), x_ref.view(-1, DIM), probe.view(-1, DIM), sum(n_tokens))
-    worst = {"y": _worst(y.view(-1, DIM), y_ref.view(-1, DIM), bound["y"]),
-             "gx": _worst(gx.view(-1, DIM), gx_ref.view(-1, DIM), bound["gx"])}
+    ratio = {"y": worst(y.view(-1, DIM), y_ref.view(-1, DIM), bound["y"]),
+             "gx": worst(gx.view(-1, DIM), gx_ref.view(-1, DIM), bound["gx"])}
     for name in g_ref:
         want, b = (g_ref[name][mine], bound[name][mine]) if name.startswith("experts.") else (g_ref[name], bound[name])
-        worst[name] = _worst(g[name], want, b)
+        ratio[name] = worst(g[name], want, b)
     fp8_vs_exact = ((y - y_exact).norm() / y_exact.norm().clamp_min(1e-12)).item() if n_tokens[rank] else 0.0
     inter_rows = traffic.rows[("dispatch", "inter")]
     # inter-node copies per token from the plan: distinct remote nodes (two_hop) or remote ranks (flat)
@@ -179,7 +134,7 @@ def _check_layer(rank, world, kind, fp8, n_tokens):
     else:
         per_token = [len({r for r in rr.tolist() if r // RPN != me_node}) for rr in ranks]
     max_nodes = max([len(set(n.tolist())) for n in nodes], default=0)
-    return dict(worst=worst, fp8_vs_exact=fp8_vs_exact, inter_rows=inter_rows, plan_rows=sum(per_token),
+    return dict(worst=ratio, fp8_vs_exact=fp8_vs_exact, inter_rows=inter_rows, plan_rows=sum(per_token),
                 max_nodes=max_nodes, tokens=traffic.tokens, counters=dict(traffic.bytes))
 
 
@@ -212,12 +167,12 @@ def _check_empty(rank, world):
                 y2.sum().backward()
             gx2 = x2.grad if x2.grad is not None else torch.zeros_like(x2)
             gw2 = w2.grad if w2.grad is not None else torch.zeros_like(w2)
-            tok, r = _routed_abs_sums(ref, x, idx, w, torch.ones(n[rank], DIM, dtype=torch.float64))  # ∂y.sum()/∂y
+            tok, r = routed_abs_sums(ref, x, idx, w, torch.ones(n[rank], DIM, dtype=torch.float64))  # ∂y.sum()/∂y
             per_token = torch.zeros(n[rank], DIM, dtype=torch.float64)
-            worst = max(_worst(y, y2, 2 * _gamma(CHAIN + K) * per_token.index_add(0, tok, r["y"])),
-                        _worst(x.grad, gx2, 2 * _gamma(CHAIN + K) * per_token.index_add(0, tok, r["x"])),
-                        _worst(w.grad, gw2, 2 * _gamma(CHAIN) * r["w"].view(-1, K)))
-            out[(kind, sum(n))] = (worst, tuple(y.shape), disp.traffic.rows[("dispatch", "self")] + sum(
+            ratio = max(worst(y, y2, 2 * gamma(CHAIN + K) * per_token.index_add(0, tok, r["y"])),
+                        worst(x.grad, gx2, 2 * gamma(CHAIN + K) * per_token.index_add(0, tok, r["x"])),
+                        worst(w.grad, gw2, 2 * gamma(CHAIN) * r["w"].view(-1, K)))
+            out[(kind, sum(n))] = (ratio, tuple(y.shape), disp.traffic.rows[("dispatch", "self")] + sum(
                 v for (d, l), v in disp.traffic.rows.items() if d == "dispatch" and l != "self"))
             ref.zero_grad(set_to_none=True)
     return out
