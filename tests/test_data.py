@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 import os
-import time
 
 import numpy as np
 import pytest
@@ -43,17 +42,57 @@ def small_cfg(tmp_path, **kw):
     return DataConfig(**args)
 
 
+class _Work:
+    """Counts the expensive steps of prepare_data: BPE training (and the characters it sees) and
+    document encoding (and the documents encoded); ``forbid`` makes either one raise instead."""
+
+    def __init__(self, monkeypatch, forbid: bool = False):
+        import dsv3.data
+        import dsv3.tokenizer
+        self.bpe_calls, self.bpe_chars, self.encoded_docs = 0, 0, 0
+        train_bpe, encode = dsv3.tokenizer.train_bpe, dsv3.data.encode_documents
+
+        def counted_bpe(texts, vocab_size):
+            assert not forbid, "the cache hit trained the tokenizer again"
+            self.bpe_calls += 1
+            self.bpe_chars += sum(map(len, texts))
+            return train_bpe(texts, vocab_size)
+
+        def counted_encode(tok, docs, fim_rate, seed):
+            assert not forbid, "the cache hit encoded documents again"
+            self.encoded_docs += len(docs)
+            return encode(tok, docs, fim_rate, seed)
+        monkeypatch.setattr(dsv3.tokenizer, "train_bpe", counted_bpe)
+        monkeypatch.setattr(dsv3.data, "encode_documents", counted_encode)
+
+
+def _files(root: str) -> dict:
+    """Every file under root: (inode, size, mtime in ns) by path — a rewrite changes the inode or mtime."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            st = os.stat(os.path.join(folder, name))
+            out[os.path.join(folder, name)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     base = tmp_path_factory.mktemp("embedded")
-    start = time.perf_counter()
-    ds = prepare_data(DataConfig(cache_dir=str(base / "cache")), 512, str(base / "run"))
-    return ds, str(base / "run"), time.perf_counter() - start
+    with pytest.MonkeyPatch.context() as mp:
+        work = _Work(mp)
+        ds = prepare_data(DataConfig(cache_dir=str(base / "cache")), 512, str(base / "run"))
+    return ds, str(base / "run"), work
 
 
 def test_embedded_corpus_manifest(embedded):
-    ds, run_dir, seconds = embedded
-    assert seconds < 100  # the issue asks for well under 2 minutes on 2 cores (measured ~3 s)
+    ds, run_dir, work = embedded
+    # What preparation costs, counted rather than timed (a wall-clock bound depends on the machine and
+    # its load; the time is a benchmark's): one BPE training on a sample of at most
+    # data.tokenizer_sample_mb, and every document of the corpus encoded exactly once.
+    cfg = DataConfig()
+    assert work.bpe_calls == 1 and 0 < work.bpe_chars <= cfg.tokenizer_sample_mb * 1e6
+    assert work.encoded_docs == len(ds.corpus.documents)
     with open(os.path.join(run_dir, "corpus.json")) as f:
         manifest = json.load(f)
     paths = [f["path"] for f in manifest["files"]]
@@ -77,12 +116,15 @@ def test_packed_stream_is_the_corpus_joined_with_eos(embedded):
     assert int((np.asarray(ds.train_tokens) == ds.tokenizer.eos_id).sum()) == len(train_docs)
 
 
-def test_cache_hit_is_fast_and_identical(embedded):
+def test_cache_hit_rebuilds_nothing_and_is_identical(embedded, monkeypatch):
+    """A second prepare_data on the same corpus and config trains no tokenizer, encodes no document and
+    writes no file into the cache (every file's inode, size and mtime unchanged, none added)."""
     ds, _, _ = embedded
     cache_dir = os.path.dirname(os.path.dirname(ds.pack_dir))
-    start = time.perf_counter()
+    before = _files(cache_dir)
+    _Work(monkeypatch, forbid=True)
     again = prepare_data(DataConfig(cache_dir=cache_dir), 512, None)
-    assert time.perf_counter() - start < 10
+    assert _files(cache_dir) == before
     assert again.pack_dir == ds.pack_dir and again.index["shards"] == ds.index["shards"]
 
 
