@@ -196,7 +196,12 @@ class Pipeline:
             raise ValueError(f"stage {m.src} sends {tuple(t.shape)} {t.dtype}; the pipeline was built for "
                              f"act_shape={self.act_shape}, act_dtype={self.act_dtype}")
         peer = dist.get_global_rank(self.group, m.peer)
-        self.pending_sends.append((dist.isend(t, peer, group=self.group, tag=self._tag(m)), t))
+        try:
+            work = dist.isend(t, peer, group=self.group, tag=self._tag(m))
+        except RuntimeError as e:   # the peer's connection is already closed: name the rank, not an address
+            raise PeerError(f"pipeline send of {m.what} {m.src}->{m.dst} mb {m.mb} to rank {m.peer} failed: "
+                            f"{_first_line(e)}") from e
+        self.pending_sends.append((work, t))
         fault_point("p2p")   # DSV3_FAULT=p2p:step:rank dies with this send in flight
 
     # ------------------------------------------------------------------------ copies

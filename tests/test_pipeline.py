@@ -145,12 +145,7 @@ def test_dead_rank_fails_fast(tmp_path):
     assert results[1] is None                          # the dead rank saved nothing
     assert results[0] is not None and "error" in results[0], results[0]
     error = results[0]["error"]
-    peer_error = error.startswith("PeerError(") and re.search(r"(from|to) rank 1\b", error)
-    # Known gap: when rank 1's connection is already closed at the isend itself (most runs on an idle
-    # machine), Pipeline._isend lets gloo's own error through, which names an address, not the rank.
-    # Delete this alternative once _isend raises PeerError there as the receive path does.
-    gloo_send = error.startswith("RuntimeError(") and "Connection closed by peer" in error
-    assert peer_error or gloo_send, error
+    assert error.startswith("PeerError(") and re.search(r"(from|to) rank 1\b", error), error
 
 
 def test_weight_grad_split_equals_full_backward_without_recompute():
