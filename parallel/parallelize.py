@@ -28,7 +28,7 @@ from parallel.expert_parallel import apply_expert_parallel
 from parallel.mesh import Mesh
 from parallel.overlap_pipeline import OverlapPipeline
 from parallel.pipeline import Pipeline
-from parallel.schedules import layout, schedule
+from parallel.schedules import layout
 from parallel.zero import Zero1
 
 
@@ -144,8 +144,7 @@ class ParallelModel:
     def _set_chunks(self, C: int) -> None:
         """Rebuild this rank's schedule for C micro-batches, and when each parameter's gradient is
         complete (ZeRO-1 launches a bucket's reduce-scatter then)."""
-        self.pipe.num_chunks = C
-        self.pipe.ops = schedule(self.cfg.parallel.pp_schedule, self.pipe.rank, self.pipe.num_ranks, C)
+        self.pipe.set_num_chunks(C)
         for n, count in _ready_after(self.pipe).items():
             self.zero.entries[n].ready_after = count
 

@@ -32,6 +32,11 @@ from parallel.schedules import Msg, Op, layout, schedule
 from parallel.weight_grad import backward_input
 
 
+# One tag for every pipeline message: NCCL ignores P2P tags, so messages must match by their order between
+# a pair of ranks; gloo with a single tag matches the same way, so the CPU tests see what NCCL would.
+P2P_TAG = 0
+
+
 class Pipeline:
     def __init__(self, model: nn.Module, stages: Sequence[nn.Module], kind: str, num_chunks: int, *,
                  act_shape: Sequence[int], act_dtype: torch.dtype, group: Optional[dist.ProcessGroup] = None,
@@ -44,7 +49,7 @@ class Pipeline:
         self.layout = layout(kind, self.num_ranks)
         if len(stages) != self.layout.num_model_stages:
             raise ValueError(f"{kind} on {self.num_ranks} ranks needs {self.layout.num_model_stages} stages, got {len(stages)}")
-        self.ops = schedule(kind, self.rank, self.num_ranks, num_chunks)
+        self.set_num_chunks(num_chunks)
         self.act_shape, self.act_dtype = tuple(act_shape), act_dtype
         self.recv_timeout = recv_timeout
         self.device = next(model.parameters()).device
@@ -78,6 +83,21 @@ class Pipeline:
             pg = _copy_group(tuple(global_ranks[r] for r in hs))
             self._copy_groups[hs] = pg if self.rank in hs else None
 
+    def set_num_chunks(self, num_chunks: int) -> None:
+        """This rank's ops for ``num_chunks`` micro-batches per step, and the order in which each peer
+        sends to it (its ``recv_order``): receives are posted in that order, so a pair's messages match
+        by position as NCCL matches them (it ignores tags), whatever order this rank needs them in."""
+        self.num_chunks = num_chunks
+        self.ops = schedule(self.kind, self.rank, self.num_ranks, num_chunks)
+        self.recv_order: dict[int, list[tuple]] = {}
+        for peer in range(self.num_ranks):
+            if peer == self.rank:
+                continue
+            keys = [m.key for op in schedule(self.kind, peer, self.num_ranks, num_chunks) for m in op.sends
+                    if m.peer == self.rank]
+            if keys:
+                self.recv_order[peer] = keys
+
     # ------------------------------------------------------------------------------ a step
     def step(self, microbatches: Sequence[dict]) -> list[Optional[torch.Tensor]]:
         """Runs this rank's schedule once. Returns each micro-batch's loss where its last stage ran
@@ -90,6 +110,8 @@ class Pipeline:
         self.saved: dict[tuple[int, int], tuple] = {}    # (pipe stage, mb) -> (input, output)
         self.wqueue: deque = deque()                     # (pipe stage, mb, weight-grad closure), FIFO
         self.pending_sends: list = []
+        self.posted: dict[tuple, tuple] = {}             # receives posted ahead, in the sender's order
+        self.next_recv = {peer: 0 for peer in self.recv_order}
         for op in self.ops:
             self._run(op)
         for work, _ in self.pending_sends:
@@ -97,7 +119,7 @@ class Pipeline:
                 work.wait()
             except RuntimeError as e:
                 raise PeerError(f"pipeline send on rank {dist.get_rank()} failed: {_first_line(e)}") from e
-        assert not self.saved and not self.wqueue and not self.inbox, "schedule left state behind"
+        assert not self.saved and not self.wqueue and not self.inbox and not self.posted, "schedule left state behind"
         self.pending_sends = []
         return self.losses
 
@@ -181,14 +203,18 @@ class Pipeline:
         self._backward(op.b)
 
     # --------------------------------------------------------------------------------- P2P
-    def _tag(self, m: Msg) -> int:
-        S = len(self.layout.rank)
-        return ((m.mb * S + m.src) * S + m.dst) * 2 + (m.what == "grad")
-
     def _irecv(self, m: Msg):
-        buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
-        peer = dist.get_global_rank(self.group, m.peer)
-        return dist.irecv(buf, peer, group=self.group, tag=self._tag(m)), buf
+        """The receive of ``m``: every receive from its sender up to ``m`` is posted first, in the order
+        the sender sends them (``recv_order``), so matching by position pairs the right messages."""
+        order, peer = self.recv_order[m.peer], dist.get_global_rank(self.group, m.peer)
+        while m.key not in self.posted:
+            i = self.next_recv[m.peer]
+            if i >= len(order):
+                raise RuntimeError(f"rank {self.rank} expects {m} from rank {m.peer}, which never sends it")
+            buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+            self.posted[order[i]] = (dist.irecv(buf, peer, group=self.group, tag=P2P_TAG), buf)
+            self.next_recv[m.peer] = i + 1
+        return self.posted.pop(m.key)
 
     def _isend(self, m: Msg) -> None:
         t = self.inbox.pop(m.key).contiguous()
@@ -197,7 +223,7 @@ class Pipeline:
                              f"act_shape={self.act_shape}, act_dtype={self.act_dtype}")
         peer = dist.get_global_rank(self.group, m.peer)
         try:
-            work = dist.isend(t, peer, group=self.group, tag=self._tag(m))
+            work = dist.isend(t, peer, group=self.group, tag=P2P_TAG)
         except RuntimeError as e:   # the peer's connection is already closed: name the rank, not an address
             raise PeerError(f"pipeline send of {m.what} {m.src}->{m.dst} mb {m.mb} to rank {m.peer} failed: "
                             f"{_first_line(e)}") from e
