@@ -58,7 +58,10 @@ class Dist:
         if self.world == 1:
             return
         for t in tensors:
-            dist.all_reduce(t)
+            on = t if t.device == self.device else t.to(self.device)   # NCCL reduces device tensors only
+            dist.all_reduce(on)
+            if on is not t:
+                t.copy_(on)
             if average:
                 t.div_(self.world)
 

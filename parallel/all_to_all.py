@@ -212,7 +212,8 @@ class EPDispatcher:
         def finish() -> list[torch.Tensor]:
             back = _unpack(pend.wait(), specs)
             rows = hop.plan.send_rows
-            return [torch.zeros((hop.n_in,) + b.shape[1:], dtype=b.dtype).index_add_(0, rows, b) for b in back]
+            return [torch.zeros((hop.n_in,) + b.shape[1:], dtype=b.dtype, device=b.device).index_add_(0, rows, b)
+                    for b in back]
         return finish
 
     def _forward_hop(self, hop: Hop, parts: list[torch.Tensor], direction: str) -> list[torch.Tensor]:
@@ -254,7 +255,7 @@ class EPDispatcher:
             return recv.x.new_zeros(R, dim) + 0 * recv.x.sum() + 0 * recv.weight.sum()
         y = experts(recv.x[ep.rows], ep.tokens_per_expert)
         y = y * recv.weight[ep.rows, ep.choices].unsqueeze(1).to(y.dtype)
-        return torch.zeros(R, dim, dtype=y.dtype).index_add(0, ep.rows, y)
+        return torch.zeros(R, dim, dtype=y.dtype, device=y.device).index_add(0, ep.rows, y)
 
     def combine(self, y_rows: torch.Tensor, recv: "Dispatched") -> "CombineHandle":
         return CombineHandle(self, recv.hops, y_rows)
@@ -328,13 +329,13 @@ class _DispatchAttach(torch.autograd.Function):
     def forward(ctx, x, w, disp, hops, payload, w_recv):
         ctx.disp, ctx.hops, ctx.x_dtype, ctx.w_dtype = disp, hops, x.dtype, w.dtype
         x_recv = dequant(payload[0], payload[1], x.dtype) if disp.fp8 else payload[0]
-        ctx.shapes = (x_recv.shape, w_recv.shape)
+        ctx.shapes, ctx.device = (x_recv.shape, w_recv.shape), x.device
         return x_recv, w_recv.to(w.dtype)
 
     @staticmethod
     def backward(ctx, gx, gw):
-        gx = torch.zeros(ctx.shapes[0], dtype=ctx.x_dtype) if gx is None else gx
-        gw = torch.zeros(ctx.shapes[1], dtype=ctx.w_dtype) if gw is None else gw
+        gx = torch.zeros(ctx.shapes[0], dtype=ctx.x_dtype, device=ctx.device) if gx is None else gx
+        gw = torch.zeros(ctx.shapes[1], dtype=ctx.w_dtype, device=ctx.device) if gw is None else gw
         parts = ctx.disp.reverse(ctx.hops, [gx.to(ctx.x_dtype).contiguous(), gw.to(torch.promote_types(ctx.w_dtype, torch.float32)).contiguous()], "dispatch_bwd")
         return parts[0], parts[1].to(ctx.w_dtype), None, None, None, None
 

@@ -167,11 +167,13 @@ class ParallelModel:
         """Every MoE layer's summed load in ``model.moe_layers()`` order, on every rank (pipeline stages
         hold different layers; DualPipe copies hold the same, counted once)."""
         E = self.cfg.model.moe.n_routed_experts
-        out = torch.zeros(len(self.moe_names), E + 1, dtype=torch.float64)
+        device = next(iter(self.params.values())).device   # NCCL reduces device tensors only
+        out = torch.zeros(len(self.moe_names), E + 1, dtype=torch.float64, device=device)
         for i, n in enumerate(self.moe_names):
             if n in loads:
-                out[i, :E], out[i, E] = loads[n].double(), 1.0
+                out[i, :E], out[i, E] = loads[n].double().to(device), 1.0
         dist.all_reduce(out)
+        out = out.cpu()
         return [(row[:E] / row[E]).float() for row in out]
 
 

@@ -58,8 +58,7 @@ class PipelineBalance:
         for i, n in enumerate(self.names):
             if n in per_layer:
                 out[i, :width], out[i, width] = per_layer[n].double(), 1.0
-        dist.all_reduce(out)
-        return out
+        return _all_reduce_on(out, self.pipe.device)
 
     def _biases(self) -> list[torch.Tensor]:
         g = self._gather({n: m.gate.e_score_correction_bias.detach().double().cpu().reshape(-1)
@@ -130,7 +129,7 @@ class PipelineBalance:
                 m.train()
                 m.loss_parts = dict(lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
                 m.balance_by_moe = {}
-        dist.all_reduce(total)   # from the last stage's owner of replica 0
+        total = _all_reduce_on(total, pipe.device)   # from the last stage's owner of replica 0
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
     def take_domain_loads(self) -> dict:
@@ -140,7 +139,7 @@ class PipelineBalance:
         domains = sorted({d for tags in [list(mine)] for d in tags})
         # every rank evaluated the same batches: the domain set is the same wherever a hook fired; ranks
         # that hold no MoE layer learn it from the all-reduced tensor's shape, agreed below
-        names = _agree_domains(domains)
+        names = _agree_domains(domains, self.pipe.device)
         per_layer = {}
         for n_i, n in enumerate(self.held.names):
             per_layer[n] = torch.stack([mine[d][n_i] if d in mine else torch.zeros(self.E, dtype=torch.int64)
@@ -153,17 +152,26 @@ class PipelineBalance:
         return self.globl.take_domain_loads(out)
 
 
-def _agree_domains(domains: list[str]) -> list[str]:
+def _all_reduce_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Summed over all ranks on the model's device (NCCL reduces device tensors only), returned on the CPU."""
+    on = t.to(device)
+    dist.all_reduce(on)
+    return on.cpu()
+
+
+def _agree_domains(domains: list[str], device: torch.device = torch.device("cpu")) -> list[str]:
     """The union of every rank's domain names, in sorted order (gathered as bytes; no pickling)."""
     blob = torch.tensor(list("\n".join(domains).encode()), dtype=torch.uint8)
     size = torch.tensor([blob.numel()], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    size = size.to(device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     width = int(max(s.item() for s in sizes))
-    padded = torch.zeros(width, dtype=torch.uint8)
-    padded[:blob.numel()] = blob
-    parts = [torch.zeros(width, dtype=torch.uint8) for _ in sizes]
+    padded = torch.zeros(width, dtype=torch.uint8, device=device)
+    padded[:blob.numel()] = blob.to(device)
+    parts = [torch.zeros(width, dtype=torch.uint8, device=device) for _ in sizes]
     dist.all_gather(parts, padded)
+    parts = [p.cpu() for p in parts]
     names = set()
     for p, s in zip(parts, sizes):
         text = bytes(p[:int(s.item())].tolist()).decode()

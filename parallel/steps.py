@@ -48,8 +48,9 @@ class ParallelSteps:
         stats = self.pm.train_step(rows, lr, mtp_weight, gamma, autocast, may_step=may_step,
                                    on_micro=monitor.after_forward)
         if monitor.histograms:   # summed over every rank that routed tokens
-            flat = torch.cat(monitor.histograms)
+            flat = torch.cat(monitor.histograms).to(self.env.device)   # NCCL reduces device tensors only
             torch.distributed.all_reduce(flat)
+            flat = flat.cpu()
             for h, piece in zip(monitor.histograms, flat.split([h.numel() for h in monitor.histograms])):
                 h.copy_(piece)
         stats["loads"] = self.pm.all_layer_loads(stats["loads"])
