@@ -136,10 +136,9 @@ class PipelineBalance:
         """Domain loads of every layer, gathered from the ranks that ran it (one copy per replica)."""
         mine = self.local.domain_loads
         self.local.domain_loads, self.local.domains = {}, None
-        domains = sorted({d for tags in [list(mine)] for d in tags})
         # every rank evaluated the same batches: the domain set is the same wherever a hook fired; ranks
-        # that hold no MoE layer learn it from the all-reduced tensor's shape, agreed below
-        names = _agree_domains(domains, self.pipe.device)
+        # that hold no MoE layer (or ran none of its copies) learn it from the others
+        names = _agree_domains(sorted(mine), self.pipe.device)
         per_layer = {}
         for n_i, n in enumerate(self.held.names):
             per_layer[n] = torch.stack([mine[d][n_i] if d in mine else torch.zeros(self.E, dtype=torch.int64)
@@ -148,7 +147,6 @@ class PipelineBalance:
         out = {}
         for j, d in enumerate(names):
             out[d] = [(row[j * self.E:(j + 1) * self.E] / self.pm.dp).round().long() for row in g]
-        self.local.domains = None
         return self.globl.take_domain_loads(out)
 
 

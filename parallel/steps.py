@@ -47,12 +47,7 @@ class ParallelSteps:
                    may_step, monitor) -> dict:
         stats = self.pm.train_step(rows, lr, mtp_weight, gamma, autocast, may_step=may_step,
                                    on_micro=monitor.after_forward)
-        if monitor.histograms:   # summed over every rank that routed tokens
-            flat = torch.cat(monitor.histograms).to(self.env.device)   # NCCL reduces device tensors only
-            torch.distributed.all_reduce(flat)
-            flat = flat.cpu()
-            for h, piece in zip(monitor.histograms, flat.split([h.numel() for h in monitor.histograms])):
-                h.copy_(piece)
+        self.env.all_reduce_(monitor.histograms, average=False)   # summed over every rank that routed tokens
         stats["loads"] = self.pm.all_layer_loads(stats["loads"])
         return stats
 
