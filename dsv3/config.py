@@ -120,6 +120,8 @@ class ParallelConfig:
     zero1: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = 300.0                 # a collective or pipeline receive waiting longer fails the run
+    force: bool = False                      # take the parallelize() path (ZeRO-1) even with one process: a
+                                             # process group of world size 1 surfaces collective/device bugs
 
 
 @dataclass(frozen=True)

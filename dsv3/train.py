@@ -41,14 +41,19 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 class Dist:
     """This process's place in a data-parallel run (world 1 without torchrun)."""
 
-    def __init__(self, backend: str = "auto", timeout_s: float = 1800.0):
+    def __init__(self, backend: str = "auto", timeout_s: float = 1800.0, force: bool = False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = torch.device("cpu")
         if torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
+        if (self.world > 1 or force) and not dist.is_initialized():
+            if self.world == 1:   # parallel.force without a launcher: a group of one
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", "29500")
+                os.environ.setdefault("RANK", "0")
+                os.environ.setdefault("WORLD_SIZE", "1")
             if backend == "auto":
                 backend = "nccl" if self.device.type == "cuda" else "gloo"
             from datetime import timedelta
@@ -226,7 +231,7 @@ def train(cfg: Config) -> dict:
     start = time.monotonic()
     t = cfg.train
     old_handlers = raise_on_signal()
-    env = Dist(cfg.parallel.backend, cfg.parallel.timeout_s)
+    env = Dist(cfg.parallel.backend, cfg.parallel.timeout_s, cfg.parallel.force)
     torch.manual_seed(t.seed)
     lock = None
     try:
@@ -242,7 +247,7 @@ def train(cfg: Config) -> dict:
                 print(f"initialised from {info['checkpoint']} ({info['kind']}); fresh optimizer at step 0", flush=True)
         model.set_recompute(t.recompute)
         model.train()
-        if env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1 or cfg.parallel.zero1):
+        if cfg.parallel.force or (env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1 or cfg.parallel.zero1)):
             return train_parallel(cfg, env, data, model, start, old_handlers)
         return _loop(cfg, env, data, LocalSteps(cfg, env, model), start, old_handlers)
     finally:
