@@ -1,0 +1,108 @@
+"""Schedules that switch on token counts, read from a real run's metrics (report §2.2: λ 0.3 → 0.1;
+§2.1.2: γ → 0; §4.2: LR segments by tokens and the batch-size ramp). One tiny one-process run whose
+thresholds fall exactly on step boundaries, so an off-by-one (> for >=), a switch that never happens
+or a segment that never ends changes a logged value. The expected values are written here from the
+report's rules, not taken from dsv3.lr_schedule.
+
+Tokens per sequence = data.seq_len = 16. Batch ramp 2 → 4 sequences over 128 tokens (micro-batch 2):
+steps 1–4 take 2 sequences (2 + 2·t/128 rounded down to a multiple of 2), step 5 onwards 4. Tokens
+consumed before each step: 0, 32, 64, 96, 128, 192, 256, 320, 384.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, ".cache", "dsv3")
+SEQ, STEPS = 16, 9
+TOKENS_BEFORE = [0, 32, 64, 96, 128, 192, 256, 320, 384]
+LAMBDA_SWITCH, GAMMA_STOP, GAMMA = 96, 192, 0.25   # γ a power of 2: every bias is exact in fp32 and in the log
+LR, WARMUP = 2e-3, 2
+SEGMENTS = [dict(kind="constant", tokens=128, lr=1e-3), dict(kind="step", tokens=64, lr=5e-4),
+            dict(kind="cosine", tokens=128, lr=1e-4)]     # boundaries at 128, 192 and 320 tokens
+
+
+def expected_lr(step: int, tokens: int) -> float:
+    """Report §4.2 written out for SEGMENTS: linear warmup over steps, then by cumulative tokens."""
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    if tokens < 128:
+        return 1e-3
+    if tokens < 192:
+        return 5e-4
+    if tokens < 320:    # cosine from 5e-4 to 1e-4 over [192, 320)
+        return 1e-4 + 0.5 * (5e-4 - 1e-4) * (1 + math.cos(math.pi * (tokens - 192) / 128))
+    return 1e-4
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sched")
+    with open(os.path.join(ROOT, "configs", "debug.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    m = cfg["model"]
+    m.update(dim=32, n_layers=2, inter_dim=48, max_seq_len=64)
+    m["mla"].update(n_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    m["moe"].update(n_routed_experts=8, moe_inter_dim=16, n_activated_experts=2, bias_update_speed=GAMMA,
+                    bias_update_stop_tokens=GAMMA_STOP)
+    m["mtp"].update(depth=1, lambda_start=0.3, lambda_end=0.1, lambda_switch_tokens=LAMBDA_SWITCH)
+    cfg["data"].update(seq_len=SEQ, cache_dir=CACHE)
+    cfg["train"] = dict(steps=STEPS, micro_batch_size=2, global_batch=4, lr=LR, warmup_steps=WARMUP,
+                        lr_segments=SEGMENTS, batch_ramp=dict(start_sequences=2, tokens=128), ckpt_every=0,
+                        eval_every=0, eval_batches=1, sample_tokens=2, out_dir=str(out / "run"))
+    path = out / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("DSV3_FAULT", None)
+    proc = subprocess.run([sys.executable, "-m", "dsv3.train", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "run" / "metrics.jsonl") as f:
+        recs = [r for r in map(json.loads, f) if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    return recs
+
+
+def test_tokens_and_batch_ramp(records):
+    """2 sequences until 128 tokens are consumed, then the full 4 (the ramp ends exactly at its threshold)."""
+    assert [r["sequences"] for r in records] == [2, 2, 2, 2, 4, 4, 4, 4, 4]
+    assert [r["tokens"] for r in records] == TOKENS_BEFORE[1:] + [384 + 4 * SEQ]
+
+
+def test_lr_segments_at_their_boundaries(records):
+    for i, r in enumerate(records):
+        assert r["lr"] == pytest.approx(expected_lr(i, TOKENS_BEFORE[i]), rel=1e-12, abs=0), (i, r["lr"])
+
+
+def test_mtp_weight_switches_at_its_token_count(records):
+    """λ recovered from the logged losses: loss = lm + λ·mtp + balance (eq. 25), each an fp32 value (unit
+    roundoff u = 2⁻²⁴) rounded at most 3 times in the sum, so |λ̂ − λ| ≤ 3u·(lm + λ·mtp + balance)/mtp."""
+    u = 2.0 ** -24
+    for i, r in enumerate(records):
+        lam = 0.1 if TOKENS_BEFORE[i] >= LAMBDA_SWITCH else 0.3
+        est = (r["loss"] - r["lm_loss"] - r["balance_loss"]) / r["mtp_loss"]
+        bound = 3 * u * (r["lm_loss"] + lam * r["mtp_loss"] + abs(r["balance_loss"])) / r["mtp_loss"]
+        assert abs(est - lam) <= bound, (i + 1, est, lam)
+
+
+def test_bias_update_speed_stops_at_its_token_count(records):
+    """b ← b + γ·sign(mean − load) per MoE layer after every step taken before GAMMA_STOP tokens, and no
+    change after (γ = 0). The loads are the step's logged tokens per expert; the bias starts at zero."""
+    prev = None
+    for i, r in enumerate(records):
+        bias, loads = r["bias"], r["tokens_per_expert"]
+        assert len(bias) == 2                                       # the MoE layer and the MTP block's
+        prev = prev or [[0.0] * len(b) for b in bias]
+        gamma = GAMMA if TOKENS_BEFORE[i] < GAMMA_STOP else 0.0
+        for b, p, load in zip(bias, prev, loads):
+            mean = sum(load) / len(load)
+            want = [pi + gamma * ((mean > x) - (mean < x)) for pi, x in zip(p, load)]
+            assert b == want, (i + 1, b, want)
+        prev = bias
