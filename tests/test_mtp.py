@@ -1,5 +1,6 @@
 """Multi-Token Prediction (report §2.2, eq. 21–25): the depth loss on a hand-built example, the module's
-wiring against a step-by-step recomputation, and the total loss = LM + λ·MTP + balance."""
+wiring against a step-by-step recomputation, the total loss = LM + λ·MTP + balance, and a released-layout
+checkpoint's MTP layer against a forward written from its raw tensor names."""
 from __future__ import annotations
 
 import math
@@ -76,3 +77,87 @@ def test_mtp_shares_embedding_and_head():
     out0 = model(ids, labels=ids)
     head_grad_no_mtp = torch.autograd.grad(out0.loss, model.head.weight)[0]
     assert (head_grad_lm - head_grad_no_mtp).abs().max() > 1e-6     # MTP's loss reaches the shared head
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _hf_mtp_checkpoint(path):
+    """A DeepSeek-V3 checkpoint in the released layout with one MTP layer (model.layers.3): transformers'
+    DeepseekV3 builds the 3 main layers and the MTP layer's decoder block (as a 4th layer); enorm, hnorm,
+    eh_proj and shared_head.norm are added under their raw names, each random and all different."""
+    import json
+    import os
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from test_hf import SHAPE, randomize
+    cfg = DeepseekV3Config(**{**SHAPE, "num_hidden_layers": 4}, q_lora_rank=24, n_shared_experts=1, n_group=4,
+                           topk_group=2, routed_scaling_factor=2.5, rope_interleave=True)
+    hf = DeepseekV3ForCausalLM(cfg).eval()
+    randomize(hf)
+    hf.save_pretrained(path)
+    g = torch.Generator().manual_seed(3)
+    D = cfg.hidden_size
+    raw = {"enorm": 1 + 0.5 * torch.randn(D, generator=g), "hnorm": 1 + 0.5 * torch.randn(D, generator=g),
+           "shared_head.norm": 1 + 0.5 * torch.randn(D, generator=g),
+           "eh_proj": torch.randn(D, 2 * D, generator=g) / (2 * D) ** 0.5}
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    for name, t in raw.items():
+        tensors[f"model.layers.3.{name}.weight"] = t
+    tensors["model.layers.3.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors["model.layers.3.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json")) as f:
+        conf = json.load(f)
+    conf.update(num_hidden_layers=3, num_nextn_predict_layers=1)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(conf, f)
+    return hf, raw
+
+
+def test_mtp_from_hf_checkpoint_equals_forward_from_raw_tensor_names(tmp_path):
+    """The MTP layer of a released-layout checkpoint (report §2.2, Figure 3; the official inference code's
+    order): h' = eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)]), the MTP decoder block, shared_head.norm, the
+    shared head — written here from the raw tensors with transformers' decoder layers as the blocks — equals
+    our loaded model's MTP logits and L_1. Norms are random and differ from each other, so swapping
+    enorm/hnorm in the module or in the name map moves the logits by O(1)."""
+    from dsv3.hf import load_hf_checkpoint
+    hf, raw = _hf_mtp_checkpoint(str(tmp_path))
+    ours = load_hf_checkpoint(str(tmp_path)).eval()
+    assert ours.cfg.mtp.depth == 1 and ours.cfg.n_layers == 3
+    eps, m = hf.config.rms_norm_eps, hf.model
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(5))
+    T = ids.shape[1]
+    pos = torch.arange(T)[None]
+    mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+
+    def block(layer, x):
+        return layer(x, attention_mask=mask, position_ids=pos, position_embeddings=m.rotary_emb(x, pos))
+
+    with torch.no_grad():
+        h = m.embed_tokens(ids)
+        for layer in m.layers[:3]:
+            h = block(layer, h)
+        lm_logits = hf.lm_head(m.norm(h))
+        emb = m.embed_tokens(shifted(ids, 1, 0))
+
+        def mtp_logits(e_w, h_w):
+            x = torch.cat([_rms(emb, e_w, eps), _rms(h, h_w, eps)], dim=-1) @ raw["eh_proj"].T
+            return _rms(block(m.layers[3], x), raw["shared_head.norm"], eps) @ hf.lm_head.weight.T
+        ref = mtp_logits(raw["enorm"], raw["hnorm"])
+        swapped = mtp_logits(raw["hnorm"], raw["enorm"])
+
+        h_ours = ours.hidden(ids)
+        cos, sin = ours.rope(0, T)
+        got = ours.head(ours.mtp[0].norm(ours.mtp[0](h_ours, ours.embed(shifted(ids, 1, 0)), cos, sin)))
+        labels = torch.roll(ids, -1, 1)
+        labels[:, -1] = -100
+        out = ours(ids, labels=labels)
+    # fp32 on both sides, the same weights: test_hf's whole-model bound (1e-4 on logits of size ~5)
+    assert (ours.head(ours.norm(h_ours)) - lm_logits).abs().max() < 1e-4
+    assert (got - ref).abs().max() < 1e-4
+    assert (swapped - ref).abs().max() > 1e-1           # the test can see the swap
+    target = shifted(labels, 1, -100)
+    l1 = F.cross_entropy(ref.reshape(-1, 96), target.reshape(-1), ignore_index=-100, reduction="sum") / ids.numel()
+    assert out.mtp_loss.item() == pytest.approx(l1.item(), rel=1e-5)
