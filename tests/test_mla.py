@@ -1,5 +1,6 @@
 """MLA: the absorbed, cached decode path against the training path; the compressed cache size; an fp64
-gradcheck; RoPE against a complex-multiplication reference and YaRN against transformers."""
+gradcheck; RoPE against a complex-multiplication reference and YaRN against transformers; the attention itself
+(training and cached decode, YaRN with mscale ≠ mscale_all_dim) against transformers' DeepseekV3Attention."""
 from __future__ import annotations
 
 import pytest
@@ -199,3 +200,73 @@ def test_rope_function_equals_pairwise_formula():
     torch.testing.assert_close(apply_rope(x1, cos, sin), ref, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-14, atol=1e-14)
     assert apply_rope(base[..., 4:].float(), cos.float(), sin.float()).dtype == torch.float32
+
+
+# mscale ≠ mscale_all_dim: cos/sin carry mscale(40, 1.0)/mscale(40, 0.5) ≠ 1 and the softmax scale mscale(40, 0.5)²
+YARN_UNEQUAL = RopeScaling(factor=40.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+                           mscale=1.0, mscale_all_dim=0.5)
+
+
+def _hf_attention_pair():
+    """transformers' DeepseekV3Attention (rope_interleave: the released adjacent-pair layout) and our MLA with
+    the same weights, copied by the released tensor names (q_a_proj = wq_a, …) written out here."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+    import transformers.utils.logging as hf_logging
+    hf_logging.set_verbosity_error()
+    s = YARN_UNEQUAL
+    cfg = MLAConfig(n_heads=3, q_lora_rank=20, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=5,
+                    rope_scaling=s)
+    hf_cfg = DeepseekV3Config(hidden_size=24, num_attention_heads=3, num_key_value_heads=3, q_lora_rank=20,
+                              kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=5,
+                              max_position_embeddings=640, rope_interleave=True,
+                              rope_parameters=dict(rope_type="yarn", factor=s.factor, rope_theta=cfg.rope_theta,
+                                                   original_max_position_embeddings=s.original_max_position_embeddings,
+                                                   beta_fast=s.beta_fast, beta_slow=s.beta_slow, mscale=s.mscale,
+                                                   mscale_all_dim=s.mscale_all_dim))
+    hf_cfg._attn_implementation = "eager"
+    hf = DeepseekV3Attention(hf_cfg, 0).eval()
+    ours = make_mla(cfg, dim=24)
+    names = {"q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b", "kv_a_proj_with_mqa": "wkv_a",
+             "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo"}
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for theirs, our in names.items():
+            getattr(hf, theirs).weight.copy_(mine[our + ".weight"])
+    return hf, DeepseekV3RotaryEmbedding(hf_cfg), ours, cfg
+
+
+def test_mla_equals_transformers_attention_with_yarn_training_and_decode():
+    """Training path (decompressed K, V) and prefill + 16 cached absorbed decode steps against transformers'
+    DeepseekV3Attention with its own YaRN tables and softmax scale (mscale ≠ mscale_all_dim), in fp32: the
+    repo's fp32 bound for this attention (MAX_ABS, outputs of size ~1), and the input gradient likewise. A
+    softmax scale without mscale_all_dim², or cos/sin without the mscale ratio, moves the output by > 100×."""
+    hf, rot, ours, cfg = _hf_attention_pair()
+    B, prefill, steps = 2, 7, 16
+    T = prefill + steps
+    x = torch.randn(B, T, 24, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(B, T, 24, generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(T)[None]
+    mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    xh, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want = hf(xh, rot(xh, pos), mask)[0]
+    (want * dy).sum().backward()
+    cos, sin = rope_cos_sin(cfg, 64)
+    got = ours(xo, cos[:T], sin[:T])
+    (got * dy).sum().backward()
+    tol = MAX_ABS[torch.float32]
+    assert (got - want).abs().max().item() <= tol
+    assert (xo.grad - xh.grad).abs().max().item() <= tol
+    with torch.no_grad():
+        cache = MLACache(B, T, cfg)
+        outs = [ours(x[:, :prefill], cos[:prefill], sin[:prefill], cache, 0)]
+        outs += [ours(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache, t) for t in range(prefill, T)]
+        assert (torch.cat(outs, 1) - want).abs().max().item() <= tol
+        # sensitivity: the two YaRN factors this test pins
+        plain = make_mla(MLAConfig(**{**cfg.__dict__, "rope_scaling": None}), dim=24)
+        plain.load_state_dict(ours.state_dict())
+        plain.softmax_scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+        assert (plain(x, cos[:T], sin[:T]) - want).abs().max().item() > 100 * tol
+        unscaled = torch.cat([cos[:T], sin[:T]], -1) / cos[0, 0]     # cos(0) = the cos/sin factor
+        assert abs(cos[0, 0].item() - 1.0) > 0.05
+        assert (ours(x, *unscaled.split(cfg.qk_rope_head_dim // 2, -1)) - want).abs().max().item() > 100 * tol
