@@ -159,17 +159,40 @@ def _relative(rows: list[list[float]]) -> list[list[float]]:
     return out
 
 
+LOAD_VMAX = 2.0   # colour scale 0…2 × the balanced load, as the report's Figure 9
+LOAD_LABEL = "expert load / balanced load (1 = balanced)"
+
+
+def clip_note(rows: list[list[float]], vmax: float = LOAD_VMAX) -> str:
+    """What a colour scale capped at vmax hides: '' when nothing is above it."""
+    above = [x for r in rows for x in r if x > vmax]
+    if not above:
+        return ""
+    n = sum(len(r) for r in rows)
+    return f"{len(above)} of {n} cells above {vmax:g} drawn as {vmax:g} (largest {max(above):.2f})"
+
+
+def load_colorbar(fig, im, ax, rows: list[list[float]], **kw) -> str:
+    """The labelled colour bar of a load map, its top an arrow when values are clipped at LOAD_VMAX;
+    returns the clipping note ('' if none) for the caller's title."""
+    note = clip_note(rows)
+    cbar = fig.colorbar(im, ax=ax, extend="max" if note else "neither", **kw)
+    cbar.set_label(LOAD_LABEL, fontsize=8)
+    return note
+
+
 def plot_load_heatmap(name: str, row: dict, path: str, label: str) -> None:
     plt = _plt()
     rel = _relative(_tail_loads(row["paths"][0]))
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rel[0]) + 2), 0.5 * len(rel) + 2), layout="constrained")
-    im = ax.imshow(rel, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
+    im = ax.imshow(rel, cmap="RdBu_r", vmin=0, vmax=LOAD_VMAX, aspect="auto")
     ax.set_xlabel("expert")
     ax.xaxis.set_major_locator(_plt_locator())
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(len(rel)))
-    ax.set_title(f"{label}: {name} (seed {row['seeds'][0]}), load / mean load over the last 10% of steps", fontsize=9)
-    fig.colorbar(im, ax=ax)
+    note = load_colorbar(fig, im, ax, rel)
+    ax.set_title(f"{label}: {name} (seed {row['seeds'][0]}), load / mean load over the last 10% of steps"
+                 + (f"\n{note}" if note else ""), fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -197,17 +220,19 @@ def plot_domain_loads(name: str, row: dict, path: str) -> bool:
     n_main = _main_moe_layers(row["paths"][0], n_layers)
     fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers + 2.5, 0.3 * len(domains) + 2.2), squeeze=False,
                              layout="constrained")
-    im = None
+    im, every = None, []
     for layer, ax in enumerate(axes[0]):
         rel = _relative([loads[d][layer] for d in domains])
-        im = ax.imshow(rel, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
+        every += rel
+        im = ax.imshow(rel, cmap="RdBu_r", vmin=0, vmax=LOAD_VMAX, aspect="auto")
         ax.set_title(f"MoE layer {layer}" + (" (MTP)" if layer >= n_main else ""), fontsize=9)
         ax.set_xlabel("expert")
         ax.xaxis.set_major_locator(_plt_locator())
         ax.set_yticks(range(len(domains)))
         ax.set_yticklabels(domains if layer == 0 else [], fontsize=7)
-    fig.suptitle(f"{name} (seed {row['seeds'][0]}): per-domain expert load / balanced load, validation split", fontsize=9)
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.9)
+    note = load_colorbar(fig, im, list(axes[0]), every, shrink=0.9)
+    fig.suptitle(f"{name} (seed {row['seeds'][0]}): per-domain expert load / balanced load, validation split"
+                 + (f"\n{note}" if note else ""), fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

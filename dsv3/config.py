@@ -527,8 +527,12 @@ def replace(cfg: Config, overrides: list[str]) -> Config:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "--describe"):
+        from dsv3.config_doc import main as doc_main   # the reference of every key (docs/config.md)
+        return doc_main(argv)
     if not argv or argv[0].startswith("-"):
-        print("usage: python -m dsv3.config CONFIG.yaml [key.path=value ...]", file=sys.stderr)
+        print("usage: python -m dsv3.config CONFIG.yaml [key.path=value ...] | --describe KEY | --help",
+              file=sys.stderr)
         return 2
     try:
         cfg = load_config(argv[0], argv[1:])

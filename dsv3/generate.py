@@ -126,9 +126,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (>= 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, else > 0")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = the whole vocabulary")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype the weights are loaded in")
+    p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu, cuda, cuda:1")
     try:
         args = p.parse_args(argv)
         prompt_ids = _check_args(args)

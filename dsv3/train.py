@@ -457,6 +457,10 @@ def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, st
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        from dsv3.config_doc import train_help
+        print(train_help())
+        return 0
     path = DEFAULT_CONFIG
     if argv and not ("=" in argv[0]) and not argv[0].startswith("-"):
         path = argv.pop(0)

@@ -110,3 +110,11 @@ def step_line(r: dict, total_steps: int) -> str:
             f"mtp {r['mtp_loss']:.4f} bal {r['balance_loss']:.2e}) | lr {r['lr']:.2e} | "
             f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.2f}% | "
             f"maxvio {r['maxvio_mean']:.3f}/{r['maxvio_max']:.3f}")
+
+
+def final_line(val_loss: float, unigram_entropy: float) -> str:
+    """The run's last line: the validation loss against the unigram baseline (every token predicted by its
+    frequency in the validation split, whose loss is that split's unigram entropy), by how much it is below."""
+    gap = unigram_entropy - val_loss
+    return (f"validation loss {val_loss:.4f}, unigram entropy {unigram_entropy:.4f}: the model is {abs(gap):.4f} "
+            f"nats/token {'below' if gap >= 0 else 'above'} the unigram baseline")

@@ -1,4 +1,4 @@
-"""Discrete-event simulation of a pipeline schedule (SPEC §4's bubble and memory table).
+"""Discrete-event simulation of a pipeline schedule (DeepSeek-V3 report §3.2.1, Table 2: bubble and memory).
 
 Each rank runs its ``parallel.schedules`` op list in order; an op starts when its rank is free and
 every input it needs has arrived: F needs the previous pipe stage's F of the same micro-batch,
@@ -144,32 +144,82 @@ def closed_form_bubble(kind: str, num_ranks: int, costs: Costs = Costs()) -> flo
 
 
 def published_memory(kind: str, num_ranks: int) -> tuple[int, int]:
-    """(parameter copies in stage units, activations) per device from SPEC §4's table."""
+    """(parameter copies in stage units, activations) per device from the report's Table 2 (DualPipe README)."""
     PP = 2 * num_ranks if kind == "dualpipev" else num_ranks
     return {"1f1b": (1, PP), "zb1p": (1, PP), "dualpipe": (2, PP + 1), "dualpipev": (2, PP + 1)}[kind]
 
 
 COLOURS = {"F": "#4c8ed9", "B": "#3fa34d", "Bi": "#9fd89f", "W": "#b58bd6"}
+KIND_LABELS = {"F": "F: forward of one stage", "B": "B: full backward (input and weight grads)",
+               "Bi": "Bi: input-grad backward (weight grad queued)", "W": "W: a queued weight-grad backward"}
+HATCH = "////"   # direction 1 of DualPipe / the returning leg of DualPipeV's V
 
 
-def draw(res: SimResult, path: str) -> None:
-    """One row per rank, one box per op coloured by kind; an FB pair is split top (F) / bottom (B)
-    inside one black border, like the DualPipe README's figure."""
+def direction(res: SimResult, part: Op) -> int:
+    """0 or 1: DualPipe's second direction (pipe stages N…2N−1, fed on rank N−1) and DualPipeV's leg back
+    up the V (stages N…2N−1) are 1; 1F1B and ZB1P have one direction."""
+    return int(res.kind in ("dualpipe", "dualpipev") and part.stage >= res.num_ranks)
+
+
+def box_styles(res: SimResult) -> set[tuple[str, int]]:
+    """(op kind, direction) of every box the timeline draws; "FB" for an overlapped pair, direction -1."""
+    out = set()
+    for tl in res.timeline:
+        for _, _, op in tl:
+            if op.kind == "FB":
+                out.add(("FB", -1))
+            for part in op.parts():
+                out.add((part.kind, direction(res, part)))
+    return out
+
+
+def legend_entries(res: SimResult) -> list[tuple[str, str]]:
+    """(key, label) of the legend: every kind of box drawn, the split F&B box and the two directions."""
+    styles = box_styles(res)
+    kinds = {k for k, _ in styles}
+    out = [(k, KIND_LABELS[k]) for k in ("F", "B", "Bi", "W") if k in kinds]
+    if "FB" in kinds:
+        out.append(("FB", "F&B: an overlapped pair, F top / B bottom, 'f|b' = their micro-batches"))
+    if any(d == 1 for _, d in styles):
+        N, C = res.num_ranks, res.num_chunks
+        out.append(("dir1", f"hatched: direction 1, micro-batches {C // 2}–{C - 1} fed on rank {N - 1} "
+                            f"(plain: direction 0, 0–{C // 2 - 1} fed on rank 0)" if res.kind == "dualpipe" else
+                            f"hatched: the V's way back, stages {N}–{2 * N - 1} from rank {N - 1} to rank 0 "
+                            f"(plain: stages 0–{N - 1} down from rank 0)"))
+    return out
+
+
+def time_label(res: SimResult, unit: Optional[str] = None) -> str:
+    if unit:
+        return f"time ({unit})"
+    if res.costs.F == 1:
+        return "time (in forward times: 1 = one stage's forward of one micro-batch)"
+    return "time (the unit of the cost flags; name it with --unit)"
+
+
+def draw(res: SimResult, path: str, unit: Optional[str] = None) -> None:
+    """One row per rank, one box per op coloured by kind and numbered by micro-batch, direction 1 hatched;
+    an FB pair is split top (F) / bottom (B) inside one black border, like the DualPipe README's figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.legend_handler import HandlerBase
     from matplotlib.patches import Rectangle
 
-    fig, ax = plt.subplots(figsize=(max(8.0, res.makespan * 0.25), 0.5 * res.num_ranks + 1.2))
+    def box(x, y, w, h, kind, part=None):
+        hatch = HATCH if part is not None and direction(res, part) else None
+        ax.add_patch(Rectangle((x, y), w, h, facecolor=COLOURS[kind], hatch=hatch, edgecolor="white", linewidth=0))
+
+    fig, ax = plt.subplots(figsize=(max(8.0, res.makespan * 0.25), 0.5 * res.num_ranks + 2.2))
     for r, tl in enumerate(res.timeline):
         y = res.num_ranks - 1 - r
         for s, e, op in tl:
             if op.kind == "FB":
-                ax.add_patch(Rectangle((s, y + 0.45), e - s, 0.45, color=COLOURS["F"]))
-                ax.add_patch(Rectangle((s, y), e - s, 0.45, color=COLOURS["B"]))
+                box(s, y + 0.45, e - s, 0.45, "F", op.f)
+                box(s, y, e - s, 0.45, "B", op.b)
                 label = f"{op.f.mb}|{op.b.mb}"
             else:
-                ax.add_patch(Rectangle((s, y), e - s, 0.9, color=COLOURS[op.kind]))
+                box(s, y, e - s, 0.9, op.kind, op)
                 label = str(op.mb)
             ax.add_patch(Rectangle((s, y), e - s, 0.9, fill=False, edgecolor="black", linewidth=0.6))
             ax.text((s + e) / 2, y + 0.45, label, ha="center", va="center", fontsize=6)
@@ -177,14 +227,24 @@ def draw(res: SimResult, path: str) -> None:
     ax.set_ylim(-0.2, res.num_ranks)
     ax.set_yticks([res.num_ranks - 1 - r + 0.45 for r in range(res.num_ranks)])
     ax.set_yticklabels([f"rank {r}" for r in range(res.num_ranks)])
-    ax.set_xlabel("time")
-    handles = [Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
-    ax.legend(handles, ["F", "B", "Bi (input grad)", "W (weight grad)"], ncol=4, loc="upper right",
-              bbox_to_anchor=(1.0, -0.08), fontsize=7, frameon=False)
-    ax.set_title(f"{res.kind}: {res.num_ranks} ranks, {res.num_chunks} micro-batches, "
-                 f"max bubble {max(res.bubble):g}", fontsize=9)
+    ax.set_xlabel(time_label(res, unit))
+
+    class Split(HandlerBase):   # the legend's F&B box: F over B in one border
+        def create_artists(self, legend, orig, x0, y0, w, h, fontsize, trans):
+            return [Rectangle((x0, y0 + h / 2), w, h / 2, color=COLOURS["F"], transform=trans),
+                    Rectangle((x0, y0), w, h / 2, color=COLOURS["B"], transform=trans),
+                    Rectangle((x0, y0), w, h, fill=False, edgecolor="black", transform=trans)]
+
+    ax.set_title(f"{res.kind}: {res.num_ranks} ranks, {res.num_chunks} micro-batches, max bubble "
+                 f"{max(res.bubble):g}; a box is one op of the micro-batch numbered in it", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    entries = legend_entries(res)
+    handles = [Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=HATCH) if k == "dir1" else
+               Rectangle((0, 0), 1, 1) if k == "FB" else Rectangle((0, 0), 1, 1, color=COLOURS[k]) for k, _ in entries]
+    below = 0.55 / (fig.get_figheight() * ax.get_position().height)   # 0.55 inch under the axes, past the x label
+    ax.legend(handles, [lab for _, lab in entries], ncol=2, loc="upper left", bbox_to_anchor=(0.0, -below),
+              fontsize=7, frameon=False, handler_map={h: Split() for (k, _), h in zip(entries, handles) if k == "FB"})
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -214,13 +274,19 @@ def report(res: SimResult) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kind", choices=KINDS, default="dualpipe")
-    ap.add_argument("--ranks", type=int, default=8)
-    ap.add_argument("--chunks", type=int, default=20)
-    for name, default in (("F", 1.0), ("B", 2.0), ("Bi", 1.0), ("W", 1.0), ("p2p", 0.0)):
-        ap.add_argument(f"--{name}", type=float, default=default)
-    ap.add_argument("--FB", type=float, default=None, help="overlapped F&B cost (default F+B)")
+    ap = argparse.ArgumentParser(prog="python -m parallel.simulate", description=__doc__.split("\n")[0],
+                                 epilog="Prints the makespan, per-rank bubble and peak activations beside the "
+                                        "closed-form bubble and the published memory of the report's Table 2.")
+    ap.add_argument("--kind", choices=KINDS, default="dualpipe", help="pipeline schedule (default dualpipe)")
+    ap.add_argument("--ranks", type=int, default=8, help="pipeline ranks N (DualPipe: even; default 8)")
+    ap.add_argument("--chunks", type=int, default=20,
+                    help="micro-batches C per step (DualPipe: even, >= 2N; DualPipeV: >= 2N; default 20)")
+    for name, default, what in (("F", 1.0, "time of one stage's forward"), ("B", 2.0, "time of a full backward"),
+                                ("Bi", 1.0, "time of an input-grad backward"), ("W", 1.0, "time of a weight-grad backward"),
+                                ("p2p", 0.0, "latency of a send between ranks")):
+        ap.add_argument(f"--{name}", type=float, default=default, help=f"{what} (default {default:g})")
+    ap.add_argument("--FB", type=float, default=None, help="time of an overlapped F&B pair (default F+B: no gain)")
+    ap.add_argument("--unit", default=None, help="unit of the times above, for the PNG's time axis (e.g. ms)")
     ap.add_argument("--png", default=None, help="write the timeline here")
     ap.add_argument("--text", type=float, default=None, metavar="STEP", help="print a text timeline, STEP time per char")
     a = ap.parse_args(argv)
@@ -229,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if a.text:
         print(text_timeline(res, a.text))
     if a.png:
-        draw(res, a.png)
+        draw(res, a.png, a.unit)
         print(f"timeline: {a.png}")
 
 
