@@ -1,0 +1,61 @@
+"""The benchmarks' link model (parallel/link_model.py) on schedules computed by hand: one serial IB and
+one serial NVLink link per rank, FIFO, latency + bytes / bandwidth per message."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel.link_model import LinkModel, predict_route
+
+
+def test_defaults_are_the_issue_constants():
+    m = LinkModel(unit=1e9)              # GB/s: H800
+    assert m.bandwidth == {"inter": 50e9, "intra": 160e9}
+    assert m.latency == pytest.approx(4096 / 50e9, rel=1e-15)   # the time of 4 KB on IB
+
+
+def test_one_link_serialises_two_links_run_together():
+    lat = 4096 / 50                      # unit = 1 byte/s per bandwidth unit: latency 81.92
+    m = LinkModel(unit=1.0)
+    # two 1000-byte messages on IB issued together: the sum of both
+    assert m.reserve({"inter": 2000}, {"inter": 2}, now=0.0) == (0.0, pytest.approx(2 * (lat + 1000 / 50)))
+    m = LinkModel(unit=1.0)
+    # one on IB, one on NVLink: the max
+    assert m.reserve({"inter": 1000, "intra": 1600}, now=0.0) == (0.0, pytest.approx(lat + 1000 / 50))
+    m = LinkModel(unit=1.0)
+    assert m.send({"inter": 1000, "intra": 1600}, now=0.0) == {"inter": (0.0, pytest.approx(lat + 20)),
+                                                               "intra": (0.0, pytest.approx(lat + 10))}
+
+
+def test_fifo_waits_for_the_link_and_idles_when_free():
+    m = LinkModel(unit=1.0, latency=1.0)
+    assert m.reserve({"inter": 500}, now=0.0) == (0.0, 11.0)
+    assert m.reserve({"inter": 500}, now=4.0) == (11.0, 22.0)     # queued behind the first
+    assert m.reserve({"intra": 800}, now=4.0) == (4.0, 10.0)      # NVLink was free
+    assert m.reserve({"inter": 50}, now=30.0) == (30.0, 32.0)     # idle link: starts when issued
+    assert m.reserve({}, now=40.0) == (40.0, 40.0)                # nothing to send (self only)
+
+
+def _two_by_two():
+    """2 nodes × 2 ranks. Hop 1 (IB, same local index): rank 0 sends 1000 B to rank 2; hop 2 (NVLink):
+    relay 2 forwards 1600 B to rank 3."""
+    b1, b2 = torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)
+    b1[0, 2], b2[2, 3] = 1000, 1600
+    inter = lambda s, d: ("self" if s == d else "inter") if s % 2 == d % 2 else None  # noqa: E731
+    intra = lambda s, d: ("self" if s == d else "intra") if s // 2 == d // 2 else None  # noqa: E731
+    return [b1, b2], [inter, intra]
+
+
+def test_pipelined_route_by_hand():
+    hops, links = _two_by_two()
+    make = lambda: LinkModel(unit=1.0, latency=1.0)   # noqa: E731  IB 50 B/s, NVLink 160 B/s
+    # unchunked: IB 1+20, NVLink 1+10, back: NVLink 1+10, IB 1+20
+    assert predict_route(hops, links, 1, make) == pytest.approx(64.0)
+    # 2 chunks: IB 0→11→22; NVLink forwards chunk 0 at 11 (→17), chunk 1 at 22 (→28). Back: rank 3
+    # returns chunk 0 28→34, chunk 1 34→40; relay 2 sends chunk 0 on IB 34→45, chunk 1 45→56
+    assert predict_route(hops, links, 2, make) == pytest.approx(56.0)
+    # with no latency the same shape gives 60 and 50; chunks never make the IB bytes cheaper
+    make0 = lambda: LinkModel(unit=1.0, latency=0.0)   # noqa: E731
+    assert predict_route(hops, links, 1, make0) == pytest.approx(60.0)
+    assert predict_route(hops, links, 2, make0) == pytest.approx(50.0)
+    assert predict_route(hops, links, 1000, make0) >= 2 * 1000 / 50
