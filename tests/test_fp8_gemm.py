@@ -1,5 +1,7 @@
 """Block-scaled FP8 GEMM (TRITON_INTERPRET=1 on CPU) against FP32/FP64 references, report §3.3.2."""
+import importlib.util
 import os
+import platform
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
 
@@ -9,7 +11,11 @@ import torch
 from triton_kernels import gemm_ref as G
 from triton_kernels import quant_ref as R
 
-fp8_gemm = pytest.importorskip("triton_kernels.fp8_gemm").fp8_gemm
+if importlib.util.find_spec("triton") is None:  # declared on Linux (pyproject.toml): missing there fails
+    if platform.system() == "Linux":
+        pytest.fail("triton is not installed, but pyproject.toml declares it on Linux", pytrace=False)
+    pytest.skip(f"triton is not a dependency on {platform.system()}", allow_module_level=True)
+from triton_kernels.fp8_gemm import fp8_gemm  # noqa: E402
 
 
 def _rel_fro(x: torch.Tensor, ref: torch.Tensor) -> float:

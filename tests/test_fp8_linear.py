@@ -1,5 +1,7 @@
 """FP8 Linear (fprop, dgrad, wgrad in E4M3), report §3.3 Fig. 6: triton vs torch backend vs references."""
+import importlib.util
 import os
+import platform
 import subprocess
 import sys
 
@@ -13,7 +15,10 @@ from triton_kernels import quant_ref as R
 from triton_kernels.backend import resolve_backend
 from triton_kernels.fp8_linear import FP8Linear, fp8_linear
 
-pytest.importorskip("triton")
+if importlib.util.find_spec("triton") is None:  # declared on Linux (pyproject.toml): missing there fails
+    if platform.system() == "Linux":
+        pytest.fail("triton is not installed, but pyproject.toml declares it on Linux", pytrace=False)
+    pytest.skip(f"triton is not a dependency on {platform.system()}", allow_module_level=True)
 
 
 def _rel_fro(x, ref):
