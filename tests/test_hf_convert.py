@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv3.hf import load_hf_checkpoint, save_hf_checkpoint
-from triton_kernels.quant_ref import weight_dequant_ref, weight_quant_ref
 
 N_SHARDS, EXPERTS, INTER, HIDDEN = 9, 8, 600, 900  # layer k in shard k: 24 × 0.54 MB of E4M3, ragged 128-blocks
 MB = 1 << 20
@@ -87,10 +86,37 @@ def write_fp8_checkpoint(path: str) -> dict:
             "bias": shards[2]["model.layers.2.mlp.gate.e_score_correction_bias"]}
 
 
+def weight_map(path: str) -> dict[str, str]:
+    """tensor name -> file, from the index or, for a one-file checkpoint, from model.safetensors itself."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return json.load(open(index))["weight_map"]
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return {n: "model.safetensors" for n in f.keys()}
+
+
 def read(path: str, name: str) -> torch.Tensor:
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
-    with safe_open(os.path.join(path, index[name]), "pt") as f:
+    with safe_open(os.path.join(path, weight_map(path)[name]), "pt") as f:
         return f.get_tensor(name)
+
+
+def dequant_blocks(w_fp8: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """The released format's rule, written out: every 128×128 block of E4M3 values times its scale (fp32)."""
+    N, K = w_fp8.shape
+    full = scale_inv.float().repeat_interleave(128, 0).repeat_interleave(128, 1)[:N, :K]
+    return w_fp8.float() * full
+
+
+def quant_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Report §3.3.1 for weights, written out: per 128×128 block scale = max(amax, 1e-4) / 448 (fp32) and
+    E4M3 = round-to-nearest(w / scale); ragged edge blocks take the amax of the elements they hold."""
+    N, K = w.shape
+    scale = torch.empty(-(-N // 128), -(-K // 128))
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            scale[i, j] = w[128 * i:128 * i + 128, 128 * j:128 * j + 128].abs().max().clamp(min=1e-4) / 448.0
+    full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:N, :K]
+    return (w / full).to(torch.float8_e4m3fn), scale
 
 
 def largest_shard(path: str) -> int:
@@ -117,11 +143,11 @@ def test_convert_streams_shard_by_shard(tmp_path):
     assert total_in > 2 * largest_shard(src) + 64 * MB
     # fp8 -> bf16: w = w_fp8 · scale_inv per 128×128 block, read across shards
     w_bf16 = read(bf16, "model.layers.3.mlp.experts.5.gate_proj.weight")
-    assert torch.equal(w_bf16, weight_dequant_ref(ref["w"], ref["s"], 128, torch.bfloat16))
+    assert torch.equal(w_bf16, dequant_blocks(ref["w"], ref["s"]).bfloat16())
     assert torch.equal(read(bf16, "model.layers.2.mlp.gate.e_score_correction_bias"), ref["bias"])
     assert "quantization_config" not in json.load(open(os.path.join(bf16, "config.json")))
-    # bf16 -> fp8: the torch reference on the same tensor, E4M3 with float32 block scales
-    w_fp8, s = weight_quant_ref(w_bf16.float(), 128)
+    # bf16 -> fp8: E4M3 with float32 block scales by the report's rule
+    w_fp8, s = quant_blocks(w_bf16.float())
     assert torch.equal(read(fp8, "model.layers.3.mlp.experts.5.gate_proj.weight").view(torch.uint8), w_fp8.view(torch.uint8))
     assert torch.equal(read(fp8, "model.layers.3.mlp.experts.5.gate_proj.weight_scale_inv"), s)
     assert read(fp8, "model.layers.3.input_layernorm.weight").dtype == torch.bfloat16
@@ -148,8 +174,16 @@ def test_convert_real_model_fp8_to_bf16(tmp_path):
     move_to_other_shard(str(tmp_path / "fp8"), "model.layers.1.self_attn.kv_b_proj.weight_scale_inv")
     from dsv3.hf import main
     assert main(["convert", str(tmp_path / "fp8"), str(tmp_path / "bf16"), "--to-bf16"]) == 0
-    direct = load_hf_checkpoint(str(tmp_path / "fp8")).state_dict()
-    converted = load_hf_checkpoint(str(tmp_path / "bf16")).state_dict()
-    for k, v in direct.items():
-        expect = v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16).float()
-        assert torch.equal(converted[k], expect), k
+    # every stored tensor against the raw FP8 checkpoint, read by name (not through the loader): quantised
+    # weights are E4M3 × their block scale (the scale may sit in another shard) rounded once to BF16,
+    # everything else is copied unchanged, and no scale is left
+    src, out = weight_map(str(tmp_path / "fp8")), weight_map(str(tmp_path / "bf16"))
+    assert set(out) == {n for n in src if not n.endswith("_scale_inv")}
+    n_fp8 = 0
+    for name in out:
+        raw, got = read(str(tmp_path / "fp8"), name), read(str(tmp_path / "bf16"), name)
+        if raw.dtype == torch.float8_e4m3fn:
+            raw, n_fp8 = dequant_blocks(raw, read(str(tmp_path / "fp8"), name + "_scale_inv")).bfloat16(), n_fp8 + 1
+        assert got.dtype == raw.dtype and torch.equal(got, raw), name
+    assert n_fp8 == sum(n.endswith("_scale_inv") for n in src) > 0
+    assert load_hf_checkpoint(str(tmp_path / "bf16")).cfg.mtp.depth == 1
