@@ -86,7 +86,14 @@ def test_generate_cli_from_run_folder_and_its_export(run_dir, tmp_path, capsys):
     from dsv3.hf import load_tokenizer
     tok = load_tokenizer(str(run / "tokenizer.json"))
     prompt = tok.encode("hello world")
-    expected = tok.decode(prompt + generate(model.eval(), tok, prompt, 10))
+    # greedy by full recomputation (no cache), stopping after the tokenizer's end-of-text id
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            seq.append(int(model.eval()(torch.tensor([seq]))[0, -1].argmax()))
+            if seq[-1] == tok.eos_id:
+                break
+    expected = tok.decode(seq)
     assert generate_main(["--checkpoint", str(run), "--prompt", "hello world", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == expected + "\n"
     out = tmp_path / "hf"
