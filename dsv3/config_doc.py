@@ -75,6 +75,8 @@ DOC: dict[str, str] = {
     "fp8.backend": "FP8 kernels: auto (Triton on CUDA, else torch), triton or torch",
     "fp8.block": "quantisation tile: 1×block activation scales, block×block weight scales (only 128)",
     "fp8.dispatch": "send MoE dispatch activations in FP8 with power-of-2 scales (needs fp8.enabled)",
+    "fp8.cache_wo_e5m6": "cache the attention output projection's input in E5M6 with power-of-2 scales (report §3.3.3)",
+    "fp8.cache_swiglu_fp8": "cache the MoE SwiGLU input in FP8 and recompute its output in backward (report §3.3.3)",
     # parallel
     "parallel.pp": "pipeline-parallel ranks",
     "parallel.pp_schedule": "pipeline schedule: 1f1b, zb1p (zero bubble), dualpipe (even pp) or dualpipev",
@@ -82,6 +84,8 @@ DOC: dict[str, str] = {
     "parallel.nodes": "nodes in the job; 0 = from the launcher's environment",
     "parallel.ranks_per_node": "ranks per node; 0 = from the launcher's environment",
     "parallel.dispatcher": "expert all-to-all: flat, or two_hop (IB to the node, then NVLink; report §3.2.2)",
+    "parallel.a2a_chunks": "two_hop: chunks the IB hop is cut into, each forwarded over NVLink as it lands (results identical)",
+    "parallel.a2a_chunks": "two_hop: chunks the IB hop is split into, pipelined with the NVLink hop",
     "parallel.overlap": "with DualPipe(V) and ep > 1, run the all-to-all under the paired chunk's compute",
     "parallel.zero1": "shard the optimizer state over data-parallel ranks (ZeRO-1)",
     "parallel.backend": "torch.distributed backend: auto (nccl on CUDA, else gloo), gloo or nccl",

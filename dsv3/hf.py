@@ -414,7 +414,8 @@ class OneLineParser(argparse.ArgumentParser):
 def main(argv: Optional[list[str]] = None) -> int:
     from dsv3.hf_convert import convert
     p = OneLineParser(prog="python -m dsv3.hf", description="Hugging Face checkpoint conversion")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           help="convert or export; python -m dsv3.hf COMMAND --help for its flags")
     c = sub.add_parser("convert", help="BF16 <-> FP8, shard by shard")
     c.add_argument("src", help="Hugging Face checkpoint folder (config.json + *.safetensors)")
     c.add_argument("dst", help="output folder (new, or an earlier output of this command with --overwrite)")

@@ -70,18 +70,13 @@ def moving_average(ys: list[float], window: int) -> list[float]:
     return out
 
 
-def loss_curve(metrics_path: str, out_path: Optional[str] = None) -> Optional[str]:
-    """Writes the loss-curve PNG (default: beside metrics.jsonl); returns its path, or None when the
-    file has no training step yet."""
-    s = curve_series(metrics_path)
-    steps, loss = s["train"]
-    if not steps:
-        return None
+def figure(s: dict, title: str = ""):
+    """The loss-curve figure of ``curve_series``'s output (matplotlib, headless)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_path = out_path or os.path.join(os.path.dirname(os.path.abspath(metrics_path)), FILE)
+    steps, loss = s["train"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     window = max(1, len(steps) // 20)
     ax.plot(steps, loss, color="#9ecae1", linewidth=0.8, label="train LM loss (per step)")
@@ -104,9 +99,21 @@ def loss_curve(metrics_path: str, out_path: Optional[str] = None) -> Optional[st
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper right")
-    ax.set_title(f"{os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))}: loss and learning rate",
-                 fontsize=10)
+    ax.set_title(f"{title}: loss and learning rate" if title else "loss and learning rate", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def loss_curve(metrics_path: str, out_path: Optional[str] = None) -> Optional[str]:
+    """Writes the loss-curve PNG (default: beside metrics.jsonl, atomically); returns its path, or None
+    when the file has no training step yet."""
+    s = curve_series(metrics_path)
+    if not s["train"][0]:
+        return None
+    run_dir = os.path.dirname(os.path.abspath(metrics_path))
+    out_path = out_path or os.path.join(run_dir, FILE)
+    fig = figure(s, os.path.basename(run_dir))
+    import matplotlib.pyplot as plt
     tmp = out_path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
