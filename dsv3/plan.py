@@ -1,194 +1,247 @@
-"""Memory and throughput planner: ``python -m dsv3.plan CONFIG --gpus N --gpu h800|h100 [--pp --ep --dp]``.
+"""Budget planner: ``python -m dsv3.plan CONFIG --gpus N --gpu h800 [--pp --ep --dp --maxvio --search]``.
 
-Per GPU: BF16 parameters (×2 under DualPipe, which keeps two stages per rank), FP32 gradients,
-ZeRO-1-sharded FP32 master weights and AdamW moments (dense state over DP, expert state over the
-expert-data-parallel group DP/EP), and activations for the schedule's in-flight micro-batches with the
-report's recomputation (§3.2.3) and FP8 activation caching (§3.3). Step time from FLOPs at cited GEMM
-rates plus the exposed part of the all-to-all at cited bandwidths plus the pipeline bubble (SPEC §4).
-Every rate used is printed with its source. It is a model: its assumptions are listed in ``ASSUMPTIONS``.
+Prints, for one layout, the memory of its busiest GPU against the GPU's capacity less a reserve, and two
+step times: the **ideal** bound (every GEMM at the dense peak of its precision, the mean rank, the
+all-to-all at line rate beyond what DualPipe hides, the pipeline bubble) and the **expected** one, the
+ideal with each factor of ``dsv3.plan_factors.FACTORS`` switched to its sourced value — printed one by
+one with its contribution to the step. No calibration constant: the expected figure is what the factors
+give. MFU = model FLOPs (no recompute) per second over the dense BF16 and FP8 peaks; HFU adds the
+recomputed GEMMs. ``--search`` lists the layouts that fit, cheapest first. Memory: dsv3/plan_memory.py.
 """
 from __future__ import annotations
 
-import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from dsv3 import plan_sources as src
 from dsv3.config import Config, ConfigError, load_config
 from dsv3.errors import UserError
-from dsv3.params import count_params
+from dsv3.hardware import GPU, GPUS, get_gpu
+from dsv3.plan_factors import FACTORS, Ctx, model_flops_per_token, step
+from dsv3.plan_memory import ActDtypes, rank_activation_bytes, rank_state_bytes  # noqa: F401 (re-exported)
 
-GB = 1024 ** 3
-
-# Cited rates (SPEC §5–6). GEMM rates are DeepGEMM's measured FP8 range on H800 (1.0–1.5 PFLOPS at large
-# shapes); we take its low end, 1.0 PFLOPS, for every FP8 GEMM and the same fraction of peak for BF16.
-HARDWARE = {
-    "h800": dict(fp8_peak=1979e12, bf16_peak=989e12, fp8_gemm=1000e12, ib=45e9, nvlink=155e9, hbm=80,
-                 source="FP8 GEMM 1.0 PFLOPS: DeepGEMM H800 (low end of 1.0-1.5 PFLOPS); IB 45 GB/s and "
-                        "NVLink 155 GB/s: DeepEP measured 43-58 / 153-158 GB/s; peaks: H800 SXM datasheet"),
-    "h100": dict(fp8_peak=1979e12, bf16_peak=989e12, fp8_gemm=1000e12, ib=45e9, nvlink=155e9, hbm=80,
-                 source="as H800 (same SM count and peak; DeepEP/DeepGEMM rates measured on H800 are used; "
-                        "H100's faster NVLink is not credited)"),
-}
-
-ASSUMPTIONS = [
-    "layers split evenly over PP stages; a DualPipe rank holds two stages (its own and the mirror one); "
-    "the busiest rank also holds the embedding, the head and the MTP module",
-    "BF16 weights for compute, FP32 gradients, ZeRO-1 FP32 master + moments sharded over the data-parallel group "
-    "(experts: over DP/EP)",
-    "activations per token per layer: BF16 block input; c_Q, c_KV, k_rope and the attention output in BF16; "
-    "softmax statistics FP32; K dispatched FP8 token copies and their FP8 SwiGLU inputs; RMSNorm, MLA up-projections "
-    "(q, k, v) and SwiGLU outputs recomputed (report §3.2.3)",
-    "only GEMMs, all-to-all and the bubble take time: no kernel-launch, elementwise, router or permutation "
-    "overheads, so the step time is a lower bound",
-    "compute: linear-layer FLOPs at the FP8 GEMM rate, core attention at the same fraction of BF16 peak",
-    "all-to-all per MoE layer: dispatch FP8 (+1/128 scales), combine BF16, once per reached node over IB "
-    "(≤ topk_group nodes), forward and backward; hidden under DualPipe's paired F&B except what exceeds compute",
-    "DualPipe bubble (PP/2−1)(F&B + B − 3W) with B = 2F, W = F; 1F1B (PP−1)(F+B)",
-]
+GIB = 1024 ** 3
+# The reserve kept free on every GPU (GiB). Assumed, not measured here (this session had no GPU):
+# change them with --reserve-gib when a run's peak memory is known.
+RESERVE = {"CUDA context + cuBLAS workspace": 1.0,
+           "NCCL communicators and buffers": 1.0,
+           "DeepEP all-to-all buffers": 2.0}
+FRAGMENTATION = 0.05      # of the GPU's memory, PyTorch caching-allocator slack (assumed)
+MAXVIO_SWEEP = (0.0, src.MAXVIO_DEFAULT.value, 0.1, 0.2, 0.5, 1.0)
+REMEDIES = ("more pipeline stages (--pp), more expert parallelism (--ep), train.recompute=true, "
+            "a smaller train.micro_batch_size, or a GPU with more memory (--gpu)")
 
 
 @dataclass
 class Plan:
-    params_per_gpu: float
-    param_bytes: float
-    grad_bytes: float
-    optimizer_bytes: float
-    activation_bytes: float
-    total_bytes: float
-    step_time: float
-    tokens_per_s_per_gpu: float
-    mfu: float
-    gpu_hours_per_trillion: float
-    exposed_comm: float
-    bubble: float
+    layout: tuple[int, int, int]
+    gpu: GPU
+    state: dict                 # busiest-memory rank: params / grads / optimizer bytes, n_params
+    activations: float
+    reserve: float
+    memory_rank: int
+    ideal: dict
+    expected: dict
+    factors: list = field(default_factory=list)   # (label, step seconds after it, Δ seconds)
+    model_flops: float = 0.0    # per token
+    hw_flops: float = 0.0
+    tokens_per_step: int = 0
+
+    @property
+    def total_bytes(self) -> float:
+        return self.state["params"] + self.state["grads"] + self.state["optimizer"] + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes + self.reserve <= self.gpu.hbm_gib * GIB
+
+    def rates(self, which: dict) -> dict:
+        gpus = self.layout[0] * self.layout[1]
+        tok = self.tokens_per_step / which["total"] / gpus
+        return dict(tok_s_gpu=tok, tflops=tok * self.model_flops / 1e12,
+                    mfu_bf16=tok * self.model_flops / (self.gpu.bf16_dense_tflops * 1e12),
+                    mfu_fp8=tok * self.model_flops / (self.gpu.fp8_dense_tflops * 1e12),
+                    hfu_bf16=tok * self.hw_flops / (self.gpu.bf16_dense_tflops * 1e12),
+                    gpu_hours_per_t=1e12 / tok / 3600)
 
 
-def stage_params(cfg: Config, pp: int, ep: int, copies: int) -> tuple[float, float]:
-    """(dense, expert) parameters on the busiest rank: L/pp layers per stage × `copies` stages
-    (DualPipe keeps 2), plus the embedding, the head and the MTP module (which sit on the first and
-    last stages under DualPipe; under 1F1B a tied embedding copy sits with MTP), experts divided by EP."""
-    m = cfg.model
-    c = count_params(m)
-    per_expert_layer = 3 * m.dim * m.moe.moe_inter_dim * m.moe.n_routed_experts
-    main_moe_layers = m.n_layers - m.n_dense_layers
-    embed = head = m.vocab_size * m.dim
-    layer_dense = c.total - embed - head - m.dim - per_expert_layer * main_moe_layers
-    mtp_dense = c.mtp - per_expert_layer * m.mtp.depth
-    dense = layer_dense / pp * copies + embed + head + mtp_dense
-    expert = (per_expert_layer * main_moe_layers / pp * copies + per_expert_layer * m.mtp.depth) / ep
-    return dense, expert
-
-
-def activation_bytes_per_token_layer(cfg: Config) -> float:
-    m, a, moe = cfg.model, cfg.model.mla, cfg.model.moe
-    attn = (2 * m.dim + 2 * (a.q_lora_rank or 0) + 2 * (a.kv_lora_rank + a.qk_rope_head_dim)
-            + 2 * a.n_heads * a.v_head_dim + 4 * a.n_heads)
-    fp8_row = lambda n: n + 4 * math.ceil(n / 128)  # noqa: E731  FP8 values + one FP32 scale per 128
-    ffn = (2 * m.dim + moe.n_activated_experts * (fp8_row(m.dim) + fp8_row(2 * moe.moe_inter_dim))
-           + fp8_row(m.dim) + fp8_row(2 * moe.n_shared_experts * moe.moe_inter_dim))
-    return attn + ffn
-
-
-def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int | None = None,
-         batch_sequences: int | None = None, micro_batch: int = 1) -> Plan:
-    hw = HARDWARE[gpu]
-    if dp is None:
-        dp = gpus // pp
+def check_layout(cfg: Config, gpus: int, pp: int, ep: int, dp: int, micro_batch: int, global_batch: int) -> None:
+    """One ConfigError naming what to change when the layout cannot run (the trainer's own rules)."""
+    m, kind = cfg.model, cfg.parallel.pp_schedule
     if pp * dp != gpus:
         raise ConfigError(f"--gpus {gpus} must equal pp × dp = {pp} × {dp}")
-    if dp % ep:
-        raise ConfigError(f"ep={ep} must divide dp={dp} (experts are carved out of the data-parallel group)")
-    m, t = cfg.model, cfg.train
-    dualpipe = cfg.parallel.pp_schedule in ("dualpipe", "dualpipev") and pp > 1
-    copies = 2 if cfg.parallel.pp_schedule == "dualpipe" and pp > 1 else 1
-    dense, expert = stage_params(cfg, pp, ep, copies)
-    n_params = dense + expert
-    param_b, grad_b = 2 * n_params, 4 * n_params
-    moment_bytes = 2 if t.bf16_moments else 4
-    state = 4 + 2 * moment_bytes
-    opt_b = state * dense / dp + state * expert / (dp // ep)
-    seq = cfg.data.seq_len
-    layers_per_stage = (m.n_layers + m.mtp.depth) / pp
-    in_flight = pp + 1 if dualpipe else pp   # SPEC §4 activation column, micro-batch × stage units
-    act_b = activation_bytes_per_token_layer(cfg) * seq * micro_batch * layers_per_stage * in_flight
-    # ---- time
-    counts = count_params(m)
-    linear_flops = 6.0 * (counts.activated_no_embed + (counts.mtp - 3 * m.dim * m.moe.moe_inter_dim
-                                                        * (m.moe.n_routed_experts - m.moe.n_activated_experts)))
-    attn_flops = 3 * (m.n_layers + m.mtp.depth) * m.mla.n_heads * (
-        m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim + m.mla.v_head_dim) * seq
-    eff = hw["fp8_gemm"] / hw["fp8_peak"]
-    sec_per_token = linear_flops / hw["fp8_gemm"] + attn_flops / (hw["bf16_peak"] * eff)
-    batch = batch_sequences or t.global_batch
-    tokens_per_gpu = batch * seq / gpus * pp  # each pipeline replica's GPU sees its DP share, for its stage only
-    compute = sec_per_token * tokens_per_gpu / pp
-    nodes = min(m.moe.topk_group, m.moe.n_group) if m.moe.n_group > 1 else 1
-    a2a_bytes = (fp8_b := m.dim + 4 * math.ceil(m.dim / 128)) * nodes + 2 * m.dim * nodes
-    moe_layers_rank = (m.n_layers - m.n_dense_layers + m.mtp.depth) / pp
-    comm = 2 * a2a_bytes * moe_layers_rank * tokens_per_gpu / hw["ib"]
-    exposed = max(0.0, comm - compute) if dualpipe else comm
-    chunks = max(1, batch // dp // micro_batch)
-    F = compute / chunks / 3
-    bubble = (pp / 2 - 1) * 2 * F if dualpipe else (pp - 1) * 3 * F
-    step = compute + exposed + bubble
-    tok_s = batch * seq / step / gpus
-    mfu = tok_s * (linear_flops + attn_flops) / hw["bf16_peak"]
-    return Plan(n_params, param_b, grad_b, opt_b, act_b, param_b + grad_b + opt_b + act_b, step, tok_s, mfu,
-                1e12 / tok_s / 3600, exposed, bubble)
+    if dp % ep or m.moe.n_routed_experts % ep:
+        raise ConfigError(f"ep={ep} must divide dp={dp} and model.moe.n_routed_experts={m.moe.n_routed_experts}")
+    stages = 2 * pp if kind == "dualpipev" and pp > 1 else pp
+    if stages > m.n_layers:
+        raise ConfigError(f"pp={pp} gives {stages} model stages for {m.n_layers} layers: lower --pp")
+    chunks = global_batch // dp // micro_batch
+    if global_batch % (dp * micro_batch) or chunks < 1:
+        raise ConfigError(f"global batch {global_batch} does not split into dp={dp} × micro-batches of {micro_batch}")
+    need = 2 * pp if kind in ("dualpipe", "dualpipev") else pp
+    if pp > 1 and (chunks < need or (kind == "dualpipe" and (pp % 2 or chunks % 2))):
+        raise ConfigError(f"{kind} on pp={pp} needs {'an even pp and an even number of ' if kind == 'dualpipe' else ''}"
+                          f"≥ {need} micro-batches per step, got {chunks}: change --pp or the batch")
 
 
-def _layout(args, cfg: Config) -> tuple[int, int, int]:
-    """(pp, ep, dp) from the flags and the config, each checked: one ConfigError naming the flag."""
-    for flag in ("gpus", "pp", "ep", "dp", "batch_sequences"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
-    pp = args.pp if args.pp is not None else cfg.parallel.pp
-    ep = args.ep if args.ep is not None else cfg.parallel.ep
-    if args.dp is None and args.gpus % pp:
-        raise ConfigError(f"--gpus {args.gpus} is not a multiple of pp={pp} (pipeline stages): change --gpus or --pp")
-    dp = args.dp if args.dp is not None else args.gpus // pp
-    if pp * dp != args.gpus:
-        raise ConfigError(f"--gpus {args.gpus} must equal pp × dp = {pp} × {dp}")
-    if dp % ep:
-        raise ConfigError(f"ep={ep} must divide dp={dp} (experts are carved out of the data-parallel group)")
-    return pp, ep, dp
+def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int, global_batch: int | None = None,
+         micro_batch: int | None = None, maxvio: float = src.MAXVIO_DEFAULT.value,
+         reserve_gib: float | None = None) -> Plan:
+    g = get_gpu(gpu)
+    gb, mb = global_batch or cfg.train.global_batch, micro_batch or cfg.train.micro_batch_size
+    check_layout(cfg, gpus, pp, ep, dp, mb, gb)
+    kind = cfg.parallel.pp_schedule if pp > 1 else "1f1b"
+    states = rank_state_bytes(cfg, pp, dp, ep, kind)
+    acts = rank_activation_bytes(cfg, pp, kind, mb, ActDtypes.for_training(cfg))
+    r = max(range(pp), key=lambda i: states[i]["params"] + states[i]["grads"] + states[i]["optimizer"] + acts[i])
+    reserve = (sum(RESERVE.values()) + FRAGMENTATION * g.hbm_gib if reserve_gib is None else reserve_gib) * GIB
+    ctx = Ctx(cfg, g, pp, dp, ep, mb, gb, maxvio)
+    on: set = set()
+    ideal = step(ctx, on, states)
+    rows, prev = [], ideal["total"]
+    for key, label in FACTORS:
+        on.add(key)
+        cur = step(ctx, on, states)
+        rows.append((key, label, cur["total"], cur["total"] - prev))
+        prev = cur["total"]
+    model, hw = model_flops_per_token(cfg, ctx)
+    return Plan((pp, dp, ep), g, states[r], acts[r], reserve, r, ideal, cur, rows, model, hw,
+                gb * cfg.data.seq_len)
+
+
+def is_report_config(cfg: Config) -> bool:
+    """The DeepSeek-V3 671B model (config_671B.json shapes): the only one the report's figures describe."""
+    m = cfg.model
+    return (m.dim, m.n_layers, m.vocab_size, m.moe.n_routed_experts, m.moe.n_activated_experts, m.mtp.depth) == \
+        (7168, 61, 129280, 256, 8, 1)
+
+
+FACTOR_SOURCES = {
+    "gemm": src.DEEPGEMM_SOURCE, "attn": src.FLASHMLA_TFLOPS.source,
+    "recompute": "report §3.2.3; this trainer's MLA.recompute (dsv3/mla.py)", "sms": src.COMM_SMS.source,
+    "membound": src.FLASHMLA_GBS.source + "; bytes counted from the shapes (dsv3/plan_factors.membound_bytes)",
+    "imbalance": "parallel/stage_cut.stage_bounds, the trainer's cut", "a2a": src.DEEPEP_SOURCE + "; " + src.MAXVIO_DEFAULT.source,
+    "p2p": src.IB_GBS.source, "zero": src.IB_GBS.source + "; AdamW bytes per shard element (parallel/zero.py)",
+}
+
+
+def report(cfg: Config, p: Plan, maxvio_sweep: list) -> str:
+    pp, dp, ep = p.layout
+    s, G = p.state, GIB
+    lines = [f"layout: {pp * dp} × {p.gpu.name}  PP{pp} × DP{dp}, EP{ep} (expert-DP {dp // ep}), "
+             f"schedule {cfg.parallel.pp_schedule if pp > 1 else 'none'}, ZeRO-1, micro-batch "
+             f"{p.tokens_per_step // cfg.data.seq_len and cfg.train.micro_batch_size} × {cfg.data.seq_len} tokens",
+             f"busiest memory: pipeline rank {p.memory_rank} (model stages {s['stages']}), {s['n_params'] / 1e9:.2f}B parameters",
+             f"memory per GPU: params {s['params'] / G:.1f} GiB | grads {s['grads'] / G:.1f} GiB | optimizer "
+             f"{s['optimizer'] / G:.1f} GiB | activations {p.activations / G:.1f} GiB | total {p.total_bytes / G:.1f} GiB "
+             f"+ reserve {p.reserve / G:.1f} GiB {'fits in' if p.fits else 'EXCEEDS'} {p.gpu.hbm_gib:.1f} GiB"]
+    lines.append(f"step (busiest pipeline rank {p.expected['busiest']}): ideal {p.ideal['total']:.2f} s, "
+                 f"expected {p.expected['total']:.2f} s")
+    lines.append("factors (applied in order; Δ = change of the step time):")
+    for key, label, total, delta in p.factors:
+        lines.append(f"  {delta:+8.2f} s → {total:7.2f} s  {label}  [{FACTOR_SOURCES[key]}]")
+    ex = p.expected
+    lines.append(f"expected parts: compute {ex['compute']:.2f} s (of which exposed all-to-all {ex['exposed']:.2f} s of "
+                 f"{ex['comm']:.2f} s), bubble {ex['bubble']:.2f} s, P2P {ex['p2p']:.2f} s, ZeRO + optimizer {ex['zero']:.2f} s")
+    for name, which in (("ideal", p.ideal), ("expected", p.expected)):
+        r = p.rates(which)
+        lines.append(f"{name:8s}: {r['tok_s_gpu']:,.0f} tokens/s/GPU | {r['tflops']:.0f} model TFLOPS/GPU | "
+                     f"MFU {100 * r['mfu_bf16']:.1f}% of BF16 dense peak ({p.gpu.bf16_dense_tflops:g} TFLOPS), "
+                     f"{100 * r['mfu_fp8']:.1f}% of FP8 dense peak ({p.gpu.fp8_dense_tflops:g}) | HFU "
+                     f"{100 * r['hfu_bf16']:.1f}% of BF16 | {r['gpu_hours_per_t'] / 1e3:,.0f}K GPU-hours per trillion tokens")
+    lines.append(f"model FLOPs per token {p.model_flops / 1e9:.1f} G (forward + backward, attention and MTP included); "
+                 f"with recompute {p.hw_flops / 1e9:.1f} G")
+    if maxvio_sweep:
+        lines.append("expected GPU-hours per trillion tokens by MaxVio (EP straggler): " + ", ".join(
+            f"{v:g} → {h / 1e3:,.0f}K" for v, h in maxvio_sweep))
+    if is_report_config(cfg):
+        e = p.rates(p.expected)["gpu_hours_per_t"]
+        lines.append(f"DeepSeek-V3 report (H800): {src.REPORT_GPU_HOURS_PER_T.value / 1e3:.0f}K GPU-hours per trillion "
+                     f"tokens, {src.REPORT_PRETRAIN_GPU_HOURS.value / 1e6:.3f}M for 14.8T; this plan: {e / 1e3:,.0f}K, "
+                     f"{14.8 * e / 1e6:.3f}M ({e / src.REPORT_GPU_HOURS_PER_T.value:.2f}× the report)")
+    lines.append(f"reserve: {', '.join(f'{k} {v:g} GiB' for k, v in RESERVE.items())}, fragmentation "
+                 f"{100 * FRAGMENTATION:g}% of memory (assumed; --reserve-gib sets the total)")
+    lines.append(f"peaks: {p.gpu.source}")
+    return "\n".join(lines)
+
+
+def search(cfg: Config, gpus: int, gpu: str, maxvio: float, reserve_gib: float | None) -> list[Plan]:
+    """Every (pp, ep) layout of ``gpus`` the trainer can run that fits, cheapest expected GPU-hours first."""
+    out = []
+    for pp in [d for d in range(1, gpus + 1) if gpus % d == 0]:
+        dp = gpus // pp
+        for ep in [e for e in range(1, dp + 1) if dp % e == 0]:
+            try:
+                p = plan(cfg, gpus, gpu, pp, ep, dp, maxvio=maxvio, reserve_gib=reserve_gib)
+            except ConfigError:
+                continue
+            if p.fits:
+                out.append(p)
+    return sorted(out, key=lambda p: p.rates(p.expected)["gpu_hours_per_t"])
+
+
+def _positive(flag: str, value):
+    if value is not None and value < 1:
+        raise ConfigError(f"--{flag} {value}: expected a positive integer")
 
 
 def main(argv=None) -> int:
     from dsv3.hf import OneLineParser
     ap = OneLineParser(prog="python -m dsv3.plan", description=__doc__.splitlines()[0])
-    ap.add_argument("config")
+    ap.add_argument("config", help="a dsv3 YAML config (model, batch, schedule, precision)")
     ap.add_argument("--gpus", type=int, required=True, help="GPUs in all (= pp × dp)")
-    ap.add_argument("--gpu", choices=sorted(HARDWARE), default="h800")
-    ap.add_argument("--pp", type=int, help="pipeline stages (default: the config's parallel.pp)")
+    ap.add_argument("--gpu", default="h800", help=f"GPU model: {', '.join(sorted(GPUS))} (h100 = h100_sxm)")
+    ap.add_argument("--pp", type=int, help="pipeline-parallel ranks (default: the config's parallel.pp)")
     ap.add_argument("--ep", type=int, help="expert-parallel size, a divisor of dp (default: the config's parallel.ep)")
     ap.add_argument("--dp", type=int, help="data-parallel replicas (default: gpus / pp)")
-    ap.add_argument("--batch-sequences", type=int, help="global batch in sequences (default: the config's)")
+    ap.add_argument("--batch-sequences", type=int, help="global batch in sequences (default: train.global_batch)")
+    ap.add_argument("--maxvio", type=float, default=src.MAXVIO_DEFAULT.value,
+                    help=f"expert load MaxVio for the EP straggler factor (default {src.MAXVIO_DEFAULT.value:g}: "
+                         "Wang et al. 2024 Table 2, loss-free balancing)")
+    ap.add_argument("--reserve-gib", type=float, help="memory kept free per GPU, GiB (default: the listed reserve)")
+    ap.add_argument("--search", action="store_true", help="list every layout of --gpus that fits, cheapest first")
     try:
         args = ap.parse_args(argv)
+        for flag in ("gpus", "pp", "ep", "dp", "batch_sequences"):
+            _positive(flag.replace("_", "-"), getattr(args, flag))
+        if args.maxvio < 0:
+            raise ConfigError(f"--maxvio {args.maxvio}: expected ≥ 0")
+        try:
+            get_gpu(args.gpu)
+        except KeyError as e:
+            raise ConfigError(f"--gpu: {e.args[0]}") from None
         cfg = load_config(args.config)
-        pp, ep, dp = _layout(args, cfg)
-        p = plan(cfg, args.gpus, args.gpu, pp, ep, dp, args.batch_sequences)
+        if args.search:
+            found = search(cfg, args.gpus, args.gpu, args.maxvio, args.reserve_gib)
+            if not found:
+                raise ConfigError(f"no layout of {args.gpus} × {args.gpu} fits this config in memory: {REMEDIES}")
+            print(f"layouts of {args.gpus} × {found[0].gpu.name} that fit, cheapest expected first:")
+            for p in found:
+                r = p.rates(p.expected)
+                print(f"  PP{p.layout[0]:<3d} DP{p.layout[1]:<5d} EP{p.layout[2]:<4d} memory {p.total_bytes / GIB:6.1f} GiB  "
+                      f"expected {r['gpu_hours_per_t'] / 1e3:,.0f}K GPU-hours/T, MFU {100 * r['mfu_bf16']:.1f}% BF16")
+            return 0
+        pp = args.pp if args.pp is not None else cfg.parallel.pp
+        ep = args.ep if args.ep is not None else cfg.parallel.ep
+        if args.dp is None and args.gpus % pp:
+            raise ConfigError(f"--gpus {args.gpus} is not a multiple of pp={pp}: change --gpus or --pp")
+        dp = args.dp if args.dp is not None else args.gpus // pp
+        p = plan(cfg, args.gpus, args.gpu, pp, ep, dp, args.batch_sequences, maxvio=args.maxvio,
+                 reserve_gib=args.reserve_gib)
+        sweep = []
+        for v in MAXVIO_SWEEP:
+            q = plan(cfg, args.gpus, args.gpu, pp, ep, dp, args.batch_sequences, maxvio=v, reserve_gib=args.reserve_gib)
+            sweep.append((v, q.rates(q.expected)["gpu_hours_per_t"]))
+        print(report(cfg, p, sweep))
+        if not p.fits:
+            raise ConfigError(f"memory: pipeline rank {p.memory_rank} needs {p.total_bytes / GIB:.1f} GiB + reserve "
+                              f"{p.reserve / GIB:.1f} GiB > {p.gpu.hbm_gib:.1f} GiB on {p.gpu.name}; try {REMEDIES}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(f"layout: {args.gpus} × {args.gpu.upper()}  PP{pp} × DP{dp}, EP{ep} (expert-DP {dp // ep}), "
-          f"schedule {cfg.parallel.pp_schedule}, ZeRO-1")
-    print(f"parameters per GPU: {p.params_per_gpu / 1e9:.2f}B")
-    print(f"memory per GPU: params {p.param_bytes / GB:.1f} GiB | grads {p.grad_bytes / GB:.1f} GiB | "
-          f"optimizer {p.optimizer_bytes / GB:.1f} GiB | activations {p.activation_bytes / GB:.1f} GiB | "
-          f"total {p.total_bytes / GB:.1f} GiB of {HARDWARE[args.gpu]['hbm']} GB")
-    print(f"step time {p.step_time:.1f} s (bubble {p.bubble:.1f} s, exposed all-to-all {p.exposed_comm:.1f} s) | "
-          f"{p.tokens_per_s_per_gpu:,.0f} tokens/s/GPU | MFU {100 * p.mfu:.1f}% of BF16 peak")
-    hours = p.gpu_hours_per_trillion
-    print(f"GPU-hours per trillion tokens: {hours / 1e3:,.0f}K (report: 180K)")
-    print(f"pre-training 14.8T tokens: {14.8 * hours / 1e6:.3f}M GPU-hours (report: 2.664M)")
-    print(f"rates: {HARDWARE[args.gpu]['source']}")
-    print("assumptions:\n  - " + "\n  - ".join(ASSUMPTIONS))
     return 0
 
 

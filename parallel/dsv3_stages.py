@@ -28,6 +28,7 @@ from torch import nn
 from dsv3.model import Transformer
 from dsv3.moe import MoE
 from parallel.overlap import Piece, params_of
+from parallel.stage_cut import stage_bounds
 
 
 class DSV3Stage(nn.Module):
@@ -104,10 +105,7 @@ class DSV3Stage(nn.Module):
 def dsv3_stages(model: Transformer, num_stages: int) -> list[DSV3Stage]:
     """The layers split as evenly as possible, earlier stages taking the remainder (the last stage also
     carries the head and the MTP modules)."""
-    n = len(model.layers)
-    if num_stages > n:
-        raise ValueError(f"{num_stages} pipeline stages need at least as many layers; model.n_layers={n}")
-    b = [sum(n // num_stages + (i < n % num_stages) for i in range(s)) for s in range(num_stages + 1)]
+    b = stage_bounds(len(model.layers), num_stages)
     return [DSV3Stage(model, b[s], b[s + 1], s == 0, s == num_stages - 1) for s in range(num_stages)]
 
 

@@ -1,0 +1,194 @@
+"""The planner's memory side: parameters per module from the config's shapes, each pipeline rank's
+parameter / gradient / optimizer bytes as the trainer allocates them, and the activations autograd
+keeps per token per layer (report §3.2.3 recomputation, §3.3 FP8 caching).
+
+Trainer assumptions (issue 17 C): BF16 compute weights, FP32 gradients (main-grad), ZeRO-1 FP32 master
++ two AdamW moments (BF16 with ``train.bf16_moments``), each parameter flattened and padded to W·⌈n/W⌉
+(parallel/zero.py) over DP for dense and over DP/EP for expert parameters; routed experts sharded over
+EP; layers cut by ``parallel.stage_cut.stage_bounds``, the embedding on the first stage, the final norm,
+head and MTP (with the embedding it shares) on the last; a DualPipe rank holds model stages r and
+PP−1−r, a DualPipeV rank stages r and 2·PP−1−r, and an embedding both of its stages use is held once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dsv3.config import Config, ModelConfig
+from parallel.stage_cut import stage_bounds
+
+FP8_ROW = 1 + 4 / 128       # one E4M3 byte per value + one FP32 scale per 128 values
+
+
+def block_params(m: ModelConfig, layer_id: int) -> list[tuple[str, int, bool]]:
+    """(name, numel, is_routed_expert) of one Block (dsv3/block.py, mla.py, moe.py, layers.py)."""
+    a, e, d = m.mla, m.moe, m.dim
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    out = [("attn_norm", d, False)]
+    if a.q_lora_rank is None:
+        out.append(("attn.wq", d * a.n_heads * qk, False))
+    else:
+        out += [("attn.wq_a", d * a.q_lora_rank, False), ("attn.q_norm", a.q_lora_rank, False),
+                ("attn.wq_b", a.q_lora_rank * a.n_heads * qk, False)]
+    out += [("attn.wkv_a", d * (a.kv_lora_rank + a.qk_rope_head_dim), False), ("attn.kv_norm", a.kv_lora_rank, False),
+            ("attn.wkv_b", a.kv_lora_rank * a.n_heads * (a.qk_nope_head_dim + a.v_head_dim), False),
+            ("attn.wo", a.n_heads * a.v_head_dim * d, False), ("ffn_norm", d, False)]
+    if layer_id < m.n_dense_layers:
+        out += [(f"ffn.{w}", d * m.inter_dim, False) for w in ("w1", "w2", "w3")]
+    else:
+        out.append(("ffn.gate", e.n_routed_experts * d, False))
+        out += [(f"ffn.experts.{w}", e.n_routed_experts * e.moe_inter_dim * d, True) for w in ("w1", "w2", "w3")]
+        if e.n_shared_experts:
+            out += [(f"ffn.shared.{w}", d * e.n_shared_experts * e.moe_inter_dim, False) for w in ("w1", "w2", "w3")]
+    return out
+
+
+def stage_params(m: ModelConfig, lo: int, hi: int, first: bool, last: bool) -> list[tuple[str, int, bool]]:
+    """Parameters of the model stage holding layers [lo, hi) (parallel/dsv3_stages.DSV3Stage)."""
+    out = []
+    if first or (last and m.mtp.depth > 0):
+        out.append(("embed", m.vocab_size * m.dim, False))
+    for i in range(lo, hi):
+        out += [(f"layers.{i}.{n}", k, x) for n, k, x in block_params(m, i)]
+    if last:
+        out += [("norm", m.dim, False), ("head", m.vocab_size * m.dim, False)]
+        for k in range(m.mtp.depth):
+            out += [(f"mtp.{k}.enorm", m.dim, False), (f"mtp.{k}.hnorm", m.dim, False),
+                    (f"mtp.{k}.eh_proj", 2 * m.dim * m.dim, False)]
+            out += [(f"mtp.{k}.block.{n}", c, x) for n, c, x in block_params(m, m.n_layers + k)]
+            out.append((f"mtp.{k}.norm", m.dim, False))
+    return out
+
+
+def rank_stages(schedule: str, pp: int) -> tuple[int, list[list[int]]]:
+    """(number of model stages, the model stages each pipeline rank holds) — parallel/schedules.layout."""
+    if pp == 1:
+        return 1, [[0]]
+    if schedule == "dualpipe":
+        return pp, [sorted({r, pp - 1 - r}) for r in range(pp)]
+    if schedule == "dualpipev":
+        return 2 * pp, [[r, 2 * pp - 1 - r] for r in range(pp)]
+    return pp, [[r] for r in range(pp)]
+
+
+def in_flight(schedule: str, pp: int, num_stages: int, stage: int) -> int:
+    """Micro-batches whose activations model stage ``stage`` holds at the peak: N − s on its rank (1F1B,
+    ZB1P; and on each DualPipe holder, which runs 1F1B's count per direction), so a DualPipe rank holds
+    N − r + r + 1 = PP + 1 (SPEC §4: activations PP, PP, PP+1, PP+1); DualPipeV is DualPipe on 2·PP stages."""
+    if pp == 1:
+        return 1
+    return num_stages - stage
+
+
+def rank_state_bytes(cfg: Config, pp: int, dp: int, ep: int, schedule: str) -> list[dict]:
+    """Per pipeline rank 0…pp−1: {"params", "grads", "optimizer"} bytes on one GPU of that rank, plus
+    "n_params" / "n_dense" / "n_expert" (this GPU's parameter counts, experts sharded) and "stages"."""
+    m = cfg.model
+    if m.moe.n_routed_experts % ep:
+        raise ValueError(f"ep={ep} must divide model.moe.n_routed_experts={m.moe.n_routed_experts}")
+    n_stages, held = rank_stages(schedule, pp)
+    bounds = stage_bounds(m.n_layers, n_stages)
+    moment = 2 if cfg.train.bf16_moments else 4
+    dense_world, expert_world = dp, (dp // ep if ep > 1 else dp)
+    out = []
+    for stages in held:
+        params: dict[str, tuple[int, bool]] = {}
+        for s in stages:
+            for name, n, expert in stage_params(m, bounds[s], bounds[s + 1], s == 0, s == n_stages - 1):
+                params[name] = (n // ep if expert else n, expert)      # a shared tensor counts once
+        n_params = sum(n for n, _ in params.values())
+        n_expert = sum(n for n, x in params.values() if x)
+        shard = sum(math.ceil(n / (expert_world if x else dense_world)) for n, x in params.values())
+        out.append(dict(params=2 * n_params, grads=4 * n_params, optimizer=(4 + 2 * moment) * shard,
+                        n_params=n_params, n_dense=n_params - n_expert, n_expert=n_expert, stages=stages))
+    return out
+
+
+@dataclass(frozen=True)
+class ActDtypes:
+    """Bytes per saved value: residual stream, a Linear's cached input, attention core; and which code
+    path the routed/dense SwiGLU takes (packed [gate|up] on BF16/GPU, separate gate/up in FP32 on CPU)."""
+    resid: float
+    linear_in: float
+    attn: float
+    fp8: bool
+    packed_swiglu: bool
+    pad_v: bool               # V padded to the q/k head width (the CPU flash kernel)
+
+    @staticmethod
+    def for_training(cfg: Config, device: str = "cuda") -> "ActDtypes":
+        a = 4.0 if cfg.train.dtype == "fp32" else 2.0
+        fp8 = cfg.fp8.enabled
+        cpu32 = device == "cpu" and a == 4.0
+        attn = 4.0 if device == "cpu" else a       # the CPU core runs in FP32 (dsv3/attention.py)
+        return ActDtypes(a, FP8_ROW if fp8 else a, attn, fp8, not cpu32, device == "cpu")
+
+
+def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes, micro_batch: int = 1) -> float:
+    """Bytes autograd keeps per token for one Block with recomputation on (norm outputs, MLA's wkv_b
+    up-projection and SwiGLU outputs recomputed; their inputs kept). Each term is one saved tensor."""
+    a, e, d = m.mla, m.moe, m.dim
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    R, L, A = dt.resid, dt.linear_in, dt.attn
+    shared_in = 2 if dt.fp8 else 1                          # FP8 Linears quantise a shared input each
+    b = d * R                                               # block input (attn_norm's recompute input)
+    if a.q_lora_rank is None:
+        b += d * L
+    else:
+        b += shared_in * d * L                              # normed x: wq_a and wkv_a inputs
+        b += a.q_lora_rank * R + 4                          # c_Q before q_norm + its reciprocal RMS
+        b += a.q_lora_rank * L                              # normed c_Q: wq_b input
+    b += (a.kv_lora_rank + a.qk_rope_head_dim) * R + 4      # wkv_a output (kv_norm input, k_rope view) + rstd
+    b += a.kv_lora_rank * R                                 # normed c_KV: the recomputed wkv_b's input
+    v = qk if dt.pad_v else a.v_head_dim
+    b += a.n_heads * (2 * qk + 2 * v) * A + 4 * a.n_heads   # q, k, v, out of the attention core; log-sum-exp
+    b += a.n_heads * a.v_head_dim * L                       # attention output: wo input
+    b += 2 * 4 * a.qk_rope_head_dim / micro_batch           # the RoPE rotations (complex64, per position)
+    b += d * R                                              # h: ffn_norm's recompute input
+    swiglu = 2 if dt.packed_swiglu else 3                   # [gate|up] (+ the unweighted up on the FP32 path)
+    if layer_id < m.n_dense_layers:
+        return b + shared_in * d * L + m.inter_dim * (2 * R + L)     # normed h; gate, up; SwiGLU out (w2 input)
+    k, E, I = e.n_activated_experts, e.n_routed_experts, e.moe_inter_dim
+    b += d * (L if dt.packed_swiglu or dt.fp8 else R)       # normed h (shared experts' and gate's input)
+    b += d * 4 if R != 4 else 0                             # the gate's FP32 copy of it
+    b += E * 4 + E * 8 + 4 + k * 4                          # sigmoid scores, top-k sort indices, weight sum, weights
+    if e.n_group > 1 and e.topk_method != "greedy":
+        b += e.n_group * (2 * 8 + 8 + 1)                    # group top-2 indices, group sort, dropped mask
+    b += 2 * k * 8                                          # sorted order and source token of each routed row
+    b += k * d * L + k * 4                                  # dispatched rows (x_sorted) and their gate weights
+    b += k * I * (swiglu * R + L)                           # experts' gate/up (recompute inputs) and w2 input
+    b += k * d * R                                          # the experts' output rows (combine input)
+    if e.n_shared_experts:
+        Is = e.n_shared_experts * I
+        b += Is * (2 * R + L)
+    return b + 4                                            # the balance loss's score sums
+
+
+def head_activation_bytes(m: ModelConfig, dt: ActDtypes) -> float:
+    """Per token on the last stage: final norm input and output (head input), the fused head +
+    cross-entropy's per-row statistics; per MTP module its two norms' inputs, eh_proj's input, one Block
+    and its own head. Modelled from dsv3/model.py / mtp.py, not measured."""
+    d, R, L = m.dim, dt.resid, dt.linear_in
+    head = d * R + 4 + d * L + 8
+    mtp = 2 * d * R + 8 + 2 * d * L + head
+    return head + m.mtp.depth * mtp
+
+
+def stage_activation_bytes(m: ModelConfig, lo: int, hi: int, last: bool, dt: ActDtypes, mb: int) -> float:
+    """Per token of one micro-batch through model stage [lo, hi) (+ head and MTP blocks on the last)."""
+    total = sum(layer_activation_bytes(m, i, dt, mb) for i in range(lo, hi))
+    if last:
+        total += head_activation_bytes(m, dt) + sum(layer_activation_bytes(m, m.n_layers + k, dt, mb)
+                                                    for k in range(m.mtp.depth))
+    return total
+
+
+def rank_activation_bytes(cfg: Config, pp: int, schedule: str, micro_batch: int, dt: ActDtypes) -> list[float]:
+    """Peak activation bytes per pipeline rank: Σ over its stages of in-flight micro-batches × tokens × per-token bytes."""
+    m = cfg.model
+    n_stages, held = rank_stages(schedule, pp)
+    bounds = stage_bounds(m.n_layers, n_stages)
+    tokens = micro_batch * cfg.data.seq_len
+    return [sum(in_flight(schedule, pp, n_stages, s) * tokens
+                * stage_activation_bytes(m, bounds[s], bounds[s + 1], s == n_stages - 1, dt, micro_batch)
+                for s in stages) for stages in held]
