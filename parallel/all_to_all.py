@@ -10,6 +10,8 @@
 index there), hop 2 over ``ep_intra`` (the relay forwards to the ranks owning the experts). Combine
 walks back: each rank sums its experts' outputs per received row, the relay sums its node's rows,
 then one row per node crosses the network; sums run in the activation dtype (BF16 in training).
+The two hops are pipelined in ``chunks`` on a communication thread (parallel/two_hop_chunks.py), so
+the NVLink hop progresses while the caller computes; results are bitwise the same for any count.
 
 Every hop sends one byte buffer per row: the activation (or, with FP8 dispatch, its E4M3 bytes and
 the per-1×128 power-of-2 scales: gloo has no float8, so everything travels as uint8), the gate weights
@@ -22,6 +24,7 @@ from the split sizes actually used, and the token copies that crossed nodes.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,9 +33,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dsv3.config import ConfigError
 from dsv3.faults import PeerError, fault_point, first_line
+from parallel.link_model import LinkModel
 from parallel.placement import Placement
 from parallel.routing_plan import HopPlan, Topology, plan_experts, plan_hop, ExpertPlan
+from parallel.two_hop_chunks import ForwardWait, ReverseWait, Route, comm_thread, dispatch_task, forward_task, \
+    reverse_task
 
 FP8_BLOCK = 128
 
@@ -88,7 +95,7 @@ def _dense(p: torch.Tensor) -> torch.Tensor:
     """Row-major storage (an empty or expanded grad may report contiguous with stride 0)."""
     p = p.contiguous()
     if p.dim() and p.stride(-1) != 1:
-        p = torch.empty(p.shape, dtype=p.dtype).copy_(p)
+        p = torch.empty(p.shape, dtype=p.dtype, device=p.device).copy_(p)
     return p
 
 
@@ -119,7 +126,6 @@ def _peer_error(group, e: BaseException) -> PeerError:
         ranks = "?"
     return PeerError(f"expert all-to-all over ranks {ranks} failed: {first_line(e)}")
 
-
 @dataclass
 class Hop:
     """One collective of a route: its group, the link kind to each peer, and this rank's plan."""
@@ -132,17 +138,24 @@ class Hop:
 
 
 class _Pending:
-    """An in-flight all_to_all_single; ``wait`` also sleeps out the simulated link time."""
+    """An in-flight all_to_all_single; ``wait`` also sleeps out the modelled link time: until the latest
+    of the senders' links is done (``ts``: each sender's done time for this rank, exchanged beside the
+    data) or, with a single-stream model, this rank's own ``t_done``."""
 
-    def __init__(self, work, out, t_done: float, group=None):
-        self.work, self.out, self.t_done, self.group = work, out, t_done, group
+    def __init__(self, work, out, t_done: float, group=None, ts=None, disp=None):
+        self.work, self.out, self.t_done, self.group, self.ts, self.disp = work, out, t_done, group, ts, disp
 
     def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            try:
+        try:
+            if self.work is not None:
                 self.work.wait()
-            except RuntimeError as e:
-                raise _peer_error(self.group, e) from e
+            if self.ts is not None:
+                self.ts[0].wait()
+                self.t_done = float(self.ts[1].max())
+        except RuntimeError as e:
+            raise _peer_error(self.group, e) from e
+        if self.disp is not None:
+            self.disp.model_done = max(self.disp.model_done, self.t_done)
         delay = self.t_done - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -151,50 +164,75 @@ class _Pending:
 
 class EPDispatcher:
     """Callable as ``MoE.dispatcher``. ``kind``: flat | two_hop. ``fp8``: dispatch E4M3 + pow2 scales.
-    ``sim_bandwidth``: {'intra': B/s, 'inter': B/s} makes every send also take bytes/bandwidth
-    (benchmarks: loopback has no IB/NVLink asymmetry)."""
+    ``chunks``: two_hop's hops pipelined in this many chunks (``parallel.a2a_chunks``; results do not
+    depend on it). ``link``: a ``parallel.link_model.LinkModel`` (or ``parallel.trace.SerialLink``) whose
+    modelled time every all-to-all also takes (benchmarks: loopback has no IB/NVLink asymmetry);
+    ``tracer``: records each all-to-all's modelled interval and the main thread's blocking waits."""
 
     def __init__(self, mesh, placement: Placement, kind: str = "two_hop", fp8: bool = False,
-                 traffic: Optional[TrafficCounters] = None, sim_bandwidth: Optional[dict] = None):
+                 traffic: Optional[TrafficCounters] = None, link=None, chunks: int = 1):
         if kind not in ("flat", "two_hop"):
             raise ValueError(f"parallel.dispatcher must be flat or two_hop, got {kind!r}")
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ConfigError(f"parallel.a2a_chunks must be an integer >= 1, got {chunks!r}")
         lay = mesh.layout
         if placement.ep != lay.ep:
             raise ValueError(f"placement is for ep={placement.ep} but the mesh has ep={lay.ep}")
-        self.mesh, self.placement, self.fp8 = mesh, placement, fp8
+        self.mesh, self.placement, self.fp8, self.chunks = mesh, placement, fp8, chunks
         self.kind = "flat" if lay.ep_nodes == 1 else kind  # inside one node both are the same
         self.topo = Topology(lay.ep_nodes, lay.ep_local, placement.slots_per_rank)
         self.traffic = traffic if traffic is not None else TrafficCounters()
-        self.sim_bandwidth = sim_bandwidth
+        self.link, self.tracer, self.model_done = link, None, 0.0
         me = lay.ep_rank
         node = lambda r: r // lay.ep_local  # noqa: E731
-        link = lambda p: "self" if p == me else ("intra" if node(p) == node(me) else "inter")  # noqa: E731
+        link_of = lambda p: "self" if p == me else ("intra" if node(p) == node(me) else "inter")  # noqa: E731
         if self.kind == "flat":
-            self._hop_specs = [(mesh.group("ep"), [link(p) for p in range(lay.ep)], self.topo.rank_of)]
+            self._hop_specs = [(mesh.group("ep"), [link_of(p) for p in range(lay.ep)], self.topo.rank_of)]
         else:
             L = lay.ep_local
             inter_peers = [n * L + lay.ep_local_rank for n in range(lay.ep_nodes)]
             intra_peers = [lay.ep_node * L + l for l in range(L)]
-            self._hop_specs = [(mesh.group("ep_inter"), [link(p) for p in inter_peers], self.topo.node_of),
-                               (mesh.group("ep_intra"), [link(p) for p in intra_peers], self.topo.local_of)]
+            self._hop_specs = [(mesh.group("ep_inter"), [link_of(p) for p in inter_peers], self.topo.node_of),
+                               (mesh.group("ep_intra"), [link_of(p) for p in intra_peers], self.topo.local_of)]
 
     # ------------------------------------------------------------------------------ transport
     def _send(self, hop: Hop, buf: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-              direction: str, async_op: bool) -> _Pending:
+              direction: str, async_op: bool = True) -> _Pending:
+        """Every collective of a route goes through here (always asynchronous; wait on the result)."""
         row_bytes = buf.shape[1]
-        secs = defaultdict(float)
+        per_link: dict[str, int] = {}
+        msgs: dict[str, int] = {}
         for peer, c in enumerate(send_counts):
             lk = hop.links[peer]
             self.traffic.add(direction, lk, c * row_bytes, c)
-            if self.sim_bandwidth and lk != "self":
-                secs[lk] += c * row_bytes / self.sim_bandwidth[lk]
-        t_done = time.perf_counter() + max(secs.values(), default=0.0)
+            if lk != "self":
+                per_link[lk] = per_link.get(lk, 0) + c * row_bytes
+                msgs[lk] = msgs.get(lk, 0) + 1
+        t_done, booked = time.perf_counter(), None
+        if isinstance(self.link, LinkModel):
+            booked = self.link.send(per_link, msgs)
+            start = min((s for s, _ in booked.values()), default=t_done)
+            t_done = max((d for _, d in booked.values()), default=t_done)
+        elif self.link is not None:   # one stream for both links (parallel.trace.SerialLink)
+            start, t_done = self.link.reserve(per_link)
+        if self.link is not None and self.tracer is not None:
+            self.tracer.add(direction, "a2a", start, t_done)
         out = buf.new_empty(sum(recv_counts), row_bytes)
+        ts = None
         try:
-            work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=async_op)
+            work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=True)
+            if booked is not None:   # each sender's done time on the link to each peer
+                mine = torch.tensor([booked[lk][1] if lk in booked else 0.0 for lk in hop.links],
+                                    dtype=torch.float64, device=buf.device)
+                got = torch.empty_like(mine)
+                ts = (dist.all_to_all_single(got, mine, group=hop.group, async_op=True), got)
         except RuntimeError as e:
             raise _peer_error(hop.group, e) from e
-        return _Pending(work if async_op else None, out, t_done, hop.group)
+        return _Pending(work, out, t_done, hop.group, ts, self)
+
+    def _blocking(self):
+        """Context of a main-thread wait on an all-to-all (traced as ``wait`` when a tracer is set)."""
+        return self.tracer.span("wait", "wait") if self.tracer is not None else contextlib.nullcontext()
 
     def _exchange_counts(self, hop: Hop, send_counts: torch.Tensor) -> list[int]:
         recv = torch.empty_like(send_counts)
@@ -204,33 +242,43 @@ class EPDispatcher:
             raise _peer_error(hop.group, e) from e
         return recv.tolist()
 
-    def _reverse_hop(self, hop: Hop, parts: list[torch.Tensor], direction: str, async_op: bool):
-        """Receiver side rows → back to the sender; returns a closure finishing the index_add."""
+    def _reverse_hop(self, hop: Hop, parts: list[torch.Tensor], direction: str):
+        """Flat: receiver-side rows back to the sender; returns a closure finishing the index_add."""
         specs = [(p.dtype, tuple(p.shape[1:])) for p in parts]
-        pend = self._send(hop, _pack(parts), hop.recv_counts, hop.send_counts, direction, async_op)
+        pend = self._send(hop, _pack(parts), hop.recv_counts, hop.send_counts, direction)
 
         def finish() -> list[torch.Tensor]:
-            back = _unpack(pend.wait(), specs)
+            with self._blocking():
+                got = pend.wait()
+            back = _unpack(got, specs)
             rows = hop.plan.send_rows
             return [torch.zeros((hop.n_in,) + b.shape[1:], dtype=b.dtype, device=b.device).index_add_(0, rows, b)
                     for b in back]
         return finish
 
-    def _forward_hop(self, hop: Hop, parts: list[torch.Tensor], direction: str) -> list[torch.Tensor]:
-        rows = hop.plan.send_rows
-        specs = [(p.dtype, tuple(p.shape[1:])) for p in parts]
-        buf = _pack([p[rows] for p in parts])
-        return _unpack(self._send(hop, buf, hop.send_counts, hop.recv_counts, direction, False).wait(), specs)
+    # ------------------------------------------------------------- routes, either direction
+    def reverse_async(self, route, parts: list[torch.Tensor], direction: str):
+        """Rows at the final receivers back along ``route`` to the source, summed per source row.
+        Returns a handle: ``wait() -> list of parts``. Combine, and dispatch's backward."""
+        if self.kind == "two_hop":
+            return ReverseWait(self, route, comm_thread().submit(reverse_task, self, route, parts, direction))
+        return _Finish(self._reverse_hop(route[0], parts, direction))
 
-    def reverse(self, hops: list[Hop], parts: list[torch.Tensor], direction: str) -> list[torch.Tensor]:
-        for hop in reversed(hops):
-            parts = self._reverse_hop(hop, parts, direction, False)()
-        return parts
+    def forward_async(self, route, parts: list[torch.Tensor], direction: str):
+        """Rows at the source out along a planned ``route`` to every receiver. ``wait() -> parts``.
+        Combine's backward."""
+        if self.kind == "two_hop":
+            return ForwardWait(self, route, comm_thread().submit(forward_task, self, route, parts[0], direction))
+        hop = route[0]
+        pend = self._send(hop, _pack([p[hop.plan.send_rows] for p in parts]), hop.send_counts, hop.recv_counts,
+                          direction)
+        return _FlatForward(self, pend, [(p.dtype, tuple(p.shape[1:])) for p in parts])
 
-    def forward_rows(self, hops: list[Hop], parts: list[torch.Tensor], direction: str) -> list[torch.Tensor]:
-        for hop in hops:
-            parts = self._forward_hop(hop, parts, direction)
-        return parts
+    def dispatch_backward(self, route, parts: list[torch.Tensor]):
+        return self.reverse_async(route, parts, "dispatch_bwd")
+
+    def combine_backward(self, route, gy: torch.Tensor):
+        return self.forward_async(route, [gy.contiguous()], "combine_bwd")
 
     # ------------------------------------------------------------------------------ dispatch
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> "DispatchHandle":
@@ -243,8 +291,23 @@ class EPDispatcher:
             payload = [x_fp8, scale]
         else:
             payload = [x.detach()]
-        h = DispatchHandle(self, x, topk_weight, N)
-        h._start_hop(0, payload, topk_weight.detach().to(torch.promote_types(topk_weight.dtype, torch.float32)), phys)
+        w = topk_weight.detach().to(torch.promote_types(topk_weight.dtype, torch.float32))
+        h = DispatchHandle(self, x, topk_weight)
+        if self.kind == "two_hop":
+            route = Route(self.chunks)
+            h.route, h.rows = route, ForwardWait(self, route, comm_thread().submit(dispatch_task, self, route,
+                                                                                    payload, w, phys))
+        else:
+            group, links, dest_of = self._hop_specs[0]
+            plan = plan_hop(dest_of(phys.long()), len(links))
+            hop = Hop(group, links, plan, n_in=N, send_counts=plan.send_counts.tolist())
+            hop.recv_counts = self._exchange_counts(hop, plan.send_counts)
+            parts = [p[plan.send_rows] for p in payload]
+            parts += [torch.where(plan.choice_mask, w[plan.send_rows], 0.0),
+                      torch.where(plan.choice_mask, phys[plan.send_rows], -1)]
+            pend = self._send(hop, _pack(parts), hop.send_counts, hop.recv_counts, "dispatch")
+            h.route, h.rows = [hop], _FlatForward(self, pend, [(p.dtype, tuple(p.shape[1:])) for p in parts])
+        fault_point("a2a")   # DSV3_FAULT=a2a:step:rank dies with this dispatch in flight
         return h
 
     def run_experts(self, recv: "Dispatched", experts) -> torch.Tensor:
@@ -265,16 +328,35 @@ class EPDispatcher:
         return self.combine(self.run_experts(recv, experts), recv).wait()
 
 
+class _Finish:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def wait(self):
+        return self.fn()
+
+
+class _FlatForward:
+    def __init__(self, disp: EPDispatcher, pend: _Pending, specs):
+        self.disp, self.pend, self.specs = disp, pend, specs
+
+    def wait(self) -> list[torch.Tensor]:
+        with self.disp._blocking():
+            got = self.pend.wait()
+        return _unpack(got, self.specs)
+
+
 @dataclass
 class Dispatched:
     """What arrived at this rank. x: (R, dim) in the activation dtype (dequantised under FP8; the exact
     E4M3 bytes and pow2 scales are kept in x_fp8 / x_scale for an FP8 grouped GEMM, which requantises
-    x losslessly); weight (R, k) fp32, 0 where the choice is not this rank's; local_slot (R, k)."""
+    x losslessly); weight (R, k) fp32, 0 where the choice is not this rank's; local_slot (R, k).
+    ``hops``: the route (flat: [Hop]; two_hop: a ``two_hop_chunks.Route``) that combine walks back."""
     x: torch.Tensor
     weight: torch.Tensor
     local_slot: torch.Tensor
     expert_plan: ExpertPlan
-    hops: list
+    hops: object
     x_fp8: Optional[torch.Tensor] = None
     x_scale: Optional[torch.Tensor] = None
 
@@ -284,41 +366,20 @@ class Dispatched:
 
 
 class DispatchHandle:
-    def __init__(self, disp: EPDispatcher, x: torch.Tensor, w: torch.Tensor, N: int):
-        self.disp, self.x, self.w, self.N = disp, x, w, N
-        self.hops: list[Hop] = []
-        self._pending = None
-
-    def _start_hop(self, i: int, payload: list[torch.Tensor], w: torch.Tensor, phys: torch.Tensor) -> None:
-        d = self.disp
-        group, links, dest_of = d._hop_specs[i]
-        plan = plan_hop(dest_of(phys.long()), len(links))
-        hop = Hop(group, links, plan, n_in=phys.shape[0])
-        hop.send_counts = plan.send_counts.tolist()
-        hop.recv_counts = d._exchange_counts(hop, plan.send_counts)
-        rows, mask = plan.send_rows, plan.choice_mask
-        parts = [p[rows] for p in payload]
-        parts += [torch.where(mask, w[rows], 0.0), torch.where(mask, phys[rows], -1)]
-        self._specs = [(p.dtype, tuple(p.shape[1:])) for p in parts]
-        self.hops.append(hop)
-        self._pending = d._send(hop, _pack(parts), hop.send_counts, hop.recv_counts, "dispatch", True)
-        fault_point("a2a")   # DSV3_FAULT=a2a:step:rank dies with this dispatch in flight
+    def __init__(self, disp: EPDispatcher, x: torch.Tensor, w: torch.Tensor):
+        self.disp, self.x, self.w = disp, x, w
+        self.route, self.rows = None, None
 
     def wait(self) -> Dispatched:
         d = self.disp
-        while True:
-            parts = _unpack(self._pending.wait(), self._specs)
-            *payload, w, phys = parts
-            if len(self.hops) == len(d._hop_specs):
-                break
-            self._start_hop(len(self.hops), payload, w, phys)  # the relay forwards inside its node
+        *payload, w, phys = self.rows.wait()
         local = d.topo.slot_of(phys.long())
         plan = plan_experts(local, d.placement.slots_per_rank)
         x_fp8 = x_scale = None
         if d.fp8:
             x_fp8, x_scale = payload
-        x_recv, w_recv = _DispatchAttach.apply(self.x, self.w, d, self.hops, payload, w)
-        return Dispatched(x_recv, w_recv, local, plan, self.hops, x_fp8, x_scale)
+        x_recv, w_recv = _DispatchAttach.apply(self.x, self.w, d, self.route, payload, w)
+        return Dispatched(x_recv, w_recv, local, plan, self.route, x_fp8, x_scale)
 
 
 class _DispatchAttach(torch.autograd.Function):
@@ -326,8 +387,8 @@ class _DispatchAttach(torch.autograd.Function):
     route, summed at every relay and at the source (dispatch's backward is a combine)."""
 
     @staticmethod
-    def forward(ctx, x, w, disp, hops, payload, w_recv):
-        ctx.disp, ctx.hops, ctx.x_dtype, ctx.w_dtype = disp, hops, x.dtype, w.dtype
+    def forward(ctx, x, w, disp, route, payload, w_recv):
+        ctx.disp, ctx.route, ctx.x_dtype, ctx.w_dtype = disp, route, x.dtype, w.dtype
         x_recv = dequant(payload[0], payload[1], x.dtype) if disp.fp8 else payload[0]
         ctx.shapes, ctx.device = (x_recv.shape, w_recv.shape), x.device
         return x_recv, w_recv.to(w.dtype)
@@ -336,32 +397,29 @@ class _DispatchAttach(torch.autograd.Function):
     def backward(ctx, gx, gw):
         gx = torch.zeros(ctx.shapes[0], dtype=ctx.x_dtype, device=ctx.device) if gx is None else gx
         gw = torch.zeros(ctx.shapes[1], dtype=ctx.w_dtype, device=ctx.device) if gw is None else gw
-        parts = ctx.disp.reverse(ctx.hops, [gx.to(ctx.x_dtype).contiguous(), gw.to(torch.promote_types(ctx.w_dtype, torch.float32)).contiguous()], "dispatch_bwd")
+        parts = ctx.disp.dispatch_backward(ctx.route, [
+            gx.to(ctx.x_dtype).contiguous(), gw.to(torch.promote_types(ctx.w_dtype, torch.float32)).contiguous()]).wait()
         return parts[0], parts[1].to(ctx.w_dtype), None, None, None, None
 
 
 class CombineHandle:
-    def __init__(self, disp: EPDispatcher, hops: list[Hop], y_rows: torch.Tensor):
-        self.disp, self.hops, self.y_rows = disp, hops, y_rows
-        # the last hop's return starts now; earlier hops (two_hop's IB hop) run in wait()
-        self._finish = disp._reverse_hop(hops[-1], [y_rows.detach()], "combine", True)
+    def __init__(self, disp: EPDispatcher, route, y_rows: torch.Tensor):
+        self.disp, self.route, self.y_rows = disp, route, y_rows
+        self._back = disp.reverse_async(route, [y_rows.detach()], "combine")
 
     def wait(self) -> torch.Tensor:
-        parts = self._finish()
-        for hop in reversed(self.hops[:-1]):
-            parts = self.disp._reverse_hop(hop, parts, "combine", False)()
-        return _CombineAttach.apply(self.y_rows, self.disp, self.hops, parts[0])
+        parts = self._back.wait()
+        return _CombineAttach.apply(self.y_rows, self.disp, self.route, parts[0])
 
 
 class _CombineAttach(torch.autograd.Function):
     """Forward: the combined (N, dim). Backward: dy goes out along the dispatch route to every row."""
 
     @staticmethod
-    def forward(ctx, y_rows, disp, hops, y):
-        ctx.disp, ctx.hops = disp, hops
+    def forward(ctx, y_rows, disp, route, y):
+        ctx.disp, ctx.route = disp, route
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        g = ctx.disp.forward_rows(ctx.hops, [gy.contiguous()], "combine_bwd")[0]
-        return g, None, None, None
+        return ctx.disp.combine_backward(ctx.route, gy).wait()[0], None, None, None

@@ -21,7 +21,8 @@ stage does), so results are bitwise those of the plain ``Pipeline`` on the same 
 not (``overlap=False`` runs the same parts F then B). Other pieces (the embedding, dense Blocks, the
 head with its MTP modules, whose all-to-alls stay synchronous) run whole. On CPU the all-to-alls are
 gloo ``async_op`` collectives (``parallel.all_to_all``); on GPU the same yields are where a
-communication stream takes over.
+communication stream takes over. Two-hop dispatch runs its hops on a communication thread
+(``parallel.two_hop_chunks``), so its second hop, chunk by chunk, progresses while the parts compute.
 
 ``parallel.overlap_pipeline.OverlapPipeline`` runs every pipeline stage this way.
 """
@@ -32,63 +33,35 @@ from dataclasses import dataclass
 from typing import Callable, Generator, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dsv3.block import Block
 from dsv3.moe import MoE
-from parallel.all_to_all import EPDispatcher, _pack, _Pending, _unpack
+from parallel.all_to_all import EPDispatcher
 from parallel.schedules import Op
-from parallel.trace import A2A, SerialLink, Tracer
+from parallel.trace import Tracer
 from parallel.weight_grad import backward_input
 
 WSink = Callable[[str, Callable[[], None]], None]   # receives each part's weight-grad closure
-WAIT = "wait"   # trace category: this rank's thread blocked on an all-to-all (inside a part's span, not compute)
+WAIT = "wait"   # trace category: this rank's main thread blocked on an all-to-all (EPDispatcher._blocking)
 
 
 # ----------------------------------------------------------------- modelled, traced transport
 class LinkDispatcher(EPDispatcher):
-    """An ``EPDispatcher`` whose every all-to-all also holds this rank's ``SerialLink`` (the modelled
-    IB/NVLink time, slept out in ``wait``) and is recorded in ``tracer``. Shared, not copied, when a
-    pipeline deep-copies its stages: it is this rank's communication, not a model weight."""
+    """An ``EPDispatcher`` whose every all-to-all also takes this rank's modelled link time
+    (``parallel.trace.SerialLink`` or ``parallel.link_model.LinkModel``, slept out in ``wait``) and is
+    recorded in ``tracer``, as are the main thread's blocking waits (``WAIT``). Shared, not copied, when
+    a pipeline deep-copies its stages: it is this rank's communication, not a model weight."""
 
-    def __init__(self, base: EPDispatcher, link: SerialLink, tracer: Optional[Tracer] = None):
+    def __init__(self, base: EPDispatcher, link, tracer: Optional[Tracer] = None):
         self.__dict__.update(base.__dict__)
         self.link, self.tracer = link, tracer
 
     def __deepcopy__(self, memo):
         return self
 
-    def _send(self, hop, buf, send_counts, recv_counts, direction, async_op) -> _Pending:
-        row_bytes = buf.shape[1]
-        per_link: dict[str, int] = {}
-        for peer, c in enumerate(send_counts):
-            lk = hop.links[peer]
-            self.traffic.add(direction, lk, c * row_bytes, c)
-            if lk != "self":
-                per_link[lk] = per_link.get(lk, 0) + c * row_bytes
-        start, done = self.link.reserve(per_link)
-        if self.tracer is not None:
-            self.tracer.add(direction, A2A, start, done)
-        out = buf.new_empty(sum(recv_counts), row_bytes)
-        work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=async_op)
-        pending = _Pending(work if async_op else None, out, done)
-        return pending if self.tracer is None else _TracedWait(pending, self.tracer)
 
-
-class _TracedWait:
-    """A pending all-to-all whose ``wait`` is recorded (``WAIT``): a piece that runs unsplit (e.g. the
-    head with its MTP Block) waits inside its own compute span, which is then no compute."""
-
-    def __init__(self, pending: _Pending, tracer: Tracer):
-        self.pending, self.tracer = pending, tracer
-
-    def wait(self) -> torch.Tensor:
-        with self.tracer.span("wait", WAIT):
-            return self.pending.wait()
-
-
-def use_link_model(model: nn.Module, link: SerialLink, tracer: Optional[Tracer] = None) -> None:
+def use_link_model(model: nn.Module, link, tracer: Optional[Tracer] = None) -> None:
     """Wrap every MoE layer's ``EPDispatcher`` (from ``apply_expert_parallel``) in a ``LinkDispatcher``
     (one already wrapped gets the new link and tracer)."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
@@ -96,44 +69,6 @@ def use_link_model(model: nn.Module, link: SerialLink, tracer: Optional[Tracer] 
             moe.dispatcher.link, moe.dispatcher.tracer = link, tracer
         elif isinstance(moe.dispatcher, EPDispatcher):
             moe.dispatcher = LinkDispatcher(moe.dispatcher, link, tracer)
-
-
-class _RouteForward:
-    """Combine's backward as an asynchronous all-to-all: dy out along the dispatch route (the same ops
-    as ``_CombineAttach.backward``); later hops start when the earlier one is waited on."""
-
-    def __init__(self, disp: EPDispatcher, hops: list, gy: torch.Tensor):
-        self.disp, self.hops, self.i = disp, hops, 0
-        self._launch(gy.contiguous())
-
-    def _launch(self, g: torch.Tensor) -> None:
-        hop = self.hops[self.i]
-        self.spec = [(g.dtype, tuple(g.shape[1:]))]
-        buf = _pack([g[hop.plan.send_rows]])
-        self.pend = self.disp._send(hop, buf, hop.send_counts, hop.recv_counts, "combine_bwd", True)
-
-    def wait(self) -> torch.Tensor:
-        while True:
-            g = _unpack(self.pend.wait(), self.spec)[0]
-            self.i += 1
-            if self.i == len(self.hops):
-                return g
-            self._launch(g)
-
-
-class _RouteReverse:
-    """Dispatch's backward as an asynchronous all-to-all: (dx, dw) back along the route, summed at every
-    relay and at the source (the same ops as ``_DispatchAttach.backward``)."""
-
-    def __init__(self, disp: EPDispatcher, hops: list, parts: list[torch.Tensor]):
-        self.disp, self.hops = disp, hops
-        self.finish = disp._reverse_hop(hops[-1], parts, "dispatch_bwd", True)
-
-    def wait(self) -> list[torch.Tensor]:
-        parts = self.finish()
-        for hop in reversed(self.hops[:-1]):
-            parts = self.disp._reverse_hop(hop, parts, "dispatch_bwd", False)()
-        return parts
 
 
 # --------------------------------------------------------------------------------- pieces
@@ -218,20 +153,20 @@ def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: 
     with tr.span("out B"):
         leaves = [t for t in (r["h_o"], r["yc"], r["s_o"], r["aux_o"]) if t is not None]
         g = dict(zip([id(t) for t in leaves], _part_grads([r["out"]], [g_out], leaves, [], sink, "out W")))
-        route = _RouteForward(disp, r["hops"], g[id(r["yc"])])
+        route = disp.combine_backward(r["hops"], g[id(r["yc"])])
     g_flat = None
     if r["s"] is not None:
         with tr.span("shared B"):
             (g_flat,) = _part_grads([r["s"]], [g[id(r["s_o"])]], [r["flat_s"]], params_of(moe.shared_experts),
                                     sink, "shared W")
     yield
-    g_rows = route.wait()
+    (g_rows,) = route.wait()
     with tr.span("mlp B"):
         g_rx, g_rw = _part_grads([r["y_rows"]], [g_rows], [r["rx"], r["rw"]], params_of(moe.experts), sink, "mlp W")
         g_rx = torch.zeros_like(r["rx"]) if g_rx is None else g_rx
         g_rw = torch.zeros_like(r["rw"]) if g_rw is None else g_rw
         g_rw = g_rw.to(torch.promote_types(r["w"].dtype, torch.float32))   # as _DispatchAttach.backward sends it
-        route = _RouteReverse(disp, r["hops"], [g_rx.to(r["flat"].dtype).contiguous(), g_rw.contiguous()])
+        route = disp.dispatch_backward(r["hops"], [g_rx.to(r["flat"].dtype).contiguous(), g_rw.contiguous()])
     yield
     g_flat_d, g_w = route.wait()
     with tr.span("attn B"):

@@ -3,7 +3,8 @@ equal the single-process MoE (outputs, input/weight/gate gradients, in fp64, eve
 rounding bound derived for it below); FP8 dispatch equals the reference on pow2-quantised inputs and
 stays within FP8 tolerance of the unquantised one; ranks and experts that receive nothing work; the
 inter-node copies counted from the collectives' split sizes match the routing plan and never exceed
-topk_group per token. One process group for the whole module."""
+topk_group per token; two-hop pipelined in chunks (parallel.a2a_chunks) gives bitwise the unchunked
+outputs, gradients and byte counts. One process group for the whole module."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,7 @@ from tests.dist_utils import run_ranks
 from tests.rounding import gamma, routed_abs_sums, swiglu_abs_sums, swiglu_chain, worst
 
 WORLD, NODES, RPN = 8, 2, 4
+CHUNKS = 3
 DIM, INTER, E, K, GROUPS, TOPK_GROUP = 160, 24, 16, 4, 2, 1   # DIM > 128: two FP8 tiles, one ragged
 
 # ---- rounding bounds (tests/rounding.py). The expert-parallel path computes the same sums as the
@@ -90,7 +92,7 @@ def _run(moe, x, probe):
     return y.detach(), x.grad.clone(), grads
 
 
-def _check_layer(rank, world, kind, fp8, n_tokens):
+def _check_layer(rank, world, kind, fp8, n_tokens, chunks=1):
     import copy
     import torch.distributed as dist
     from parallel.expert_parallel import apply_expert_parallel
@@ -98,7 +100,8 @@ def _check_layer(rank, world, kind, fp8, n_tokens):
     from dsv3.config import ParallelConfig
     from parallel.all_to_all import quant_pow2, dequant
     from parallel.placement import Placement
-    mesh = Mesh.from_config(ParallelConfig(ep=WORLD, nodes=NODES, ranks_per_node=RPN))
+    pcfg = ParallelConfig(ep=WORLD, nodes=NODES, ranks_per_node=RPN, a2a_chunks=chunks)
+    mesh = Mesh.from_config(pcfg)
     ref = _moe()
     x, probe = _tokens(rank, n_tokens[rank])
     x_ref = x
@@ -113,7 +116,7 @@ def _check_layer(rank, world, kind, fp8, n_tokens):
     for name in ("experts.w1", "experts.w2", "experts.w3"):
         dist.all_reduce(g_ref[name])                 # experts see every rank's tokens
     ep = copy.deepcopy(ref)
-    traffic = apply_expert_parallel(ep, mesh, None, kind=kind, fp8=fp8)
+    traffic = apply_expert_parallel(ep, mesh, pcfg, kind=kind, fp8=fp8)
     y, gx, g = _run(ep, x, probe)
     mine = Placement.contiguous(E, WORLD).local_experts(rank)
     bound = _layer_bounds(ref, x.view(-1, DIM), x_ref.view(-1, DIM), probe.view(-1, DIM), sum(n_tokens))
@@ -135,10 +138,11 @@ def _check_layer(rank, world, kind, fp8, n_tokens):
         per_token = [len({r for r in rr.tolist() if r // RPN != me_node}) for rr in ranks]
     max_nodes = max([len(set(n.tolist())) for n in nodes], default=0)
     return dict(worst=ratio, fp8_vs_exact=fp8_vs_exact, inter_rows=inter_rows, plan_rows=sum(per_token),
-                max_nodes=max_nodes, tokens=traffic.tokens, counters=dict(traffic.bytes))
+                max_nodes=max_nodes, tokens=traffic.tokens, counters=dict(traffic.bytes),
+                out=dict(y=y, gx=gx, **g))
 
 
-def _check_empty(rank, world):
+def _check_empty(rank, world, chunks=(1,)):
     """Direct dispatcher calls with hand-made routing: rank 5 sends nothing, experts 0–5 and ranks 0–2
     receive nothing; also a call where no rank sends anything at all."""
     import torch.distributed as dist
@@ -150,15 +154,15 @@ def _check_empty(rank, world):
     from parallel.expert_parallel import shard_experts
     mesh = Mesh.from_config(ParallelConfig(ep=WORLD, nodes=NODES, ranks_per_node=RPN))
     ref = _moe().experts
-    out = {}
-    for kind in ("flat", "two_hop"):
+    out, tensors = {}, {}
+    for kind, C in [("flat", 1)] + [("two_hop", c) for c in chunks]:
         for n in ([3, 0, 5, 1, 2, 0, 7, 4], [0] * WORLD):
             g = torch.Generator().manual_seed(rank)
             x = torch.randn(n[rank], DIM, generator=g, dtype=torch.float64, requires_grad=True)
             idx = torch.randint(6, E, (n[rank], K), generator=g)
             w = torch.rand(n[rank], K, generator=g, dtype=torch.float64, requires_grad=True)
             local = shard_experts(ref, Placement.contiguous(E, WORLD).local_experts(rank))
-            disp = EPDispatcher(mesh, Placement.contiguous(E, WORLD), kind)
+            disp = EPDispatcher(mesh, Placement.contiguous(E, WORLD), kind, chunks=C)
             y = disp(x, idx, w, local)
             y.sum().backward() if y.numel() else (y.sum() + 0 * x.sum() + 0 * w.sum()).backward()
             x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
@@ -172,10 +176,12 @@ def _check_empty(rank, world):
             ratio = max(worst(y, y2, 2 * gamma(CHAIN + K) * per_token.index_add(0, tok, r["y"])),
                         worst(x.grad, gx2, 2 * gamma(CHAIN + K) * per_token.index_add(0, tok, r["x"])),
                         worst(w.grad, gw2, 2 * gamma(CHAIN) * r["w"].view(-1, K)))
-            out[(kind, sum(n))] = (ratio, tuple(y.shape), disp.traffic.rows[("dispatch", "self")] + sum(
+            out[(kind, C, sum(n))] = (ratio, tuple(y.shape), disp.traffic.rows[("dispatch", "self")] + sum(
                 v for (d, l), v in disp.traffic.rows.items() if d == "dispatch" and l != "self"))
+            if kind == "two_hop":
+                tensors[(C, sum(n))] = (y.detach(), x.grad, w.grad)
             ref.zero_grad(set_to_none=True)
-    return out
+    return out, tensors
 
 
 def _all_checks(rank, world):
@@ -184,7 +190,9 @@ def _all_checks(rank, world):
     for kind in ("flat", "two_hop"):
         res[(kind, False)] = _check_layer(rank, world, kind, False, counts)
         res[(kind, True)] = _check_layer(rank, world, kind, True, counts)
-    res["empty"] = _check_empty(rank, world)
+    for fp8 in (False, True):   # 3 chunks: uneven slices of every peer's rows
+        res[("chunked", fp8)] = _check_layer(rank, world, "two_hop", fp8, counts, chunks=CHUNKS)
+    res["empty"] = _check_empty(rank, world, chunks=(1, 4))   # 4 chunks of ≤ 7 rows: empty chunks
     return res
 
 
@@ -227,8 +235,29 @@ def test_inter_node_copies_match_plan_and_node_limit(results):
 
 def test_empty_ranks_and_experts(results):
     for rank, r in enumerate(results):
-        for (kind, total), (worst, shape, sent) in r["empty"].items():
+        for (kind, _, total), (worst, shape, sent) in r["empty"][0].items():
             assert worst <= 1.0, (rank, kind, total, f"{worst:.3g} × the rounding bound")
             assert shape[1] == DIM
             if rank == 5 or total == 0:
                 assert sent == 0 and shape[0] == 0
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_chunked_two_hop_bitwise_equals_unchunked(results, fp8):
+    """Outputs, the input gradient and every parameter gradient bitwise those of unchunked two-hop (the
+    final receiver restores the unchunked row order, every sum keeps its order); the same bytes per link;
+    and within the single-process bound (as unchunked)."""
+    for rank, r in enumerate(results):
+        one, many = r[("two_hop", fp8)], r[("chunked", fp8)]
+        assert one["out"].keys() == many["out"].keys()
+        for name, t in one["out"].items():
+            assert torch.equal(t, many["out"][name]), (rank, fp8, name, (t - many["out"][name]).abs().max())
+        assert one["counters"] == many["counters"], rank
+        assert max(many["worst"].values()) <= 1.0
+
+
+def test_chunked_two_hop_with_empty_chunks(results):
+    for rank, r in enumerate(results):
+        for total in (sum([3, 0, 5, 1, 2, 0, 7, 4]), 0):
+            for a, b in zip(r["empty"][1][(1, total)], r["empty"][1][(4, total)]):
+                assert torch.equal(a, b), (rank, total)

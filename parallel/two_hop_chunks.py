@@ -1,0 +1,243 @@
+"""Two-hop dispatch and combine with the hops pipelined in chunks (SPEC §5; DeepSeek-V3 report §3.2.1:
+"IB sending, IB-to-NVLink forwarding ... handled by dedicated warps"; DeepEP's normal kernels).
+
+The IB hop (``ep_inter``) is cut into ``chunks`` all-to-alls, chunk c carrying the c-th of C near-equal
+contiguous slices of every peer's rows; the relay forwards chunk c over ``ep_intra`` as soon as it
+lands, while chunk c+1 is still on IB. Combine walks back the same way: the expert owners return
+chunk c's rows over NVLink, the relay sums them and sends chunk c back over IB while NVLink returns
+chunk c+1. Gradients take the same routes (combine's backward as dispatch, dispatch's as combine).
+
+Results do not depend on the chunk count, bitwise:
+- the final receiver puts the rows back in the unchunked order (relay, source, row) with ``perm``,
+  built from the per-(relay, source) row counts each relay sends with its hop-2 counts;
+- every sum keeps the unchunked order: a relay row lies in exactly one chunk and sums its local ranks
+  in rank order either way; the source collects every chunk into the unchunked layout before its one
+  ``index_add_``.
+
+Every collective of these routes runs on one communication thread per process (``comm_thread``), in the
+order the main thread asked for them, which is the same on every rank of the EP group (the rule every
+collective already follows). So the second hop progresses while the main thread computes — between
+the overlap's yield points, not only inside ``wait()`` — and no two ranks can disagree on the order of
+collectives on a group (NCCL and gloo match collectives by order).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import Optional
+
+import torch
+
+from parallel.routing_plan import plan_hop
+
+
+# ------------------------------------------------------------------------------ comm thread
+class _CommThread:
+    """Runs submitted closures one at a time, in submission order. After one fails, every later one
+    fails with the same error (the collectives after it would no longer match across ranks)."""
+
+    def __init__(self):
+        self.q: SimpleQueue = SimpleQueue()
+        self.error: Optional[BaseException] = None
+        threading.Thread(target=self._run, name="ep-comm", daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self.q.put((fn, args, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            fn, args, fut = self.q.get()
+            if self.error is not None:
+                fut.set_exception(self.error)
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                self.error = e
+                fut.set_exception(e)
+
+
+_COMM: dict[int, _CommThread] = {}
+_COMM_LOCK = threading.Lock()
+
+
+def comm_thread() -> _CommThread:
+    """This process's communication thread (one per process: the EP groups are shared by all layers)."""
+    with _COMM_LOCK:
+        pid = os.getpid()
+        if pid not in _COMM:
+            _COMM[pid] = _CommThread()
+        return _COMM[pid]
+
+
+# ------------------------------------------------------------------------------ chunk layout
+def slices(counts: list[int], chunks: int) -> list[list[int]]:
+    """Per chunk, rows per peer: the c-th of ``chunks`` near-equal contiguous slices of each segment."""
+    return [[n * (c + 1) // chunks - n * c // chunks for n in counts] for c in range(chunks)]
+
+
+def chunk_rows(counts: list[int], chunks: int, device) -> list[torch.Tensor]:
+    """Rows of a buffer laid out peer by peer (``counts``) that each chunk sends, peer by peer."""
+    out, off = [], 0
+    bounds = []
+    for n in counts:
+        bounds.append([off + n * c // chunks for c in range(chunks + 1)])
+        off += n
+    for c in range(chunks):
+        parts = [torch.arange(b[c], b[c + 1], device=device) for b in bounds]
+        out.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device))
+    return out
+
+
+def arrival_perm(pairs: torch.Tensor) -> Optional[torch.Tensor]:
+    """pairs (C, L, P): rows this rank got in chunk c from relay l that came from source p; they arrive
+    in (c, l, p) order. Returns perm with received[perm] in the unchunked (l, p, c) order (None: C = 1)."""
+    C = pairs.shape[0]
+    if C == 1:
+        return None
+    lens = pairs.reshape(-1)
+    start = torch.cumsum(lens, 0) - lens                       # arrival offset of each (c, l, p) block
+    starts = start.view(pairs.shape).permute(1, 2, 0).reshape(-1)
+    lens_c = pairs.permute(1, 2, 0).reshape(-1)
+    out_start = torch.cumsum(lens_c, 0) - lens_c
+    total = int(lens.sum())
+    return torch.repeat_interleave(starts - out_start, lens_c) + torch.arange(total, device=pairs.device)
+
+
+@dataclass
+class Route:
+    """A two-hop route as planned by its dispatch: hop 1 (one plan, sent in chunks) and per chunk the
+    relay's hop-2 plan over that chunk's rows; ``perm`` orders the final receiver's rows."""
+    chunks: int
+    hop1: object = None                         # parallel.all_to_all.Hop
+    send_idx: list = field(default_factory=list)    # per chunk: rows of hop 1's send buffer
+    s1: list = field(default_factory=list)          # per chunk: rows sent to each hop-1 peer
+    r1: list = field(default_factory=list)          # per chunk: rows received from each hop-1 peer
+    hop2: list = field(default_factory=list)        # per chunk: Hop over the chunk's relay rows
+    pairs: list = field(default_factory=list)       # per chunk: (L, P) rows received, by relay and source
+    perm: Optional[torch.Tensor] = None
+
+    def set_hop1(self, hop1) -> None:
+        self.hop1 = hop1
+        self.s1, self.r1 = slices(hop1.send_counts, self.chunks), slices(hop1.recv_counts, self.chunks)
+        self.send_idx = chunk_rows(hop1.send_counts, self.chunks, hop1.plan.send_rows.device)
+
+
+def _specs(parts):
+    return [(p.dtype, tuple(p.shape[1:])) for p in parts]
+
+
+def _masked(parts, w, phys, plan):
+    """The rows a hop sends: payload rows, and the gate weights / slots of the choices it serves."""
+    rows, mask = plan.send_rows, plan.choice_mask
+    return [p[rows] for p in parts] + [torch.where(mask, w[rows], 0.0), torch.where(mask, phys[rows], -1)]
+
+
+# ------------------------------------------------------------------------------ tasks (comm thread)
+def dispatch_task(disp, route: Route, payload, w, phys):
+    """Plans and sends hop 1 in chunks; forwards each chunk at its relay as it lands (planning its hop 2
+    there). Returns the hop-2 pendings and the row specs."""
+    from parallel.all_to_all import Hop, _pack, _unpack
+    group, links, dest_of = disp._hop_specs[0]
+    plan = plan_hop(dest_of(phys.long()), len(links))
+    hop1 = Hop(group, links, plan, n_in=phys.shape[0], send_counts=plan.send_counts.tolist())
+    hop1.recv_counts = disp._exchange_counts(hop1, plan.send_counts)
+    route.set_hop1(hop1)
+    parts = _masked(payload, w, phys, plan)
+    specs = _specs(parts)
+    buf = _pack(parts)
+    pend = [disp._send(hop1, buf[i], s, r, "dispatch", True) for i, s, r in zip(route.send_idx, route.s1, route.r1)]
+    group2, links2, dest2 = disp._hop_specs[1]
+    L, P = len(links2), len(links)
+    out = []
+    for c in range(route.chunks):
+        *pl, wc, ph = _unpack(pend[c].wait(), specs)
+        plan2 = plan_hop(dest2(ph.long()), L)
+        hop2 = Hop(group2, links2, plan2, n_in=ph.shape[0], send_counts=plan2.send_counts.tolist())
+        src = torch.repeat_interleave(torch.arange(P, device=ph.device),
+                                      torch.tensor(route.r1[c], device=ph.device))
+        pairs = torch.bincount(plan2.send_dest * P + src[plan2.send_rows], minlength=L * P)
+        got = torch.tensor(disp._exchange_counts(hop2, pairs)).view(L, P)
+        hop2.recv_counts = got.sum(1).tolist()
+        route.hop2.append(hop2)
+        route.pairs.append(got)
+        out.append(disp._send(hop2, _pack(_masked(pl, wc, ph, plan2)), hop2.send_counts, hop2.recv_counts,
+                              "dispatch", True))
+    route.perm = arrival_perm(torch.stack(route.pairs)).to(phys.device) if route.chunks > 1 else None
+    return out, specs
+
+
+def forward_task(disp, route: Route, g: torch.Tensor, direction: str):
+    """Rows at the source out along a planned route (combine's backward), chunk by chunk."""
+    from parallel.all_to_all import _pack, _unpack
+    specs = _specs([g])
+    buf = _pack([g[route.hop1.plan.send_rows]])
+    pend = [disp._send(route.hop1, buf[i], s, r, direction, True)
+            for i, s, r in zip(route.send_idx, route.s1, route.r1)]
+    out = []
+    for c, h in enumerate(route.hop2):
+        (gc,) = _unpack(pend[c].wait(), specs)
+        out.append(disp._send(h, _pack([gc[h.plan.send_rows]]), h.send_counts, h.recv_counts, direction, True))
+    return out, specs
+
+
+def reverse_task(disp, route: Route, parts: list[torch.Tensor], direction: str):
+    """Rows at the final receivers back to the source (combine, dispatch's backward): hop 2 back in
+    chunks, each summed at its relay and sent back over IB as soon as it lands."""
+    from parallel.all_to_all import _pack, _unpack
+    specs = _specs(parts)
+    if route.perm is not None:     # back to arrival order: arrival[perm] = rows
+        parts = [torch.empty_like(p).index_copy_(0, route.perm, p) for p in parts]
+    sizes = [sum(h.recv_counts) for h in route.hop2]
+    bufs = _pack(parts).split(sizes)
+    pend = [disp._send(h, b, h.recv_counts, h.send_counts, direction, True) for h, b in zip(route.hop2, bufs)]
+    out = []
+    for c, h in enumerate(route.hop2):
+        back = _unpack(pend[c].wait(), specs)
+        table = [torch.zeros((h.n_in,) + b.shape[1:], dtype=b.dtype, device=b.device).index_add_(
+            0, h.plan.send_rows, b) for b in back]
+        out.append(disp._send(route.hop1, _pack(table), route.r1[c], route.s1[c], direction, True))
+    return out, specs
+
+
+# ------------------------------------------------------------------------------ handles (main thread)
+class ForwardWait:
+    """The final receivers' rows, in the unchunked order: ``wait() -> list of parts``."""
+
+    def __init__(self, disp, route: Route, fut: Future):
+        self.disp, self.route, self.fut = disp, route, fut
+
+    def wait(self) -> list[torch.Tensor]:
+        from parallel.all_to_all import _unpack
+        with self.disp._blocking():
+            pend, specs = self.fut.result()
+            buf = torch.cat([p.wait() for p in pend])
+        if self.route.perm is not None:
+            buf = buf[self.route.perm]
+        return _unpack(buf, specs)
+
+
+class ReverseWait:
+    """Rows back at the source, summed per source row: ``wait() -> list of (n_in, ...) parts``."""
+
+    def __init__(self, disp, route: Route, fut: Future):
+        self.disp, self.route, self.fut = disp, route, fut
+
+    def wait(self) -> list[torch.Tensor]:
+        from parallel.all_to_all import _unpack
+        hop1 = self.route.hop1
+        with self.disp._blocking():
+            pend, specs = self.fut.result()
+            got = [p.wait() for p in pend]
+        row_bytes = got[0].shape[1]
+        full = got[0].new_empty(sum(hop1.send_counts), row_bytes)
+        for idx, g in zip(self.route.send_idx, got):
+            full[idx] = g
+        rows = hop1.plan.send_rows
+        return [torch.zeros((hop1.n_in,) + b.shape[1:], dtype=b.dtype, device=b.device).index_add_(0, rows, b)
+                for b in _unpack(full, specs)]
