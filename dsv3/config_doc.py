@@ -84,7 +84,6 @@ DOC: dict[str, str] = {
     "parallel.nodes": "nodes in the job; 0 = from the launcher's environment",
     "parallel.ranks_per_node": "ranks per node; 0 = from the launcher's environment",
     "parallel.dispatcher": "expert all-to-all: flat, or two_hop (IB to the node, then NVLink; report §3.2.2)",
-    "parallel.a2a_chunks": "two_hop: chunks the IB hop is cut into, each forwarded over NVLink as it lands (results identical)",
     "parallel.a2a_chunks": "two_hop: chunks the IB hop is split into, pipelined with the NVLink hop",
     "parallel.overlap": "with DualPipe(V) and ep > 1, run the all-to-all under the paired chunk's compute",
     "parallel.zero1": "shard the optimizer state over data-parallel ranks (ZeRO-1)",
