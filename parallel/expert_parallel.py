@@ -59,7 +59,7 @@ def apply_expert_parallel(model: torch.nn.Module, mesh: Mesh, pcfg=None, *, fp8:
         if pl.n_logical != n:
             raise ValueError(f"placement has {pl.n_logical} logical experts but the layer has {n}")
         moe.experts = shard_experts(moe.experts, pl.local_experts(mesh.ep_rank))
-        moe.dispatcher = EPDispatcher(mesh, pl, kind, fp8, traffic, sim_bandwidth)
+        moe.dispatcher = EPDispatcher(mesh, pl, kind, fp8, traffic, sim_bandwidth, chunks=getattr(pcfg, "a2a_chunks", 1))
     return traffic
 
 
