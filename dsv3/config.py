@@ -116,6 +116,7 @@ class ParallelConfig:
     nodes: int = 0                           # 0 = from the launcher's environment
     ranks_per_node: int = 0                  # 0 = from the launcher's environment
     dispatcher: Literal["flat", "two_hop"] = "two_hop"
+    a2a_chunks: int = 1                      # two_hop: IB hop pipelined with the NVLink hop in this many chunks
     overlap: bool = True                     # DualPipe(V), ep > 1: all-to-all under the paired chunk (§3.2.1)
     zero1: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
