@@ -10,6 +10,7 @@ from dsv3.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+collect_ignore = ["mutation"]  # the mutation check (tests/mutation/run.py) is not part of the suite
 
 
 def config_path(name: str) -> str:
