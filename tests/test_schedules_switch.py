@@ -4,9 +4,9 @@ thresholds fall exactly on step boundaries, so an off-by-one (> for >=), a switc
 or a segment that never ends changes a logged value. The expected values are written here from the
 report's rules, not taken from dsv3.lr_schedule.
 
-Tokens per sequence = data.seq_len = 16. Batch ramp 2 → 4 sequences over 128 tokens (micro-batch 2):
-steps 1–4 take 2 sequences (2 + 2·t/128 rounded down to a multiple of 2), step 5 onwards 4. Tokens
-consumed before each step: 0, 32, 64, 96, 128, 192, 256, 320, 384.
+Tokens per sequence = data.seq_len = 16. Batch ramp 1 → 4 sequences over 128 tokens (micro-batch 1): a
+step after t tokens takes ⌊1 + 3·t/128⌋ sequences until t reaches 128, then 4 — 1, 1, 1, 2, 2, 3, 4, 4, 4,
+4 — so the tokens consumed before each step are 0, 16, 32, 48, 80, 112, 160, 224, 288, 352.
 """
 from __future__ import annotations
 
@@ -21,24 +21,25 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")
-SEQ, STEPS = 16, 9
-TOKENS_BEFORE = [0, 32, 64, 96, 128, 192, 256, 320, 384]
-LAMBDA_SWITCH, GAMMA_STOP, GAMMA = 96, 192, 0.25   # γ a power of 2: every bias is exact in fp32 and in the log
+SEQ, STEPS = 16, 10
+SEQUENCES = [1, 1, 1, 2, 2, 3, 4, 4, 4, 4]
+TOKENS_BEFORE = [0, 16, 32, 48, 80, 112, 160, 224, 288, 352]
+LAMBDA_SWITCH, GAMMA_STOP, GAMMA = 48, 160, 0.25   # γ a power of 2: every bias is exact in fp32 and in the log
 LR, WARMUP = 2e-3, 2
-SEGMENTS = [dict(kind="constant", tokens=128, lr=1e-3), dict(kind="step", tokens=64, lr=5e-4),
-            dict(kind="cosine", tokens=128, lr=1e-4)]     # boundaries at 128, 192 and 320 tokens
+SEGMENTS = [dict(kind="constant", tokens=80, lr=1e-3), dict(kind="step", tokens=80, lr=5e-4),
+            dict(kind="cosine", tokens=128, lr=1e-4)]     # boundaries at 80, 160 and 288 tokens
 
 
 def expected_lr(step: int, tokens: int) -> float:
     """Report §4.2 written out for SEGMENTS: linear warmup over steps, then by cumulative tokens."""
     if step < WARMUP:
         return LR * (step + 1) / WARMUP
-    if tokens < 128:
+    if tokens < 80:
         return 1e-3
-    if tokens < 192:
+    if tokens < 160:
         return 5e-4
-    if tokens < 320:    # cosine from 5e-4 to 1e-4 over [192, 320)
-        return 1e-4 + 0.5 * (5e-4 - 1e-4) * (1 + math.cos(math.pi * (tokens - 192) / 128))
+    if tokens < 288:    # cosine from 5e-4 to 1e-4 over [160, 288)
+        return 1e-4 + 0.5 * (5e-4 - 1e-4) * (1 + math.cos(math.pi * (tokens - 160) / 128))
     return 1e-4
 
 
@@ -54,8 +55,8 @@ def records(tmp_path_factory):
                     bias_update_stop_tokens=GAMMA_STOP)
     m["mtp"].update(depth=1, lambda_start=0.3, lambda_end=0.1, lambda_switch_tokens=LAMBDA_SWITCH)
     cfg["data"].update(seq_len=SEQ, cache_dir=CACHE)
-    cfg["train"] = dict(steps=STEPS, micro_batch_size=2, global_batch=4, lr=LR, warmup_steps=WARMUP,
-                        lr_segments=SEGMENTS, batch_ramp=dict(start_sequences=2, tokens=128), ckpt_every=0,
+    cfg["train"] = dict(steps=STEPS, micro_batch_size=1, global_batch=4, lr=LR, warmup_steps=WARMUP,
+                        lr_segments=SEGMENTS, batch_ramp=dict(start_sequences=1, tokens=128), ckpt_every=0,
                         eval_every=0, eval_batches=1, sample_tokens=2, out_dir=str(out / "run"))
     path = out / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -71,9 +72,9 @@ def records(tmp_path_factory):
 
 
 def test_tokens_and_batch_ramp(records):
-    """2 sequences until 128 tokens are consumed, then the full 4 (the ramp ends exactly at its threshold)."""
-    assert [r["sequences"] for r in records] == [2, 2, 2, 2, 4, 4, 4, 4, 4]
-    assert [r["tokens"] for r in records] == TOKENS_BEFORE[1:] + [384 + 4 * SEQ]
+    assert [r["sequences"] for r in records] == SEQUENCES
+    assert [r["tokens"] for r in records] == TOKENS_BEFORE[1:] + [352 + 4 * SEQ]
+    assert all(b - a == n * SEQ for a, b, n in zip(TOKENS_BEFORE, TOKENS_BEFORE[1:], SEQUENCES))
 
 
 def test_lr_segments_at_their_boundaries(records):
