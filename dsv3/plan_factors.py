@@ -186,7 +186,7 @@ def _stage_times(ctx: Ctx, lo: int, hi: int, last: bool, on: set, n_params: floa
     cfg, m = ctx.cfg, ctx.cfg.model
     layers = list(range(lo, hi)) + ([m.n_layers + k for k in range(m.mtp.depth)] if last else [])
     F = B = W = comm = mem = 0.0
-    straggle = 1 + ctx.maxvio if "a2a" in on else 1.0
+    straggle = 1 + ctx.maxvio if "a2a" in on and ctx.ep > 1 else 1.0   # the slowest EP rank sets the pace
     for i in layers:
         for g in layer_gemms(ctx, i):
             f, dg, wg = _gemm_time(ctx, g, on)

@@ -106,30 +106,44 @@ def rank_state_bytes(cfg: Config, pp: int, dp: int, ep: int, schedule: str) -> l
 
 @dataclass(frozen=True)
 class ActDtypes:
-    """Bytes per saved value: residual stream, a Linear's cached input, attention core; and which code
-    path the routed/dense SwiGLU takes (packed [gate|up] on BF16/GPU, separate gate/up in FP32 on CPU)."""
+    """Bytes per saved value: residual stream, the autocast dtype, a Linear's cached input, the attention
+    core; the FP8 storage options (report §3.3.3); the CPU code paths (separate gate/up in FP32, V padded)."""
     resid: float
+    cast: float
     linear_in: float
     attn: float
     fp8: bool
+    wo_e5m6: bool             # wo's input kept in E5M6 (stored as 16 bits) + one FP32 scale per 128
+    swiglu_fp8: bool          # routed experts keep FP8 gate/up and recompute SwiGLU
     packed_swiglu: bool
-    pad_v: bool               # V padded to the q/k head width (the CPU flash kernel)
+    pad_v: bool
 
     @staticmethod
     def for_training(cfg: Config, device: str = "cuda") -> "ActDtypes":
-        a = 4.0 if cfg.train.dtype == "fp32" else 2.0
-        fp8 = cfg.fp8.enabled
-        cpu32 = device == "cpu" and a == 4.0
-        attn = 4.0 if device == "cpu" else a       # the CPU core runs in FP32 (dsv3/attention.py)
-        return ActDtypes(a, FP8_ROW if fp8 else a, attn, fp8, not cpu32, device == "cpu")
+        """GPU: BF16 weights and activations (issue 17 C/D). CPU: FP32 weights, autocast to train.dtype."""
+        cast = 4.0 if cfg.train.dtype == "fp32" else 2.0
+        resid = 4.0 if device == "cpu" else cast
+        f8 = cfg.fp8
+        return ActDtypes(resid, cast, FP8_ROW if f8.enabled else cast, 4.0 if device == "cpu" else cast, f8.enabled,
+                         f8.enabled and f8.cache_wo_e5m6, f8.enabled and f8.cache_swiglu_fp8,
+                         not (device == "cpu" and cast == 4.0), device == "cpu")
 
 
-def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes, micro_batch: int = 1) -> float:
+def fp8_weight_bytes(m: ModelConfig, layer_id: int, ep: int = 1) -> float:
+    """The FP8 copy (+ 128×128 scales) of one Block's FP8 GEMM weights that every forward saves for its
+    backward (triton_kernels.fp8_linear / grouped_gemm): one per micro-batch in flight."""
+    exempt = ("attn_norm", "attn.q_norm", "attn.kv_norm", "ffn_norm", "ffn.gate")
+    n = sum(c // (ep if x else 1) for name, c, x in block_params(m, layer_id) if name not in exempt)
+    return n * (1 + 4 / 128 ** 2)
+
+
+def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes, micro_batch: int = 1,
+                           seq_len: int = 4096, ep: int = 1) -> float:
     """Bytes autograd keeps per token for one Block with recomputation on (norm outputs, MLA's wkv_b
     up-projection and SwiGLU outputs recomputed; their inputs kept). Each term is one saved tensor."""
     a, e, d = m.mla, m.moe, m.dim
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    R, L, A = dt.resid, dt.linear_in, dt.attn
+    R, C, L, A = dt.resid, dt.cast, dt.linear_in, dt.attn
     shared_in = 2 if dt.fp8 else 1                          # FP8 Linears quantise a shared input each
     b = d * R                                               # block input (attn_norm's recompute input)
     if a.q_lora_rank is None:
@@ -139,27 +153,30 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes, micro_b
         b += a.q_lora_rank * R + 4                          # c_Q before q_norm + its reciprocal RMS
         b += a.q_lora_rank * L                              # normed c_Q: wq_b input
     b += (a.kv_lora_rank + a.qk_rope_head_dim) * R + 4      # wkv_a output (kv_norm input, k_rope view) + rstd
-    b += a.kv_lora_rank * R                                 # normed c_KV: the recomputed wkv_b's input
+    b += a.kv_lora_rank * C                                 # normed c_KV: the recomputed wkv_b's input
     v = qk if dt.pad_v else a.v_head_dim
     b += a.n_heads * (2 * qk + 2 * v) * A + 4 * a.n_heads   # q, k, v, out of the attention core; log-sum-exp
-    b += a.n_heads * a.v_head_dim * L                       # attention output: wo input
+    b += a.n_heads * a.v_head_dim * (2 + 4 / 128 if dt.wo_e5m6 else L)   # attention output: wo input
     b += 2 * 4 * a.qk_rope_head_dim / micro_batch           # the RoPE rotations (complex64, per position)
     b += d * R                                              # h: ffn_norm's recompute input
-    swiglu = 2 if dt.packed_swiglu else 3                   # [gate|up] (+ the unweighted up on the FP32 path)
-    if layer_id < m.n_dense_layers:
-        return b + shared_in * d * L + m.inter_dim * (2 * R + L)     # normed h; gate, up; SwiGLU out (w2 input)
+    if dt.fp8:
+        b += fp8_weight_bytes(m, layer_id, ep) / (micro_batch * seq_len)
+    if layer_id < m.n_dense_layers:                         # normed h; gate, up (recompute inputs); w2 input
+        return b + shared_in * d * L + m.inter_dim * (2 * R + L)
     k, E, I = e.n_activated_experts, e.n_routed_experts, e.moe_inter_dim
-    b += d * (L if dt.packed_swiglu or dt.fp8 else R)       # normed h (shared experts' and gate's input)
-    b += d * 4 if R != 4 else 0                             # the gate's FP32 copy of it
+    b += d * 4                                              # the gate's FP32 input (the normed h itself in FP32)
     b += E * 4 + E * 8 + 4 + k * 4                          # sigmoid scores, top-k sort indices, weight sum, weights
     if e.n_group > 1 and e.topk_method != "greedy":
         b += e.n_group * (2 * 8 + 8 + 1)                    # group top-2 indices, group sort, dropped mask
-    b += 2 * k * 8                                          # sorted order and source token of each routed row
-    b += k * d * L + k * 4                                  # dispatched rows (x_sorted) and their gate weights
-    b += k * I * (swiglu * R + L)                           # experts' gate/up (recompute inputs) and w2 input
-    b += k * d * R                                          # the experts' output rows (combine input)
+    b += 2 * k * 8 + k * 4                                  # sorted order, source token, gate weight of each row
+    if dt.swiglu_fp8:                                       # FP8 x for w1 and for w3; FP8 gate and up
+        b += 2 * k * d * L + 2 * k * I * L
+    else:                                                   # x once; [gate|up] (+ unweighted up on CPU FP32); w2 input
+        b += k * d * C + k * I * ((2 if dt.packed_swiglu else 3) * C + L)
+    b += k * d * C                                          # the experts' output rows (index_add's source)
     if e.n_shared_experts:
         Is = e.n_shared_experts * I
+        b += (shared_in * d * L if dt.fp8 else (d * C if C != R or dt.packed_swiglu else 0))
         b += Is * (2 * R + L)
     return b + 4                                            # the balance loss's score sums
 
@@ -174,21 +191,24 @@ def head_activation_bytes(m: ModelConfig, dt: ActDtypes) -> float:
     return head + m.mtp.depth * mtp
 
 
-def stage_activation_bytes(m: ModelConfig, lo: int, hi: int, last: bool, dt: ActDtypes, mb: int) -> float:
+def stage_activation_bytes(m: ModelConfig, lo: int, hi: int, last: bool, dt: ActDtypes, mb: int, seq: int,
+                           ep: int = 1) -> float:
     """Per token of one micro-batch through model stage [lo, hi) (+ head and MTP blocks on the last)."""
-    total = sum(layer_activation_bytes(m, i, dt, mb) for i in range(lo, hi))
+    total = sum(layer_activation_bytes(m, i, dt, mb, seq, ep) for i in range(lo, hi))
     if last:
-        total += head_activation_bytes(m, dt) + sum(layer_activation_bytes(m, m.n_layers + k, dt, mb)
+        total += head_activation_bytes(m, dt) + sum(layer_activation_bytes(m, m.n_layers + k, dt, mb, seq, ep)
                                                     for k in range(m.mtp.depth))
     return total
 
 
-def rank_activation_bytes(cfg: Config, pp: int, schedule: str, micro_batch: int, dt: ActDtypes) -> list[float]:
+def rank_activation_bytes(cfg: Config, pp: int, schedule: str, micro_batch: int, dt: ActDtypes,
+                          ep: int = 1) -> list[float]:
     """Peak activation bytes per pipeline rank: Σ over its stages of in-flight micro-batches × tokens × per-token bytes."""
     m = cfg.model
     n_stages, held = rank_stages(schedule, pp)
     bounds = stage_bounds(m.n_layers, n_stages)
     tokens = micro_batch * cfg.data.seq_len
     return [sum(in_flight(schedule, pp, n_stages, s) * tokens
-                * stage_activation_bytes(m, bounds[s], bounds[s + 1], s == n_stages - 1, dt, micro_batch)
+                * stage_activation_bytes(m, bounds[s], bounds[s + 1], s == n_stages - 1, dt, micro_batch,
+                                         cfg.data.seq_len, ep)
                 for s in stages) for stages in held]
