@@ -528,9 +528,9 @@ def replace(cfg: Config, overrides: list[str]) -> Config:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help", "--describe"):
+    if argv and argv[0] == "--describe" or "-h" in argv or "--help" in argv:
         from dsv3.config_doc import main as doc_main   # the reference of every key (docs/config.md)
-        return doc_main(argv)
+        return doc_main(argv if argv[0] == "--describe" else ["--help"])
     if not argv or argv[0].startswith("-"):
         print("usage: python -m dsv3.config CONFIG.yaml [key.path=value ...] | --describe KEY | --help",
               file=sys.stderr)

@@ -457,7 +457,7 @@ def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, st
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["-h"], ["--help"]):
+    if "-h" in argv or "--help" in argv:   # anywhere: an override always holds '='
         from dsv3.config_doc import train_help
         print(train_help())
         return 0

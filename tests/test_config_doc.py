@@ -87,12 +87,14 @@ def test_config_help_and_describe(capsys):
 
     assert config_mod.main([]) == 2                                   # no config: usage, exit 2 as before
     assert "usage: python -m dsv3.config" in capsys.readouterr().err
+    assert config_mod.main(["configs/debug.yaml", "--help"]) == 0     # --help after the config too
+    assert capsys.readouterr().out.startswith("usage: python -m dsv3.config")
 
 
 def test_train_help(capsys):
     from dsv3.train import main
-    for flag in ("--help", "-h"):
-        assert main([flag]) == 0
+    for argv in (["--help"], ["-h"], ["configs/debug.yaml", "train.steps=3", "--help"]):
+        assert main(argv) == 0
         out = capsys.readouterr().out
         assert out.startswith("usage: python -m dsv3.train [CONFIG.yaml] [key.path=value ...]")
         assert "Exit codes:" in out and "python -m dsv3.config --help" in out
