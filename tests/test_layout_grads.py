@@ -1,6 +1,7 @@
 """Resume through the parallel trainer (``parallelize()`` → ``ParallelSteps``, EP2 with ZeRO-1): a run
 resumed from its step-2 sharded checkpoint takes steps 3–4 bitwise as the uninterrupted run does — the
-same losses, gradient norms, learning rates, token counts and routing biases — so the checkpoint carries
+same losses, gradient norms, learning rates, token counts and routing biases, and its final checkpoint
+holds the same weights, AdamW moments and routing biases bit for bit — so the checkpoint carries
 the weights, AdamW moments, biases, the step and token counts and the data sampler's position through
 this layout too (tests/test_train.py checks the one-process loop)."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.dist_utils import run_ranks
 
@@ -51,3 +53,27 @@ def test_parallel_resume_is_bitwise(tmp_path, layout):
         for k in FIELDS:
             assert a[s][k] == b[s][k], (s, k, a[s][k], b[s][k])
     assert a[3]["loss"] != a[2]["loss"]
+    # and the final sharded checkpoints hold the same weights, AdamW moments and step, and routing biases
+    states = [_checkpoint_state(os.path.join(d, "ckpt_0000004")) for d in (full, resumed)]
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 50
+    assert any(k.endswith("exp_avg_sq") for k in states[0]) and any(k.endswith("correction_bias") for k in states[0])
+    for k, t in states[0].items():
+        assert torch.equal(t, states[1][k]), k
+
+
+def _checkpoint_state(path):
+    """Every parameter, buffer and AdamW state tensor of a sharded checkpoint, read in one process."""
+    from dsv3.config import load_config
+    from dsv3.model import Transformer
+    from dsv3.optim import build_optimizer
+    from parallel.dist_checkpoint import load_sharded_into_model
+    cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"), BASE)
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    load_sharded_into_model(path, model, opt)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            out[f"{names[id(p)]}.{k}"] = torch.as_tensor(v).clone()
+    return out
