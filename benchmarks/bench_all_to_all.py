@@ -1,43 +1,59 @@
-"""Expert-parallel dispatch: flat vs two-hop vs two-hop with node-limited routing (SPEC §5).
+"""Expert-parallel dispatch: flat vs two-hop vs two-hop with node-limited routing (SPEC §5), and two-hop
+with its IB and NVLink hops pipelined in chunks (report §3.2.1; parallel/two_hop_chunks.py).
 
 1. Traffic model for DeepSeek-V3's routing shape (256 experts, top-8, 8 groups, 4 kept) on 8 nodes × 8 GPUs
    (EP64, 4 experts per GPU, one group = one node), from real router outputs (dsv3.moe.Gate on random
    hidden states with a random gate weight): inter-node copies and bytes per token, counted with the
    routing plans the dispatcher uses, and the modelled dispatch time per GPU at IB 50 GB/s, NVLink 160 GB/s.
-2. Measured dispatch + combine time on 8 gloo processes (2 nodes × 4) where every send also sleeps
-   bytes / bandwidth at the 50 : 160 ratio (loopback has no such asymmetry by itself).
+2. Measured dispatch + combine on 8 gloo processes standing in for 4 nodes × 2 GPUs (256 experts, top-8,
+   8 groups: one per GPU; node limit 2 = 2 groups kept), 4096 tokens of width 2048 per rank: flat, two-hop
+   unchunked and two-hop in 2, 4, 8 chunks, FP8 dispatch off and on. Every all-to-all takes the time of
+   ``parallel.link_model.LinkModel`` (one serial IB link at 50 and one serial NVLink link at 160 units per
+   rank, FIFO, latency = 4 KB on IB per message, unit = --unit bytes/s), slept out by the receiver until
+   its senders' links are done: loopback has no IB/NVLink asymmetry by itself. Beside each measurement:
+   the bytes per hop, the modelled time of the run (its link bookings, at the times the ranks issued
+   them) and the traffic model's prediction for the same routing (``predict_route``: the same link rules
+   with no CPU time, issued by the whole cluster at once).
 
-    python benchmarks/bench_all_to_all.py [--tokens 4096] [--measure-tokens 512] [--iters 5]
-Ratios are printed last.
+    python benchmarks/bench_all_to_all.py [--iters 2] [--unit 1e6] [--skip-v3]
+The last line is ``two-hop chunked vs flat: N.NNx`` (flat = the plain all-to-all without node limit).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
-from dsv3.config import MoEConfig, ParallelConfig
-from dsv3.moe import Gate
-from parallel.launch_utils import run_ranks
-from parallel.routing_plan import Topology, plan_flat, plan_inter, plan_intra, mask_choices
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from dsv3.config import MoEConfig, ParallelConfig  # noqa: E402
+from dsv3.moe import Gate  # noqa: E402
+from parallel.launch_utils import run_ranks  # noqa: E402
+from parallel.routing_plan import Topology, cluster_plan, plan_flat, plan_inter, plan_intra, mask_choices  # noqa: E402
 
 IB, NVLINK = 50e9, 160e9                       # bytes/s per GPU (SPEC §5)
 HIDDEN, E, TOPK, GROUPS = 7168, 256, 8, 8
+NODES, RPN, WORLD = 4, 2, 8                    # the measured shape
+CHUNKS = (1, 2, 4, 8)
 
 
-def v3_router(topk_group: int, tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
+def v3_router(topk_group: int, tokens: int, dim: int, seed: int = 0, x_seed=None) -> tuple:
     torch.manual_seed(seed)
     gate = Gate(dim, MoEConfig(n_routed_experts=E, n_activated_experts=TOPK, n_group=GROUPS,
                                topk_group=topk_group, routed_scaling_factor=2.5))
     torch.nn.init.normal_(gate.weight, std=dim ** -0.5)
+    x = torch.randn(tokens, dim) if x_seed is None else \
+        torch.randn(tokens, dim, generator=torch.Generator().manual_seed(x_seed)).to(torch.bfloat16)
     with torch.no_grad():
-        return gate(torch.randn(tokens, dim))[1]
+        w, idx, _ = gate(x.float())
+    return x, w, idx
 
 
-def row_bytes(fp8: bool) -> int:
+def row_bytes(fp8: bool, dim: int = HIDDEN) -> int:
     """One dispatched copy: hidden (E4M3 + 1×128 fp32 pow2 scales, or BF16) + k fp32 weights + k int32 slots."""
-    x = HIDDEN + 4 * (HIDDEN // 128) if fp8 else 2 * HIDDEN
+    x = dim + 4 * (dim // 128) if fp8 else 2 * dim
     return x + 8 * TOPK
 
 
@@ -65,88 +81,154 @@ def traffic_model(idx: torch.Tensor, nodes: int = 8, gpus: int = 8) -> dict:
     return {k: (inter[k] / n, intra[k] / n) for k in inter}
 
 
-def _measure(rank, world, kind, fp8, tokens, dim, iters, bw):
-    import torch.distributed as dist
-    from parallel.all_to_all import EPDispatcher
-    from parallel.mesh import Mesh
-    from parallel.placement import Placement
-    mesh = Mesh.from_config(ParallelConfig(ep=world, nodes=2, ranks_per_node=4))
-    torch.manual_seed(0)
-    gate = Gate(dim, MoEConfig(n_routed_experts=E, n_activated_experts=TOPK, n_group=GROUPS, topk_group=4))
-    torch.nn.init.normal_(gate.weight, std=dim ** -0.5)
-    g = torch.Generator().manual_seed(rank)
-    x = torch.randn(tokens, dim, generator=g).to(torch.bfloat16)
-    with torch.no_grad():
-        w, idx, _ = gate(x.float())
-    disp = EPDispatcher(mesh, Placement.contiguous(E, world), kind, fp8, sim_bandwidth=bw)
-    times = []
-    with torch.no_grad():
-        for it in range(iters + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            recv = disp.dispatch(x, idx, w).wait()
-            y = disp.combine(recv.x * recv.weight.sum(1, keepdim=True).to(recv.x.dtype), recv).wait()
-            dist.barrier()
-            if it:
-                times.append(time.perf_counter() - t0)
-    t = torch.tensor(sorted(times)[len(times) // 2])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    inter = disp.traffic.total("inter", "dispatch") / (iters + 1)
-    return dict(time=t.item(), inter_bytes=inter, y=float(y.float().abs().sum()))
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens for the traffic model")
-    ap.add_argument("--dim", type=int, default=HIDDEN, help="router input width for the traffic model")
-    ap.add_argument("--measure-tokens", type=int, default=512, help="tokens per rank in the measured run")
-    ap.add_argument("--measure-dim", type=int, default=2048)
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--ib", type=float, default=25e6, help="simulated inter-node bytes/s per rank (measured run)")
-    a = ap.parse_args()
-
+def v3_model(tokens: int, dim: int) -> None:
     print(f"== traffic model: V3 routing (E={E}, top-{TOPK}, {GROUPS} groups) on 8 nodes x 8 GPUs, "
-          f"{a.tokens} tokens, router dim {a.dim}")
-    limited = traffic_model(v3_router(4, a.tokens, a.dim))
-    unlimited = traffic_model(v3_router(GROUPS, a.tokens, a.dim))
+          f"{tokens} tokens, router dim {dim}")
+    limited = traffic_model(v3_router(4, tokens, dim)[2])
+    unlimited = traffic_model(v3_router(GROUPS, tokens, dim)[2])
     rows = {"flat (no node limit)": unlimited["flat"], "flat + node limit": limited["flat"],
             "two-hop (no node limit)": unlimited["two_hop"], "two-hop + node limit": limited["two_hop"]}
-    fp8_row, bf16_row = row_bytes(True), row_bytes(False)
-    print(f"  bytes per copy: FP8 dispatch {fp8_row}, BF16 {bf16_row} (hidden {HIDDEN} + weights/slots)")
-    print("  modelled FP8 dispatch time for 1000 tokens per GPU: links busy concurrently (max of IB, NVLink: one\n"
-          "  flat collective, or DeepEP-style pipelined hops) and, for two-hop, hops in sequence (IB + NVLink)")
+    fp8_row = row_bytes(True)
+    print(f"  bytes per copy: FP8 dispatch {fp8_row}, BF16 {row_bytes(False)} (hidden {HIDDEN} + weights/slots)")
     print(f"  {'dispatcher':<26}{'IB copies/tok':>14}{'NVL copies/tok':>15}{'IB KB/tok':>11}"
-          f"{'us (max)':>10}{'us (IB+NVL)':>13}")
+          f"{'us (max)':>10}{'us (IB+NVL)':>13}   (FP8 dispatch, 1000 tokens per GPU)")
     model_us = {}
     for name, (inter, intra) in rows.items():
         ib_s, nvl_s = inter * fp8_row * 1000 / IB, intra * fp8_row * 1000 / NVLINK
         model_us[name] = (max(ib_s, nvl_s) * 1e6, (ib_s + nvl_s) * 1e6)
         seq = f"{model_us[name][1]:>13.1f}" if name.startswith("two") else f"{'':>13}"
         print(f"  {name:<26}{inter:>14.3f}{intra:>15.3f}{inter * fp8_row / 1024:>11.1f}{model_us[name][0]:>10.1f}{seq}")
-
-    bw = {"inter": a.ib, "intra": a.ib * NVLINK / IB}
-    print(f"== measured: 8 gloo processes (2 nodes x 4), {a.measure_tokens} tokens/rank, dim {a.measure_dim} BF16, "
-          f"sleep bytes/bw at IB {a.ib / 1e6:.0f} MB/s : NVLink {bw['intra'] / 1e6:.0f} MB/s, median of {a.iters}")
-    meas = {}
-    # BF16 only: on CPU the float8 casts cost more than the simulated link time they save
-    for kind, fp8 in (("flat", False), ("two_hop", False)):
-        r = run_ranks(_measure, 8, kind, fp8, a.measure_tokens, a.measure_dim, a.iters, bw, timeout=600)
-        meas[(kind, fp8)] = r[0]["time"], sum(x["inter_bytes"] for x in r) / (8 * a.measure_tokens)
-        print(f"  {kind + (' fp8' if fp8 else ''):<14} dispatch+combine {meas[(kind, fp8)][0] * 1e3:8.1f} ms   "
-              f"inter-node {meas[(kind, fp8)][1] / 1024:6.2f} KB/token (dispatch)")
-
-    print("== ratios")
     f, t = rows["flat (no node limit)"][0], rows["two-hop + node limit"][0]
     print(f"  inter-node copies per token, flat / two-hop+node-limit (EP64): {f:.2f} / {t:.2f} = {f / t:.2f}x")
-    print(f"  inter-node copies per token, flat+node-limit / two-hop+node-limit (EP64): "
-          f"{rows['flat + node limit'][0] / t:.2f}x")
     f_us, t_us = model_us["flat (no node limit)"][0], model_us["two-hop + node limit"]
     print(f"  modelled dispatch time, flat / two-hop+node-limit (EP64): {f_us / t_us[0]:.2f}x pipelined, "
           f"{f_us / t_us[1]:.2f}x hops in sequence")
-    print(f"  measured dispatch+combine, flat / two-hop (2x4, BF16): "
-          f"{meas[('flat', False)][0] / meas[('two_hop', False)][0]:.2f}x")
-    print(f"  measured inter-node dispatch bytes per token, flat / two-hop (2x4): "
-          f"{meas[('flat', False)][1] / meas[('two_hop', False)][1]:.2f}x")
+
+
+# ------------------------------------------------------------------------------ 4 nodes × 2
+def _links():
+    node = lambda r: r // RPN  # noqa: E731
+    flat = lambda s, d: "self" if s == d else ("intra" if node(s) == node(d) else "inter")  # noqa: E731
+    inter = lambda s, d: flat(s, d) if s % RPN == d % RPN else None  # noqa: E731
+    intra = lambda s, d: flat(s, d) if node(s) == node(d) else None  # noqa: E731
+    return flat, inter, intra
+
+
+def predictions(tokens: int, dim: int, unit: float) -> dict:
+    """The traffic model for the measured shape: per configuration (kind, fp8, chunks), the bytes each hop
+    carries (copy matrices from the routing plans × bytes per copy) and predict_route's time."""
+    from parallel.link_model import LinkModel, predict_route
+    topo = Topology(NODES, RPN, E // WORLD)
+    idx = {tg: [v3_router(tg, tokens, dim, x_seed=r)[2] for r in range(WORLD)] for tg in (GROUPS, 2)}
+    flat_m = cluster_plan(idx[GROUPS], topo, "flat")["hops"][0]
+    m1, m2 = cluster_plan(idx[2], topo, "two_hop")["hops"]
+    flat_l, inter_l, intra_l = _links()
+    back = 2 * dim                                     # combine returns BF16 rows
+    out = {}
+    for fp8 in (False, True):
+        rb = row_bytes(fp8, dim)
+        out[("flat", fp8, 1)] = predict_route([flat_m * rb], [flat_l], 1, lambda: LinkModel(unit=unit),
+                                              [flat_m * back])
+        for c in CHUNKS:
+            out[("two_hop", fp8, c)] = predict_route([m1 * rb, m2 * rb], [inter_l, intra_l], c,
+                                                     lambda: LinkModel(unit=unit), [m1 * back, m2 * back])
+    copies = {"flat": _per_link(flat_m, flat_l), "two_hop": (_per_link(m1, inter_l), _per_link(m2, intra_l))}
+    return dict(time=out, copies=copies, tokens=tokens * WORLD)
+
+
+def _per_link(m: torch.Tensor, link_of) -> dict:
+    out = {"inter": 0, "intra": 0}
+    for s in range(m.shape[0]):
+        for d in range(m.shape[1]):
+            if link_of(s, d) in out:
+                out[link_of(s, d)] += int(m[s, d])
+    return out
+
+
+def _measure(rank, world, tokens, dim, iters, unit):
+    import torch.distributed as dist
+    from parallel.all_to_all import EPDispatcher
+    from parallel.link_model import LinkModel
+    from parallel.mesh import Mesh
+    from parallel.placement import Placement
+    mesh = Mesh.from_config(ParallelConfig(ep=world, nodes=NODES, ranks_per_node=RPN))
+    routes = {tg: v3_router(tg, tokens, dim, x_seed=rank) for tg in (GROUPS, 2)}
+    res = {}
+    for fp8 in (False, True):
+        for kind, C in [("flat", 1)] + [("two_hop", c) for c in CHUNKS]:
+            x, w, idx = routes[GROUPS if kind == "flat" else 2]
+            disp = EPDispatcher(mesh, Placement.contiguous(E, world), kind, fp8, link=LinkModel(unit=unit), chunks=C)
+            wall, model = [], []
+            with torch.no_grad():
+                for it in range(iters + 1):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    recv = disp.dispatch(x, idx, w).wait()
+                    y = disp.combine(recv.x * recv.weight.sum(1, keepdim=True).to(recv.x.dtype), recv).wait()
+                    t1 = time.perf_counter()
+                    dist.barrier()
+                    if it:
+                        wall.append(t1 - t0)
+                        model.append(disp.model_done - t0)
+            t = torch.tensor([max(wall), max(model), float(y.float().abs().sum())], dtype=torch.float64)
+            dist.all_reduce(t[:2], op=dist.ReduceOp.MAX)
+            n = iters + 1
+            res[(kind, fp8, C)] = dict(wall=t[0].item(), model=t[1].item(),
+                                       bytes={lk: disp.traffic.total(lk, "dispatch") / n for lk in ("inter", "intra")},
+                                       y=t[2].item())
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank in the measured run")
+    ap.add_argument("--dim", type=int, default=2048, help="hidden width in the measured run")
+    ap.add_argument("--iters", type=int, default=2, help="timed iterations per configuration (after 1 warm-up)")
+    ap.add_argument("--unit", type=float, default=1e6, help="bytes/s per bandwidth unit (IB 50, NVLink 160)")
+    ap.add_argument("--v3-tokens", type=int, default=4096, help="tokens for the EP64 traffic model")
+    ap.add_argument("--skip-v3", action="store_true", help="skip the EP64 traffic model")
+    a = ap.parse_args()
+    if not a.skip_v3:
+        v3_model(a.v3_tokens, HIDDEN)
+
+    pred = predictions(a.tokens, a.dim, a.unit)
+    lat = 4096 / (50 * a.unit)
+    print(f"== measured: 8 gloo processes as {NODES} nodes x {RPN}, {a.tokens} tokens/rank of width {a.dim} (BF16), "
+          f"E={E} top-{TOPK}, {GROUPS} groups (one per rank); flat: no node limit; two-hop: node limit 2 "
+          f"(2 groups kept)\n   link model: IB {50 * a.unit / 1e6:g} MB/s, NVLink {160 * a.unit / 1e6:g} MB/s per rank, "
+          f"serial FIFO, {lat * 1e6:.0f} us per message; max over ranks of {a.iters} iterations after a warm-up; "
+          f"CPU ISA {torch.backends.cpu.get_cpu_capability()}")
+    cp, n = pred["copies"], pred["tokens"]
+    print(f"   traffic model copies/token: flat IB {cp['flat']['inter'] / n:.3f} NVLink {cp['flat']['intra'] / n:.3f}; "
+          f"two-hop hop 1 IB {cp['two_hop'][0]['inter'] / n:.3f}, hop 2 NVLink {cp['two_hop'][1]['intra'] / n:.3f}")
+    t0 = time.perf_counter()
+    r = run_ranks(_measure, WORLD, a.tokens, a.dim, a.iters, a.unit, timeout=1200, env={"OMP_NUM_THREADS": "1"})[0]
+    print(f"   ({time.perf_counter() - t0:.0f} s)")
+    print(f"  {'dispatcher':<24}{'FP8':>4}{'IB MB/rank':>11}{'NVL MB/rank':>12}{'modelled s':>11}{'measured s':>11}"
+          f"{'predicted s':>12}{'meas/pred':>10}")
+    best = {}
+    for fp8 in (False, True):
+        for kind, C in [("flat", 1)] + [("two_hop", c) for c in CHUNKS]:
+            m, p = r[(kind, fp8, C)], pred["time"][(kind, fp8, C)]
+            name = "flat" if kind == "flat" else ("two-hop unchunked" if C == 1 else f"two-hop {C} chunks")
+            print(f"  {name:<24}{'on' if fp8 else 'off':>4}{m['bytes']['inter'] / 1e6:>11.2f}"
+                  f"{m['bytes']['intra'] / 1e6:>12.2f}{m['model']:>11.3f}{m['wall']:>11.3f}{p:>12.3f}"
+                  f"{m['wall'] / p:>10.2f}")
+        chunked = min(CHUNKS[1:], key=lambda c: r[("two_hop", fp8, c)]["wall"])
+        best[fp8] = chunked
+    same = all(r[("two_hop", f, c)]["y"] == r[("two_hop", f, 1)]["y"] for f in (False, True) for c in CHUNKS)
+    print(f"  combined output checksum equal for every chunk count (rank 0): {same}")
+    print("== ratios (measured, and the traffic model's prediction for the same routing)")
+    for fp8 in (False, True):
+        c = best[fp8]
+        f, u, k = r[("flat", fp8, 1)]["wall"], r[("two_hop", fp8, 1)]["wall"], r[("two_hop", fp8, c)]["wall"]
+        pf, pu, pk = (pred["time"][(kind, fp8, cc)] for kind, cc in (("flat", 1), ("two_hop", 1), ("two_hop", c)))
+        tag = "FP8 dispatch" if fp8 else "BF16 dispatch"
+        print(f"  {tag}: best chunk count {c}; chunked vs unchunked {u / k:.2f}x (predicted {pu / pk:.2f}x); "
+              f"chunked vs flat {f / k:.2f}x (predicted {pf / pk:.2f}x, measured/predicted {f / k / (pf / pk):.2f}); "
+              f"unchunked vs flat {f / u:.2f}x (predicted {pf / pu:.2f}x)")
+    c = best[False]
+    print(f"two-hop chunked vs flat: {r[('flat', False, 1)]['wall'] / r[('two_hop', False, c)]['wall']:.2f}x")
 
 
 if __name__ == "__main__":

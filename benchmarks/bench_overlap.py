@@ -3,8 +3,8 @@ the share of all-to-all time hidden under compute, and the step time of overlapp
 measured on the training executor: ``parallelize()`` builds ``OverlapPipeline`` over ``DSV3Stage``s (the
 debug model's MLA + DeepSeekMoE Blocks, head and MTP), exactly as ``dsv3.train`` does.
 
-8 gloo processes: 2 pipeline ranks × 4 expert ranks (2 simulated nodes × 2 GPUs per EP group, flat
-dispatch). Costs are modelled so that 2 shared CPU cores show the schedule, not contention: every
+8 gloo processes: 2 pipeline ranks × 4 expert ranks (2 simulated nodes × 2 GPUs per EP group; flat
+dispatch, or two-hop with its hops pipelined in chunks on the communication thread: --dispatcher). Costs are modelled so that 2 shared CPU cores show the schedule, not contention: every
 attention / routed-experts / shared-experts call also takes a fixed time (backward 2×), and every
 all-to-all holds its rank's serial link for latency + max(IB bytes / IB bandwidth, NVLink bytes /
 NVLink bandwidth), bytes being the real split sizes of this step's routing (IB : NVLink = 50 : 160).
@@ -13,6 +13,7 @@ NVLink bandwidth), bytes being the real split sizes of this step's routing (IB :
     python benchmarks/bench_overlap.py                   # ≈ 3 min on 2 cores
     python benchmarks/bench_overlap.py --mtp-depth 0     # without the MTP module (its all-to-alls run unsplit)
     python benchmarks/bench_overlap.py --chunks 20 --trace /tmp/overlap.json   # open in ui.perfetto.dev
+    python benchmarks/bench_overlap.py --mtp-depth 0 --dispatcher two_hop --a2a-chunks 4 --link honest
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _overrides(args) -> list[str]:
             f"data.seq_len={args.seq}", f"train.micro_batch_size={args.batch}",
             f"train.global_batch={args.batch * args.chunks * dp}", "parallel.pp_schedule=dualpipe",
             f"parallel.pp={PP}", f"parallel.ep={EP}", "parallel.nodes=4", "parallel.ranks_per_node=2",
-            "parallel.dispatcher=flat"]
+            f"parallel.dispatcher={args.dispatcher}", f"parallel.a2a_chunks={args.a2a_chunks}"]
 
 
 def _rank(rank, world, args):
@@ -46,6 +47,7 @@ def _rank(rank, world, args):
     from parallel.dsv3_stages import dsv3_microbatches
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
+    from parallel.link_model import LinkModel
     from parallel.trace import SerialLink, Tracer, add_compute_cost
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "debug.yaml"), _overrides(args))
     mesh = Mesh.from_config(cfg.parallel)
@@ -67,7 +69,11 @@ def _rank(rank, world, args):
     out = {}
     for overlap in (False, True):
         tr = Tracer(rank)
-        pipe.trace(tr, SerialLink(args.latency_ms * ms, {"inter": args.ib_mbps * 1e6, "intra": args.ib_mbps * 3.2e6}))
+        if args.link == "honest":
+            link = LinkModel(args.ib_mbps, 3.2 * args.ib_mbps, unit=1e6, latency=args.latency_ms * ms)
+        else:
+            link = SerialLink(args.latency_ms * ms, {"inter": args.ib_mbps * 1e6, "intra": args.ib_mbps * 3.2e6})
+        pipe.trace(tr, link)
         pipe.overlap = overlap
         times = []
         for step in range(args.steps + 1):
@@ -119,6 +125,11 @@ def main() -> None:
     ap.add_argument("--shared-ms", type=float, default=10.0, help="modelled shared-expert forward")
     ap.add_argument("--latency-ms", type=float, default=3.0, help="fixed cost of each all-to-all")
     ap.add_argument("--ib-mbps", type=float, default=1.2, help="modelled IB MB/s per rank (NVLink 3.2×)")
+    ap.add_argument("--dispatcher", choices=("flat", "two_hop"), default="flat")
+    ap.add_argument("--a2a-chunks", type=int, default=1, help="two_hop: IB/NVLink pipelining chunks")
+    ap.add_argument("--link", choices=("serial", "honest"), default="serial",
+                    help="serial: one stream per rank, IB and NVLink of an all-to-all concurrent on it; honest: "
+                         "parallel.link_model (a serial IB and a serial NVLink link, latency per message)")
     ap.add_argument("--trace", default="", help="write the overlapped step's Chrome trace here")
     args = ap.parse_args()
 
@@ -129,7 +140,9 @@ def main() -> None:
     print(f"DualPipe through parallelize(), {PP} pipeline ranks × {EP} expert ranks, {args.chunks} micro-batches of "
           f"{args.batch}×{args.seq}, MTP depth {args.mtp_depth}; modelled attn/mlp/shared "
           f"{args.attn_ms}/{args.mlp_ms}/{args.shared_ms} ms (bwd 2×), a2a {args.latency_ms} ms + bytes at IB "
-          f"{args.ib_mbps} MB/s, NVLink {3.2 * args.ib_mbps:g} MB/s; CPU ISA {isa}")
+          f"{args.ib_mbps} MB/s, NVLink {3.2 * args.ib_mbps:g} MB/s ({args.link} link model); dispatcher "
+          f"{args.dispatcher}" + (f", {args.a2a_chunks} chunks" if args.dispatcher == "two_hop" else "") +
+          f"; CPU ISA {isa}")
     print(f"{'rank':>4s} {'a2a':>5s} {'a2a s':>7s} {'hidden':>7s} {'a2a s in FB':>11s} {'hidden in FB':>12s} "
           f"{'P2P wait s':>10s}")
     sums = {}

@@ -194,6 +194,7 @@ class EPDispatcher:
             intra_peers = [lay.ep_node * L + l for l in range(L)]
             self._hop_specs = [(mesh.group("ep_inter"), [link_of(p) for p in inter_peers], self.topo.node_of),
                                (mesh.group("ep_intra"), [link_of(p) for p in intra_peers], self.topo.local_of)]
+            self._ep_hop = Hop(mesh.group("ep"), [link_of(p) for p in range(lay.ep)])   # two_hop's count exchange
 
     # ------------------------------------------------------------------------------ transport
     def _send(self, hop: Hop, buf: torch.Tensor, send_counts: list[int], recv_counts: list[int],

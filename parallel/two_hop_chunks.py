@@ -9,7 +9,7 @@ chunk c+1. Gradients take the same routes (combine's backward as dispatch, dispa
 
 Results do not depend on the chunk count, bitwise:
 - the final receiver puts the rows back in the unchunked order (relay, source, row) with ``perm``,
-  built from the per-(relay, source) row counts each relay sends with its hop-2 counts;
+  built from the rows per (chunk, relay, source) that the sources announce up front (``dispatch_task``);
 - every sum keeps the unchunked order: a relay row lies in exactly one chunk and sums its local ranks
   in rank order either way; the source collects every chunk into the unchunked layout before its one
   ``index_add_``.
@@ -119,7 +119,7 @@ class Route:
     s1: list = field(default_factory=list)          # per chunk: rows sent to each hop-1 peer
     r1: list = field(default_factory=list)          # per chunk: rows received from each hop-1 peer
     hop2: list = field(default_factory=list)        # per chunk: Hop over the chunk's relay rows
-    pairs: list = field(default_factory=list)       # per chunk: (L, P) rows received, by relay and source
+    pairs: Optional[torch.Tensor] = None            # (C, L, P) rows received, by chunk, relay and source
     perm: Optional[torch.Tensor] = None
 
     def set_hop1(self, hop1) -> None:
@@ -140,35 +140,48 @@ def _masked(parts, w, phys, plan):
 
 # ------------------------------------------------------------------------------ tasks (comm thread)
 def dispatch_task(disp, route: Route, payload, w, phys):
-    """Plans and sends hop 1 in chunks; forwards each chunk at its relay as it lands (planning its hop 2
-    there). Returns the hop-2 pendings and the row specs."""
+    """Plans hop 1 and sends it in chunks; forwards each chunk at its relay as it lands (planning its
+    hop 2 there). One count exchange over the EP group up front gives every rank what it will receive on
+    both hops, chunk by chunk: a source knows, for each row it sends, its chunk and the local ranks it
+    reaches, so it tells each rank (n, l) how many rows of each chunk will reach it through relay
+    (n, its own local index). Returns the hop-2 pendings and the row specs."""
     from parallel.all_to_all import Hop, _pack, _unpack
     group, links, dest_of = disp._hop_specs[0]
-    plan = plan_hop(dest_of(phys.long()), len(links))
+    group2, links2, dest2 = disp._hop_specs[1]
+    P, L, C, dev = len(links), len(links2), route.chunks, phys.device
+    me = links2.index("self")                                     # this rank's local index
+    plan = plan_hop(dest_of(phys.long()), P)
     hop1 = Hop(group, links, plan, n_in=phys.shape[0], send_counts=plan.send_counts.tolist())
-    hop1.recv_counts = disp._exchange_counts(hop1, plan.send_counts)
+    S = plan.send_rows.shape[0]
+    chunk_of = torch.empty(S, dtype=torch.long, device=dev)
+    for c, i in enumerate(chunk_rows(hop1.send_counts, C, dev)):
+        chunk_of[i] = c
+    local = torch.where(plan.choice_mask, dest2(phys.long())[plan.send_rows], L)
+    hit = torch.zeros(S, L + 1, dtype=torch.long, device=dev).scatter_(1, local, 1)[:, :L]
+    reach = torch.zeros(C * P, L, dtype=torch.long, device=dev).index_add_(0, chunk_of * P + plan.send_dest, hit)
+    vec = torch.zeros(P, L, C + 1, dtype=torch.long, device=dev)  # to EP rank n·L + l: hop-1 rows, rows per chunk
+    vec[:, :, 1:] = reach.view(C, P, L).permute(1, 2, 0)
+    vec[:, me, 0] = plan.send_counts
+    got = disp._exchange_counts(disp._ep_hop, vec.reshape(-1))
+    got = torch.tensor(got).view(P, L, C + 1)                      # from EP rank p·L + l
+    hop1.recv_counts = got[:, me, 0].tolist()
+    pairs = got[:, :, 1:].permute(2, 1, 0)                          # (C, L, P)
     route.set_hop1(hop1)
     parts = _masked(payload, w, phys, plan)
     specs = _specs(parts)
     buf = _pack(parts)
     pend = [disp._send(hop1, buf[i], s, r, "dispatch", True) for i, s, r in zip(route.send_idx, route.s1, route.r1)]
-    group2, links2, dest2 = disp._hop_specs[1]
-    L, P = len(links2), len(links)
     out = []
-    for c in range(route.chunks):
+    for c in range(C):
         *pl, wc, ph = _unpack(pend[c].wait(), specs)
         plan2 = plan_hop(dest2(ph.long()), L)
-        hop2 = Hop(group2, links2, plan2, n_in=ph.shape[0], send_counts=plan2.send_counts.tolist())
-        src = torch.repeat_interleave(torch.arange(P, device=ph.device),
-                                      torch.tensor(route.r1[c], device=ph.device))
-        pairs = torch.bincount(plan2.send_dest * P + src[plan2.send_rows], minlength=L * P)
-        got = torch.tensor(disp._exchange_counts(hop2, pairs)).view(L, P)
-        hop2.recv_counts = got.sum(1).tolist()
+        hop2 = Hop(group2, links2, plan2, n_in=ph.shape[0], send_counts=plan2.send_counts.tolist(),
+                   recv_counts=pairs[c].sum(1).tolist())
         route.hop2.append(hop2)
-        route.pairs.append(got)
         out.append(disp._send(hop2, _pack(_masked(pl, wc, ph, plan2)), hop2.send_counts, hop2.recv_counts,
                               "dispatch", True))
-    route.perm = arrival_perm(torch.stack(route.pairs)).to(phys.device) if route.chunks > 1 else None
+    route.pairs = pairs
+    route.perm = arrival_perm(pairs).to(dev) if C > 1 else None
     return out, specs
 
 

@@ -261,3 +261,16 @@ def test_chunked_two_hop_with_empty_chunks(results):
         for total in (sum([3, 0, 5, 1, 2, 0, 7, 4]), 0):
             for a, b in zip(r["empty"][1][(1, total)], r["empty"][1][(4, total)]):
                 assert torch.equal(a, b), (rank, total)
+
+
+def test_arrival_perm_by_hand():
+    """Rows of chunk c from relay l that left source p arrive in (c, l, p) order; perm lists them in the
+    unchunked (l, p, c) order. pairs[c][l][p] rows: c0: l0 (p0: 1, p1: 2), l1 (p0: 0, p1: 1); c1: l0 (1, 0),
+    l1 (2, 1). Arrival: c0l0p0 [0], c0l0p1 [1 2], c0l1p1 [3], c1l0p0 [4], c1l1p0 [5 6], c1l1p1 [7]."""
+    from parallel.two_hop_chunks import arrival_perm, chunk_rows, slices
+    pairs = torch.tensor([[[1, 2], [0, 1]], [[1, 0], [2, 1]]])
+    assert arrival_perm(pairs).tolist() == [0, 4, 1, 2, 5, 6, 3, 7]
+    assert arrival_perm(pairs[:1]) is None
+    # 3 chunks of segments of 4, 0 and 2 rows: rows 0-3 | none | 4-5
+    assert slices([4, 0, 2], 3) == [[1, 0, 0], [1, 0, 1], [2, 0, 1]]
+    assert [c.tolist() for c in chunk_rows([4, 0, 2], 3, "cpu")] == [[0], [1, 4], [2, 3, 5]]
