@@ -13,7 +13,8 @@ copies of a stage, 1F1B's tied embedding beside MTP — has its gradient summed 
 every copy takes the same optimizer step and stays bitwise equal.
 
 P2P: every send is an ``isend`` nobody waits on until the step ends; a rank blocks only on the receive
-its next op needs. So the executor stalls exactly when ``parallel.simulate`` reports a deadlock, and
+its next op needs. Sends and receives between a pair go out in one order both ranks derive from the
+schedule (``parallel.p2p_model``), the order NCCL — which ignores tags — needs to match them. So the executor stalls exactly when ``parallel.simulate`` reports a deadlock, and
 gloo cannot hang on send ordering. A dead peer surfaces as an error from gloo's receive timeout.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.faults import PeerError, fault_point, first_line as _first_line
+from parallel.p2p_model import ChannelCursor, pair_orders
 from parallel.schedules import Msg, Op, layout, schedule
 from parallel.weight_grad import backward_input
 
@@ -84,19 +86,13 @@ class Pipeline:
             self._copy_groups[hs] = pg if self.rank in hs else None
 
     def set_num_chunks(self, num_chunks: int) -> None:
-        """This rank's ops for ``num_chunks`` micro-batches per step, and the order in which each peer
-        sends to it (its ``recv_order``): receives are posted in that order, so a pair's messages match
-        by position as NCCL matches them (it ignores tags), whatever order this rank needs them in."""
+        """This rank's ops for ``num_chunks`` micro-batches per step, and per peer the one order of calls
+        (sends and receives) on the channel to it that NCCL can match: NCCL ignores tags and runs a pair's
+        calls in both directions as one FIFO, so both ranks issue them in the same order
+        (``parallel.p2p_model.pair_orders``, proved deadlock-free there)."""
         self.num_chunks = num_chunks
         self.ops = schedule(self.kind, self.rank, self.num_ranks, num_chunks)
-        self.recv_order: dict[int, list[tuple]] = {}
-        for peer in range(self.num_ranks):
-            if peer == self.rank:
-                continue
-            keys = [m.key for op in schedule(self.kind, peer, self.num_ranks, num_chunks) for m in op.sends
-                    if m.peer == self.rank]
-            if keys:
-                self.recv_order[peer] = keys
+        self.channel_orders = pair_orders(self.kind, self.num_ranks, num_chunks)[self.rank]
 
     # ------------------------------------------------------------------------------ a step
     def step(self, microbatches: Sequence[dict]) -> list[Optional[torch.Tensor]]:
@@ -110,8 +106,10 @@ class Pipeline:
         self.saved: dict[tuple[int, int], tuple] = {}    # (pipe stage, mb) -> (input, output)
         self.wqueue: deque = deque()                     # (pipe stage, mb, weight-grad closure), FIFO
         self.pending_sends: list = []
-        self.posted: dict[tuple, tuple] = {}             # receives posted ahead, in the sender's order
-        self.next_recv = {peer: 0 for peer in self.recv_order}
+        self.posted: dict[tuple, tuple] = {}             # receives posted ahead, in the channel order
+        self.cursor = ChannelCursor(self.channel_orders)
+        for peer in self.channel_orders:
+            self._post_receives(peer)
         for op in self.ops:
             self._run(op)
         for work, _ in self.pending_sends:
@@ -120,6 +118,7 @@ class Pipeline:
             except RuntimeError as e:
                 raise PeerError(f"pipeline send on rank {dist.get_rank()} failed: {_first_line(e)}") from e
         assert not self.saved and not self.wqueue and not self.inbox and not self.posted, "schedule left state behind"
+        assert self.cursor.finished(), "a channel's calls were not all issued"
         self.pending_sends = []
         return self.losses
 
@@ -203,17 +202,18 @@ class Pipeline:
         self._backward(op.b)
 
     # --------------------------------------------------------------------------------- P2P
-    def _irecv(self, m: Msg):
-        """The receive of ``m``: every receive from its sender up to ``m`` is posted first, in the order
-        the sender sends them (``recv_order``), so matching by position pairs the right messages."""
-        order, peer = self.recv_order[m.peer], dist.get_global_rank(self.group, m.peer)
-        while m.key not in self.posted:
-            i = self.next_recv[m.peer]
-            if i >= len(order):
-                raise RuntimeError(f"rank {self.rank} expects {m} from rank {m.peer}, which never sends it")
+    def _post_receives(self, peer: int) -> None:
+        """Posts the receives from ``peer`` that come before this rank's next send to it on the channel."""
+        src = dist.get_global_rank(self.group, peer)
+        for key in self.cursor.receives_due(peer):
             buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
-            self.posted[order[i]] = (dist.irecv(buf, peer, group=self.group, tag=P2P_TAG), buf)
-            self.next_recv[m.peer] = i + 1
+            self.posted[key] = (dist.irecv(buf, src, group=self.group, tag=P2P_TAG), buf)
+
+    def _irecv(self, m: Msg):
+        """The receive of ``m``, posted earlier in the channel order (every message ahead of it on the
+        channel came from an op that ran before this one, so it is always posted by now)."""
+        if m.key not in self.posted:
+            raise RuntimeError(f"rank {self.rank} needs {m} before its receive was posted: channel order broken")
         return self.posted.pop(m.key)
 
     def _isend(self, m: Msg) -> None:
@@ -228,6 +228,8 @@ class Pipeline:
             raise PeerError(f"pipeline send of {m.what} {m.src}->{m.dst} mb {m.mb} to rank {m.peer} failed: "
                             f"{_first_line(e)}") from e
         self.pending_sends.append((work, t))
+        self.cursor.sent(m.peer, m.key)
+        self._post_receives(m.peer)
         fault_point("p2p")   # DSV3_FAULT=p2p:step:rank dies with this send in flight
 
     # ------------------------------------------------------------------------ copies

@@ -36,8 +36,9 @@ def _worker(rank, world, port, kind, C, out_dir, die_rank):
     from parallel.pipeline import Pipeline
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))
+    calls = _ignore_tags(dist)
     try:
-        result = {}
+        result = {"p2p_calls": calls}
         mbs = toy_microbatches(C, B, T, VOCAB)
         for dtype in (torch.float32, torch.float64):
             model = _model(dtype)
@@ -61,6 +62,30 @@ def _worker(rank, world, port, kind, C, out_dir, die_rank):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _ignore_tags(dist) -> dict:
+    """NCCL ignores P2P tags: every point-to-point entry point of torch.distributed is patched to tag 0,
+    so gloo matches a pair's messages by posting order as NCCL does. Returns the call counts."""
+    calls = {}
+
+    def wrap(name):
+        orig = getattr(dist, name)
+
+        def patched(*args, **kw):
+            calls[name] = calls.get(name, 0) + 1
+            kw.pop("tag", None)
+            return orig(*args, **kw, tag=0)
+        setattr(dist, name, patched)
+    for name in ("isend", "irecv", "send", "recv"):
+        wrap(name)
+    orig_op = dist.P2POp
+
+    def p2pop(op, tensor, peer=None, group=None, tag=0, **kw):
+        calls["P2POp"] = calls.get("P2POp", 0) + 1
+        return orig_op(op, tensor, peer, group, 0, **kw)
+    dist.P2POp = p2pop
+    return calls
 
 
 def _spawn(kind, world, C, tmp_path, die_rank=-1, timeout=150):
@@ -112,6 +137,7 @@ def test_pipeline_matches_single_process(kind, world, C, tmp_path):
     results = _spawn(kind, world, C, tmp_path)
     for r, res in enumerate(results):
         assert res is not None and "error" not in res, f"rank {r}: {res}"
+        assert res.pop("p2p_calls").get("isend", 0) > 0, f"rank {r}: the tag-ignoring isend was never called"
     ref = _reference(C)
     for key, expect in ref.items():
         dtype, step = key
