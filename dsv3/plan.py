@@ -28,8 +28,18 @@ RESERVE = {"CUDA context + cuBLAS workspace": 1.0,
            "DeepEP all-to-all buffers": 2.0}
 FRAGMENTATION = 0.05      # of the GPU's memory, PyTorch caching-allocator slack (assumed)
 MAXVIO_SWEEP = (0.0, src.MAXVIO_DEFAULT.value, 0.1, 0.2, 0.5, 1.0)
-REMEDIES = ("more pipeline stages (--pp), more expert parallelism (--ep), train.recompute=true, "
-            "a smaller train.micro_batch_size, or a GPU with more memory (--gpu)")
+
+
+def remedies(cfg: Config) -> str:
+    """What to change when a layout does not fit, leaving out what the config already does."""
+    out = ["more pipeline stages (--pp)", "more expert parallelism (--ep)"]
+    if not cfg.train.recompute:
+        out.append("train.recompute=true")
+    if cfg.train.micro_batch_size > 1:
+        out.append("a smaller train.micro_batch_size")
+    elif cfg.data.seq_len > 1024:
+        out.append("shorter micro-batches (train.micro_batch_size is 1: data.seq_len)")
+    return ", ".join(out) + ", or a GPU with more memory (--gpu)"
 
 
 @dataclass
@@ -214,7 +224,7 @@ def main(argv=None) -> int:
         if args.search:
             found = search(cfg, args.gpus, args.gpu, args.maxvio, args.reserve_gib)
             if not found:
-                raise ConfigError(f"no layout of {args.gpus} × {args.gpu} fits this config in memory: {REMEDIES}")
+                raise ConfigError(f"no layout of {args.gpus} × {args.gpu} fits this config in memory: try {remedies(cfg)}")
             print(f"layouts of {args.gpus} × {found[0].gpu.name} that fit, cheapest expected first:")
             for p in found:
                 r = p.rates(p.expected)
@@ -235,7 +245,7 @@ def main(argv=None) -> int:
         print(report(cfg, p, sweep))
         if not p.fits:
             raise ConfigError(f"memory: pipeline rank {p.memory_rank} needs {p.total_bytes / GIB:.1f} GiB + reserve "
-                              f"{p.reserve / GIB:.1f} GiB > {p.gpu.hbm_gib:.1f} GiB on {p.gpu.name}; try {REMEDIES}")
+                              f"{p.reserve / GIB:.1f} GiB > {p.gpu.hbm_gib:.1f} GiB on {p.gpu.name}; try {remedies(cfg)}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
