@@ -148,8 +148,8 @@ def report(cfg: Config, p: Plan, maxvio_sweep: list) -> str:
     lines.append(f"step (busiest pipeline rank {p.expected['busiest']}): ideal {p.ideal['total']:.2f} s, "
                  f"expected {p.expected['total']:.2f} s")
     lines.append("factors (applied in order; Δ = change of the step time):")
-    for key, label, total, delta in p.factors:
-        lines.append(f"  {delta:+8.2f} s → {total:7.2f} s  {label}  [{FACTOR_SOURCES[key]}]")
+    for i, (key, label, total, delta) in enumerate(p.factors, 1):
+        lines.append(f"  {delta:+8.2f} s → {total:7.2f} s  {label} [{i}]")
     ex = p.expected
     lines.append(f"expected parts: compute {ex['compute']:.2f} s (of which exposed all-to-all {ex['exposed']:.2f} s of "
                  f"{ex['comm']:.2f} s), bubble {ex['bubble']:.2f} s, P2P {ex['p2p']:.2f} s, ZeRO + optimizer {ex['zero']:.2f} s")
@@ -172,6 +172,7 @@ def report(cfg: Config, p: Plan, maxvio_sweep: list) -> str:
     lines.append(f"reserve: {', '.join(f'{k} {v:g} GiB' for k, v in RESERVE.items())}, fragmentation "
                  f"{100 * FRAGMENTATION:g}% of memory (assumed; --reserve-gib sets the total)")
     lines.append(f"peaks: {p.gpu.source}")
+    lines.append("sources: " + "\n         ".join(f"[{i}] {FACTOR_SOURCES[k]}" for i, (k, *_) in enumerate(p.factors, 1)))
     return "\n".join(lines)
 
 
