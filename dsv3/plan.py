@@ -56,6 +56,7 @@ class Plan:
     model_flops: float = 0.0    # per token
     hw_flops: float = 0.0
     tokens_per_step: int = 0
+    micro_batch: int = 1
 
     @property
     def total_bytes(self) -> float:
@@ -73,6 +74,10 @@ class Plan:
                     mfu_fp8=tok * self.model_flops / (self.gpu.fp8_dense_tflops * 1e12),
                     hfu_bf16=tok * self.hw_flops / (self.gpu.bf16_dense_tflops * 1e12),
                     gpu_hours_per_t=1e12 / tok / 3600)
+
+
+def _hours(h: float) -> str:
+    return f"{h / 1e3:,.0f}K" if h >= 1e4 else f"{h:,.0f}"
 
 
 def check_layout(cfg: Config, gpus: int, pp: int, ep: int, dp: int, micro_batch: int, global_batch: int) -> None:
@@ -116,7 +121,7 @@ def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int, global_bat
         prev = cur["total"]
     model, hw = model_flops_per_token(cfg, ctx)
     return Plan((pp, dp, ep), g, states[r], acts[r], reserve, r, ideal, cur, rows, model, hw,
-                gb * cfg.data.seq_len)
+                gb * cfg.data.seq_len, mb)
 
 
 def is_report_config(cfg: Config) -> bool:
@@ -140,7 +145,7 @@ def report(cfg: Config, p: Plan, maxvio_sweep: list) -> str:
     s, G = p.state, GIB
     lines = [f"layout: {pp * dp} × {p.gpu.name}  PP{pp} × DP{dp}, EP{ep} (expert-DP {dp // ep}), "
              f"schedule {cfg.parallel.pp_schedule if pp > 1 else 'none'}, ZeRO-1, micro-batch "
-             f"{p.tokens_per_step // cfg.data.seq_len and cfg.train.micro_batch_size} × {cfg.data.seq_len} tokens",
+             f"{p.micro_batch} × {cfg.data.seq_len} tokens, global batch {p.tokens_per_step // cfg.data.seq_len}",
              f"busiest memory: pipeline rank {p.memory_rank} (model stages {s['stages']}), {s['n_params'] / 1e9:.2f}B parameters",
              f"memory per GPU: params {s['params'] / G:.1f} GiB | grads {s['grads'] / G:.1f} GiB | optimizer "
              f"{s['optimizer'] / G:.1f} GiB | activations {p.activations / G:.1f} GiB | total {p.total_bytes / G:.1f} GiB "
@@ -158,12 +163,12 @@ def report(cfg: Config, p: Plan, maxvio_sweep: list) -> str:
         lines.append(f"{name:8s}: {r['tok_s_gpu']:,.0f} tokens/s/GPU | {r['tflops']:.0f} model TFLOPS/GPU | "
                      f"MFU {100 * r['mfu_bf16']:.1f}% of BF16 dense peak ({p.gpu.bf16_dense_tflops:g} TFLOPS), "
                      f"{100 * r['mfu_fp8']:.1f}% of FP8 dense peak ({p.gpu.fp8_dense_tflops:g}) | HFU "
-                     f"{100 * r['hfu_bf16']:.1f}% of BF16 | {r['gpu_hours_per_t'] / 1e3:,.0f}K GPU-hours per trillion tokens")
+                     f"{100 * r['hfu_bf16']:.1f}% of BF16 | {_hours(r['gpu_hours_per_t'])} GPU-hours per trillion tokens")
     lines.append(f"model FLOPs per token {p.model_flops / 1e9:.1f} G (forward + backward, attention and MTP included); "
                  f"with recompute {p.hw_flops / 1e9:.1f} G")
     if maxvio_sweep:
         lines.append("expected GPU-hours per trillion tokens by MaxVio (EP straggler): " + ", ".join(
-            f"{v:g} → {h / 1e3:,.0f}K" for v, h in maxvio_sweep))
+            f"{v:g} → {_hours(h)}" for v, h in maxvio_sweep))
     if is_report_config(cfg):
         e = p.rates(p.expected)["gpu_hours_per_t"]
         lines.append(f"DeepSeek-V3 report (H800): {src.REPORT_GPU_HOURS_PER_T.value / 1e3:.0f}K GPU-hours per trillion "
@@ -176,18 +181,25 @@ def report(cfg: Config, p: Plan, maxvio_sweep: list) -> str:
     return "\n".join(lines)
 
 
-def search(cfg: Config, gpus: int, gpu: str, maxvio: float, reserve_gib: float | None) -> list[Plan]:
+def search(cfg: Config, gpus: int, gpu: str, maxvio: float, reserve_gib: float | None,
+           global_batch: int | None = None, micro_batch: int | None = None) -> list[Plan]:
     """Every (pp, ep) layout of ``gpus`` the trainer can run that fits, cheapest expected GPU-hours first."""
-    out = []
+    out, runnable, why = [], 0, None
     for pp in [d for d in range(1, gpus + 1) if gpus % d == 0]:
         dp = gpus // pp
         for ep in [e for e in range(1, dp + 1) if dp % e == 0]:
             try:
-                p = plan(cfg, gpus, gpu, pp, ep, dp, maxvio=maxvio, reserve_gib=reserve_gib)
-            except ConfigError:
+                p = plan(cfg, gpus, gpu, pp, ep, dp, global_batch, micro_batch, maxvio, reserve_gib)
+            except ConfigError as e:
+                why = why or e
                 continue
+            runnable += 1
             if p.fits:
                 out.append(p)
+    if not runnable:
+        raise ConfigError(f"no layout of {gpus} GPUs can run this config (e.g. {why}): change --gpus or the batch")
+    if not out:
+        raise ConfigError(f"none of the {runnable} layouts of {gpus} × {gpu} fits in memory: try {remedies(cfg)}")
     return sorted(out, key=lambda p: p.rates(p.expected)["gpu_hours_per_t"])
 
 
@@ -206,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ep", type=int, help="expert-parallel size, a divisor of dp (default: the config's parallel.ep)")
     ap.add_argument("--dp", type=int, help="data-parallel replicas (default: gpus / pp)")
     ap.add_argument("--batch-sequences", type=int, help="global batch in sequences (default: train.global_batch)")
+    ap.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: train.micro_batch_size)")
     ap.add_argument("--maxvio", type=float, default=src.MAXVIO_DEFAULT.value,
                     help=f"expert load MaxVio for the EP straggler factor (default {src.MAXVIO_DEFAULT.value:g}: "
                          "Wang et al. 2024 Table 2, loss-free balancing)")
@@ -213,7 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--search", action="store_true", help="list every layout of --gpus that fits, cheapest first")
     try:
         args = ap.parse_args(argv)
-        for flag in ("gpus", "pp", "ep", "dp", "batch_sequences"):
+        for flag in ("gpus", "pp", "ep", "dp", "batch_sequences", "micro_batch"):
             _positive(flag.replace("_", "-"), getattr(args, flag))
         if args.maxvio < 0:
             raise ConfigError(f"--maxvio {args.maxvio}: expected ≥ 0")
@@ -223,25 +236,24 @@ def main(argv=None) -> int:
             raise ConfigError(f"--gpu: {e.args[0]}") from None
         cfg = load_config(args.config)
         if args.search:
-            found = search(cfg, args.gpus, args.gpu, args.maxvio, args.reserve_gib)
-            if not found:
-                raise ConfigError(f"no layout of {args.gpus} × {args.gpu} fits this config in memory: try {remedies(cfg)}")
+            found = search(cfg, args.gpus, args.gpu, args.maxvio, args.reserve_gib, args.batch_sequences,
+                           args.micro_batch)
             print(f"layouts of {args.gpus} × {found[0].gpu.name} that fit, cheapest expected first:")
             for p in found:
                 r = p.rates(p.expected)
                 print(f"  PP{p.layout[0]:<3d} DP{p.layout[1]:<5d} EP{p.layout[2]:<4d} memory {p.total_bytes / GIB:6.1f} GiB  "
-                      f"expected {r['gpu_hours_per_t'] / 1e3:,.0f}K GPU-hours/T, MFU {100 * r['mfu_bf16']:.1f}% BF16")
+                      f"expected {_hours(r['gpu_hours_per_t'])} GPU-hours/T, MFU {100 * r['mfu_bf16']:.1f}% BF16")
             return 0
         pp = args.pp if args.pp is not None else cfg.parallel.pp
         ep = args.ep if args.ep is not None else cfg.parallel.ep
         if args.dp is None and args.gpus % pp:
             raise ConfigError(f"--gpus {args.gpus} is not a multiple of pp={pp}: change --gpus or --pp")
         dp = args.dp if args.dp is not None else args.gpus // pp
-        p = plan(cfg, args.gpus, args.gpu, pp, ep, dp, args.batch_sequences, maxvio=args.maxvio,
-                 reserve_gib=args.reserve_gib)
+        p = plan(cfg, args.gpus, args.gpu, pp, ep, dp, args.batch_sequences, args.micro_batch, args.maxvio,
+                 args.reserve_gib)
         sweep = []
         for v in MAXVIO_SWEEP:
-            q = plan(cfg, args.gpus, args.gpu, pp, ep, dp, args.batch_sequences, maxvio=v, reserve_gib=args.reserve_gib)
+            q = plan(cfg, args.gpus, args.gpu, pp, ep, dp, args.batch_sequences, args.micro_batch, v, args.reserve_gib)
             sweep.append((v, q.rates(q.expected)["gpu_hours_per_t"]))
         print(report(cfg, p, sweep))
         if not p.fits:

@@ -274,10 +274,11 @@ def step(ctx: Ctx, on: set, rank_params: list[dict]) -> dict:
     zero = 0.0
     if "zero" in on:
         rp = rank_params[busiest]
-        for n, world in ((rp["n_dense"], ctx.dp), (rp["n_expert"], ctx.dp // ctx.ep if ctx.ep > 1 else ctx.dp)):
-            if world > 1:
-                bw = (src.IB_GBS.value if world * (ctx.ep if n is rp["n_dense"] else 1) > GPUS_PER_NODE
-                      else ctx.gpu.nvlink_gbs / 2) * 1e9
+        edp = ctx.dp // ctx.ep if ctx.ep > 1 else ctx.dp
+        # (parameters, group size, ranks the group spans): DP = consecutive ranks, expert-DP = stride ep
+        for n, world, span in ((rp["n_dense"], ctx.dp, ctx.dp), (rp["n_expert"], edp, edp * ctx.ep)):
+            if world > 1:   # ring: FP32 gradients reduce-scattered, BF16 parameters all-gathered
+                bw = (src.IB_GBS.value if span > GPUS_PER_NODE else ctx.gpu.nvlink_gbs / 2) * 1e9
                 zero += (4 + 2) * n * (world - 1) / world / bw
         moment = 2 if cfg.train.bf16_moments else 4
         zero += (rp["optimizer"] / (4 + 2 * moment) * (14 + 4 * moment) + 4 * rp["n_params"]) / _hbm_rate(ctx)

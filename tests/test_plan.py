@@ -166,3 +166,14 @@ def test_no_report_comparison_for_other_configs(capsys):
     main([LITE, "--gpus", "8", "--gpu", "h100", "--pp", "1", "--ep", "8", "--batch-sequences", "64"])
     out = capsys.readouterr().out
     assert "ideal" in out and "DeepSeek-V3 report (H800)" not in out and "180K" not in out and "2.664M" not in out
+
+
+def test_search_lists_fitting_layouts_cheapest_first():
+    from dsv3.plan import search
+    cfg = load_config(DEBUG)
+    found = search(cfg, 8, "h800", 0.04, None, global_batch=64, micro_batch=2)
+    hours = [p.rates(p.expected)["gpu_hours_per_t"] for p in found]
+    assert hours == sorted(hours) and all(p.fits for p in found)
+    # every (pp, ep) the trainer can run on 8 GPUs: pp ∈ {1, 2, 4} (4 layers), ep | dp and ep | 16 experts
+    assert {p.layout for p in found} == {(1, 8, 1), (1, 8, 2), (1, 8, 4), (1, 8, 8), (2, 4, 1), (2, 4, 2),
+                                         (2, 4, 4), (4, 2, 1), (4, 2, 2)}
