@@ -106,6 +106,8 @@ class FP8Config:
     backend: Literal["auto", "triton", "torch"] = "auto"
     block: int = 128
     dispatch: bool = True                    # MoE dispatch in FP8 with power-of-2 scales
+    cache_wo_e5m6: bool = True               # wo's input cached in E5M6, power-of-2 scales (report §3.3.3)
+    cache_swiglu_fp8: bool = True            # MoE SwiGLU input cached in FP8, output recomputed (report §3.3.3)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: BF16 on CUDA and CPUs with native BF16, else FP32 (dsv3/runtime.py)
     bf16_moments: bool = False
     recompute: bool = False
     seed: int = 0
@@ -185,6 +187,10 @@ class TrainConfig:
     eval_batches: int = 8
     sample_tokens: int = 48
     sample_prompt: str = "def "
+    peak_tflops: Optional[float] = None      # MFU denominator per device; None = the hardware table / computed CPU peak
+    profile_steps: list[int] = field(default_factory=list)   # [a, b]: torch.profiler trace of steps a..b into RUN/profile
+    wandb: Optional[str] = None              # W&B project: log the TensorBoard scalars there too (the [wandb] extra)
+    loss_curve: bool = True                  # write RUN/loss_curve.png at the end of the run
 
 
 @dataclass(frozen=True)
@@ -449,6 +455,12 @@ def _check_ranges(cfg: "Config") -> None:
     for ok, msg in ranges:
         if not ok:
             raise ConfigError(msg)
+    ps = cfg.train.profile_steps
+    if ps and (len(ps) != 2 or not 1 <= ps[0] <= ps[1] <= cfg.train.steps):
+        raise ConfigError(f"train.profile_steps must be [a, b] with 1 <= a <= b <= train.steps={cfg.train.steps}, "
+                          f"got {list(ps)}")
+    if cfg.train.peak_tflops is not None and not cfg.train.peak_tflops > 0:
+        raise ConfigError(f"train.peak_tflops must be > 0 TFLOPS per device, got {cfg.train.peak_tflops}")
 
 
 def _layout_checks(cfg: "Config") -> list[tuple[bool, str]]:

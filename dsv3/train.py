@@ -32,8 +32,9 @@ from dsv3.moe import max_violation
 from dsv3.optim import build_optimizer, clip_grad_norm
 from dsv3.params import count_params
 from dsv3.run_dir import RunLock, clear_for_fresh_run, has_checkpoints, truncate_metrics
+from dsv3.runtime import choose_dtype, gpu_speed_defaults, peak_flops, region
 from dsv3.stops import Interrupted, StopRequests, exit_code, raise_on_signal, restore
-from dsv3.train_log import StepLogger, measure_matmul_flops, step_line
+from dsv3.train_log import StepLogger, final_line, step_line
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug.yaml")
 
@@ -107,18 +108,64 @@ def flops_per_token(cfg: Config, activated_no_embed: int) -> float:
     return 6.0 * activated_no_embed + attn
 
 
-def run_setup(cfg: Config, env: "Dist", data: Dataset, step: int, layout: str = ""):
-    """What every training loop needs before its first step: FLOPs per token and the measured peak for
-    MFU, the autocast context, and the step logger (which prints the run's one-line summary)."""
+def run_setup(cfg: Config, env: "Dist", data: Dataset, step: int, layout: str = "", resumed: Optional[str] = None):
+    """What every training loop needs before its first step: FLOPs per token and the peak for MFU (None:
+    unknown GPU), the autocast context, and the step logger; prints the start-up block on rank 0."""
     t = cfg.train
     counts = count_params(cfg.model)
     fpt = flops_per_token(cfg, counts.activated_no_embed)
-    peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, env.device.type) * env.world
-    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if t.dtype == "bf16" else nullcontext
-    log = StepLogger(t.out_dir, t.steps, step, enabled=env.rank == 0)
-    log.print(f"model: {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated | "
-              f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens | world {env.world}{layout}")
+    dtype, why = choose_dtype(t.dtype, env.device)
+    gpu_speed_defaults(env.device)
+    peak, peak_name = peak_flops(env.device, dtype, env.world, t.peak_tflops, cfg.fp8.enabled)
+    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if dtype == "bf16" else nullcontext
+    log = StepLogger(t.out_dir, t.steps, step, enabled=env.rank == 0, wandb_project=t.wandb,
+                     config=to_dict(cfg))
+    pc = cfg.parallel
+    device = (f"{env.device} ({torch.cuda.get_device_name(env.device)})" if env.device.type == "cuda"
+              else f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)")
+    fp8 = "off"
+    if cfg.fp8.enabled:
+        from triton_kernels.backend import resolve_backend
+        fp8 = f"on, backend {resolve_backend(cfg.fp8.backend, env.device)} (fp8.backend={cfg.fp8.backend})"
+    sched = pc.pp_schedule if pc.pp > 1 else "none"
+    for line in (
+            f"device   {device}",
+            f"dtype    {dtype}: {why}",
+            f"fp8      {fp8}",
+            f"layout   world {env.world}: PP {pc.pp} x DP {env.world // pc.pp} (EP {pc.ep} inside DP), "
+            f"schedule {sched}{layout}",
+            f"model    {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated",
+            f"data     {cfg.data.path or 'embedded corpus'}: {data.n_train_tokens:,} train / {data.n_val_tokens:,} "
+            f"val tokens, tokenizer {cfg.data.tokenizer} (vocab {cfg.model.vocab_size}), seq_len {cfg.data.seq_len}",
+            f"run      {t.out_dir} ({f'resumed from {resumed} at step {step}' if resumed else 'fresh start'})",
+            f"MFU      of {peak_name}"):
+        log.print(line)
     return fpt, peak, autocast, log
+
+
+def _profiler(cfg: Config, env: "Dist"):
+    """``train.profile_steps=[a, b]``: a torch.profiler schedule recording steps a..b (1-based), its Chrome
+    trace and top-ops table written into RUN/profile/ when b ends. None when unset."""
+    steps = cfg.train.profile_steps
+    if not steps:
+        return None
+    a, b = steps
+    out = os.path.join(cfg.train.out_dir, "profile")
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if env.device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+
+    def ready(prof) -> None:
+        os.makedirs(out, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(out, f"trace_rank{env.rank}.json"))
+        sort = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
+        with open(os.path.join(out, f"top_ops_rank{env.rank}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+    # the profiler steps once per training step from the run's first step: skip to a (one warm-up step before it)
+    warm = 1 if a > 1 else 0
+    return torch.profiler.profile(activities=acts, record_shapes=True, on_trace_ready=ready,
+                                  schedule=torch.profiler.schedule(wait=a - 1 - warm, warmup=warm,
+                                                                   active=b - a + 1, repeat=1))
 
 
 def evaluate(model: Transformer, data: Dataset, cfg: Config, autocast,
@@ -283,27 +330,28 @@ class LocalSteps:
         C = rows.shape[0] // t.micro_batch_size
         model.mtp_weight = mtp_weight
         model.set_aux_loss_scale(1.0 / C)
-        sums = dict(loss=0.0, lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
+        names = ("loss", "lm_loss", "mtp_loss", "balance_loss")
+        parts = torch.zeros(len(names), dtype=torch.float64, device=env.device)   # synced once per step
         for micro, batch in enumerate(rows.split(t.micro_batch_size)):
-            with autocast():
+            with region("forward"), autocast():
                 out = model(batch[:, :-1], labels=batch[:, 1:])
-            (out.loss / C).backward()
+            with region("backward"):
+                (out.loss / C).backward()
             monitor.after_forward(C)
             if micro == 0:
                 fault_point("micro")
-            for k in sums:
-                sums[k] += float(getattr(out, k).detach()) / C
-        env.all_reduce_([p.grad for p in self.params if p.grad is not None], average=True)
-        if env.world > 1:  # the global batch's losses, not this rank's slice
-            logged = torch.tensor(list(sums.values()), dtype=torch.float64, device=env.device)
-            env.all_reduce_([logged], average=True)
-            sums = dict(zip(sums, logged.tolist()))
+            parts += torch.stack([getattr(out, k).detach().double() for k in names]) / C
+        with region("grad all-reduce"):
+            env.all_reduce_([p.grad for p in self.params if p.grad is not None], average=True)
+            env.all_reduce_([parts], average=True)   # the global batch's losses, not this rank's slice
+        sums = dict(zip(names, parts.tolist()))
         grad_norm = clip_grad_norm(self.params, t.grad_clip)
         ok = may_step(sums["loss"], grad_norm)
         if ok:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.step()
+            with region("optimizer"):
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loads = model.expert_loads()
         env.all_reduce_(loads + monitor.histograms, average=False)
@@ -344,7 +392,15 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
         if rank0:
             print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
     _commit_run_dir(cfg, env, data, step)
-    fpt, peak, autocast, log = run_setup(cfg, env, data, step, steps.layout)
+    fpt, peak, autocast, log = run_setup(cfg, env, data, step, steps.layout, resumed=ckpt)
+    if t.profile_steps and t.profile_steps[0] <= step:
+        raise UserError(f"train.profile_steps={list(t.profile_steps)}: the run resumes at step {step}, after step "
+                        f"{t.profile_steps[0]}; profile later steps")
+    prof = _profiler(cfg, env)
+    if prof is not None:
+        prof.__enter__()
+        for _ in range(step):   # a resumed run: the schedule counts from step 1
+            prof.step()
     sched = Schedule(cfg, steps.dp, cfg.parallel.pp if steps.pp > 1 else 1, cfg.parallel.pp_schedule)
     model = steps.eval_model
     monitor = steps.balance_monitor()
@@ -367,8 +423,10 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
                 loads, skipped = stats.pop("loads"), stats.pop("skipped")
                 maxvio = [max_violation(load) for load in loads]
                 dt = time.perf_counter() - t0
+                if prof is not None:
+                    prof.step()
                 record = dict(step=step, tokens=tokens, **stats, lr=lr, sequences=rows.shape[0] * steps.dp,
-                              tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak,
+                              tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak if peak else None,
                               maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
                               maxvio=maxvio)
                 record.update(monitor.step_fields(loads))
@@ -399,13 +457,18 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
         ent = data.val_unigram_entropy()
         domain = monitor.take_domain_loads()
         log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent, **domain), advance=False)
-        log.print(f"validation loss {val:.4f} nats/token | validation unigram entropy {ent:.4f} nats/token "
-                  f"| gap {ent - val:+.4f}")
+        log.print(final_line(val, ent))
         if model is not None:   # generation needs the whole model on a rank: not under a pipeline
             log.print(f"sample: {sample_text(model, data, cfg)!r}")
         result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
+        log.close()
+        if rank0 and t.loss_curve:
+            from dsv3.plots import loss_curve
+            loss_curve(os.path.join(t.out_dir, "metrics.jsonl"))
         return result
     finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
         log.close()
 
 

@@ -17,20 +17,7 @@ from typing import Optional
 
 import torch
 
-
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 512) -> float:
-    """Peak-ish matmul rate of this machine at start-up (FLOP/s), the MFU denominator."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(2):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
-        a @ b
-        reps += 1
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+from dsv3.errors import UserError
 
 
 # per-layer fields that hold counts per value (index = value), not samples
@@ -38,13 +25,23 @@ COUNT_HISTOGRAMS = ("groups_per_token",)
 
 
 class StepLogger:
-    def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+    def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 wandb_project: Optional[str] = None, config: Optional[dict] = None):
         self.enabled = enabled
         self.bar = None
         self.tb = None
         self.jsonl = None
+        self.wandb = None
         if not enabled:
             return
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError(f"train.wandb={wandb_project}: wandb is not installed; pip install 'dsv3[wandb]' "
+                                "(or leave train.wandb unset)") from None
+            self.wandb = wandb.init(project=wandb_project, dir=run_dir, config=config or {},
+                                    resume="allow", name=os.path.basename(os.path.abspath(run_dir)))
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         if sys.stdout.isatty():
             from tqdm import tqdm
@@ -69,21 +66,21 @@ class StepLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
+            for k, v in scalars(record).items():
+                self.tb.add_scalar(k, v, record["step"])
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-                elif isinstance(v, list):
-                    self._tb_per_layer(k, v, record["step"])
+                if isinstance(v, list):
+                    self._tb_histograms(k, v, record["step"])
+        if self.wandb is not None:   # the same scalars as TensorBoard
+            self.wandb.log(scalars(record), step=record["step"])
         if line:
             self.print(line)
         if self.bar is not None and advance:
             self.bar.update(1)
 
-    def _tb_per_layer(self, key: str, values: list, step: int) -> None:
+    def _tb_histograms(self, key: str, values: list, step: int) -> None:
         for i, v in enumerate(values):
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{key}/layer{i}", v, step)
-            elif isinstance(v, list) and v and key in COUNT_HISTOGRAMS:
+            if isinstance(v, list) and v and key in COUNT_HISTOGRAMS:
                 # v[g] = how many tokens took value g: write the exact histogram
                 total = sum(v)
                 if total:
@@ -97,18 +94,38 @@ class StepLogger:
                 self.tb.add_histogram(f"{key}/layer{i}", torch.tensor(v, dtype=torch.float64), step)
 
     def close(self) -> None:
+        """Closes every sink once (safe to call again)."""
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.bar = self.tb = self.jsonl = self.wandb = None
+        self.enabled = False
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The record's scalars as TensorBoard and W&B get them: numbers by name, a per-layer list ``k`` as
+    ``k/layer{i}`` (lists of lists are histograms, TensorBoard only)."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, bool) or k == "step":
+            continue
+        if isinstance(v, (int, float)):
+            out[k] = v
+        elif isinstance(v, list):
+            out.update({f"{k}/layer{i}": x for i, x in enumerate(v) if isinstance(x, (int, float))})
+    return out
 
 
 def step_line(r: dict, total_steps: int) -> str:
+    mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.2f}%"
     return (f"step {r['step']:>5}/{total_steps} | loss {r['loss']:.4f} (lm {r['lm_loss']:.4f} "
             f"mtp {r['mtp_loss']:.4f} bal {r['balance_loss']:.2e}) | lr {r['lr']:.2e} | "
-            f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.2f}% | "
+            f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {mfu} | "
             f"maxvio {r['maxvio_mean']:.3f}/{r['maxvio_max']:.3f}")
 
 
