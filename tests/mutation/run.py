@@ -8,9 +8,11 @@ test that caught it. Not part of the suite (tests/conftest.py ignores this folde
     .venv/bin/python tests/mutation/run.py --list
 
 The copy lives under /tmp (the working tree is never touched); ``.cache`` (prepared data) is linked
-into it. First the named tests run once unmutated (a test that already fails would make every mutation
-look caught); a mutation whose ``old`` text is not found exactly once is reported as such, not run.
-Exit status 0 when every mutation was applied and caught, 1 otherwise.
+into it. A test that already fails would make a mutation look caught, so after the mutations every test
+that caught one runs once more on the unmutated copy (one pytest run) and must pass; ``--full-baseline``
+instead runs all named tests unmutated first (slower: every test of every named file). A mutation whose
+``old`` text is not found exactly once is reported as such, not run. Exit status 0 when every mutation
+was applied and caught, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", default=None, help="mutation ids")
     ap.add_argument("--worktree", action="store_true", help="copy the working tree (default: HEAD)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per test run")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the named tests")
+    ap.add_argument("--full-baseline", action="store_true", help="run all named tests unmutated first")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     copy = make_copy(a.worktree)
     print(f"copy of {'the working tree' if a.worktree else 'HEAD'} in {copy}; {len(chosen)} mutations", flush=True)
     try:
-        if not a.no_baseline:
+        if a.full_baseline:
             tests = sorted({t for m in chosen for t in m["tests"]})
             rc, out, dt = run_tests(copy, tests, a.timeout * 2, stop_first=False)
             print(f"baseline (unmutated, {len(tests)} test targets): {'pass' if rc == 0 else 'FAIL'} in {dt:.0f} s",
@@ -117,7 +119,16 @@ def main(argv=None) -> int:
                     status, by = "caught", first_failure(out)
             rows.append((m, status, by, dt))
             print(f"{m['id']:34} {m['area']:14} {status:17} {dt:5.0f} s  {by}", flush=True)
-        caught = sum(s.startswith("caught") for _, s, _, _ in rows)
+        catchers = sorted({by for _, s, by, _ in rows if s == "caught" and by != "?"})
+        if catchers and not a.full_baseline:
+            rc, out, dt = run_tests(copy, catchers, a.timeout * 2, stop_first=False)
+            bad = set(re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)) if rc != 0 else set()
+            print(f"the {len(catchers)} catching tests on the unmutated copy: "
+                  f"{'all pass' if rc == 0 else f'FAIL {sorted(bad) or out[-2000:]}'} ({dt:.0f} s)", flush=True)
+            if rc != 0:
+                rows = [(m, "caught by a test failing unmutated" if by in bad or not bad else s, by, t)
+                        for m, s, by, t in rows]
+        caught = sum(s == "caught" or s == "caught (timeout)" for _, s, _, _ in rows)
         print(f"\n{caught}/{len(rows)} caught; survived: "
               f"{[m['id'] for m, s, _, _ in rows if s == 'SURVIVED'] or 'none'}; "
               f"not applied: {[m['id'] for m, s, _, _ in rows if s.startswith('TARGET')] or 'none'}; "
