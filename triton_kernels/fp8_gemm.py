@@ -28,17 +28,23 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K,
     mask_m, mask_n = offs_m < M, offs_n < N
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
-    # weight scales are per 128×128 block (row n // 128); activation-gradient scales per row
-    b_s_rows = offs_n if B_PER_ROW else offs_n // BLOCK_K
+    # activation-gradient scales are per row; weight scales per 128×128 block, and a BLOCK_N ≤ 128
+    # tile lies in one block: one scalar per K block, not BLOCK_N equal loads (40-65 registers and,
+    # on sm_100a, 128 loads per thread per K block — benchmarks/README.md, "Kernel report")
+    tl.static_assert(B_PER_ROW or BLOCK_K % BLOCK_N == 0)
+    b_s_rows = offs_n if B_PER_ROW else pid_n * BLOCK_N // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kb * BLOCK_K  # ragged last block: zeros add nothing
         a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
         a_s = tl.load(a_s_ptr + offs_m * stride_asm + kb * stride_ask, mask=mask_m, other=0.0)
-        b_s = tl.load(b_s_ptr + b_s_rows * stride_bsn + kb * stride_bsk, mask=mask_n, other=0.0)
+        if B_PER_ROW:
+            b_s = tl.load(b_s_ptr + b_s_rows * stride_bsn + kb * stride_bsk, mask=mask_n, other=0.0)[None, :]
+        else:
+            b_s = tl.load(b_s_ptr + b_s_rows * stride_bsn + kb * stride_bsk)
         # one N_C = 128 interval: FP8 dot into FP32, scaled, then promoted into the accumulator
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        acc += tl.dot(a, b) * a_s[:, None] * b_s
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn

@@ -38,7 +38,9 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, tile_start_ptr, 
     mask_m, mask_n = offs_m < end, offs_n < N
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + g * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    b_s_ptrs = b_s_ptr + g * stride_bse + (offs_n // BLOCK_K) * stride_bsn
+    # w[g]'s scales are per 128×128 block and the BLOCK_N ≤ 128 tile lies in one: one scalar per K block
+    tl.static_assert(BLOCK_K % BLOCK_N == 0)
+    b_s_ptr += g * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the static tile bound leaves up to E spare (empty) tiles: they skip the K loop entirely
     num_kb = tl.where(end > start, tl.cdiv(K, BLOCK_K), 0)
@@ -47,8 +49,8 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, tile_start_ptr, 
         a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
         a_s = tl.load(a_s_ptr + offs_m * stride_asm + kb * stride_ask, mask=mask_m, other=0.0)
-        b_s = tl.load(b_s_ptrs + kb * stride_bsk, mask=mask_n, other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]  # promotion every N_C = 128
+        b_s = tl.load(b_s_ptr + kb * stride_bsk)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s  # promotion every N_C = 128
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
