@@ -11,10 +11,13 @@ import, and under the interpreter ``@triton.jit`` gives an InterpretedFunction w
 path; the choice is fixed at import, so compiling needs a fresh interpreter with TRITON_INTERPRET=0.
 
 What is compiled: the launches the launchers themselves make. ``training_launches`` drives
-``fp8_linear`` and ``fp8_grouped_mm`` forward and backward (and ``weight_dequant``) on small CPU
-tensors with every kernel replaced by a recorder; each recorded call is bound by Triton's own
-launch binder for the target, so tile sizes, warps and stages are the launcher's choice and the
-specialisation (dtypes, 16-divisible ints and pointers, unit strides) is a real launch's.
+``fp8_linear`` and ``fp8_grouped_mm`` forward and backward, the E5M6 cache and the dequantisers on
+small CPU tensors with every kernel replaced by a recorder; each recorded call is bound by Triton's
+own launch binder for the target (``create_function_from_signature`` and ``JITFunction._pack_args``,
+internals of Triton 3.9: another version fails loudly here), so tile sizes, warps and stages are the
+launcher's choice and the specialisation (dtypes, 16-divisible ints and pointers, unit strides as
+constants) is a real launch's. That specialisation matters: with every integer typed i32 and no
+alignment facts, _fp8_gemm_kernel's loads are neither vectorised nor pipelined.
 """
 from __future__ import annotations
 
@@ -76,8 +79,8 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            caller = sys._getframe(1)
-            site = f"{caller.f_code.co_name}<{getattr(sys._getframe(2).f_code, 'co_qualname', '?')}"
+            launcher, caller = sys._getframe(1).f_code, sys._getframe(2).f_code
+            site = f"{launcher.co_name}<{getattr(caller, 'co_qualname', caller.co_name)}"
             bound, specialization, options = self.binder(*args, **kwargs)
             options, signature, constexprs, attrs = self.fn._pack_args(self.backend, kwargs, bound,
                                                                        specialization, options)
@@ -88,11 +91,13 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording(functions: dict[str, object], target, launches: list):
-    """Swap every kernel global (by name, in the module defining it) for a recorder."""
+    """Swap every kernel global (by name, in the module defining it) for a recorder; helpers stay."""
     from triton.compiler import make_backend
     backend = make_backend(target)
     swapped = []
-    for name, fn in functions.items():
+    kernels, _ = split_kernels(functions)
+    for name in kernels:
+        fn = functions[name]
         module = sys.modules[fn.fn.__module__]
         swapped.append((module, name, fn))
         setattr(module, name, _Recorder(fn, name, backend, launches))
@@ -195,7 +200,7 @@ def missing_tools(capability: int) -> list[str]:
     return missing
 
 
-def sass_facts(cubin: bytes) -> dict:
+def sass_facts(cubin: bytes, dump: Path | None = None) -> dict:
     """Registers, stack, static shared memory and the MMA instructions of a cubin (cuobjdump)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -204,6 +209,8 @@ def sass_facts(cubin: bytes) -> dict:
                                text=True).stdout
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], check=True, capture_output=True,
                               text=True).stdout
+    if dump is not None:
+        Path(f"{dump}.sass").write_text(sass)
     res = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     mma: dict[str, int] = {}
     for op in _MNEMONIC.findall(sass):
@@ -213,7 +220,22 @@ def sass_facts(cubin: bytes) -> dict:
                 static_shared_bytes=int(res["SHARED"]), mma=mma, sass_lines=sass.count("\n"))
 
 
-def compile_launch(launch: dict, target) -> dict:
+def global_loads(ptx: str) -> dict[str, int]:
+    """How the kernel reads global memory, by PTX instruction: ``cp.async`` copies into shared memory
+    by width (what the software pipeline overlaps with the MMAs), TMA bulk copies, and loads into
+    registers by width (1-byte loads of FP8 mean the address had no provable alignment)."""
+    loads: dict[str, int] = {}
+    for width in re.findall(r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)", ptx):
+        loads[f"cp.async {int(width, 0)}B"] = loads.get(f"cp.async {int(width, 0)}B", 0) + 1
+    if tma := len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)):
+        loads["tma"] = tma
+    for vec, bits in re.findall(r"\bld\.global[\w.]*?\.(?:v([248])\.)?[bfsu](8|16|32|64)\b", ptx):
+        key = f"ld {int(vec or 1) * int(bits) // 8}B"
+        loads[key] = loads.get(key, 0) + 1
+    return loads
+
+
+def compile_launch(launch: dict, target, dump_dir: str | None = None) -> dict:
     """Compile one captured launch for ``target``; facts from ptxas's log, the metadata and the SASS."""
     import triton
     from triton.compiler import ASTSource
@@ -229,14 +251,18 @@ def compile_launch(launch: dict, target) -> dict:
     if spills is None:
         raise RuntimeError(f"{launch['kernel']}: no ptxas -v log (cached compile?): {log.getvalue()[-300:]}")
     meta = compiled.metadata
+    dump = None
+    if dump_dir is not None:
+        dump = Path(dump_dir) / f"{launch['kernel']}.sm{target.arch}.{len(os.listdir(dump_dir)) // 2}"
+        Path(f"{dump}.ptx").write_text(compiled.asm["ptx"])
     ptx_target = re.search(r"^\.target\s+(\w+)", compiled.asm["ptx"], re.M).group(1)
     ptx_mma = sorted(set(re.findall(r"\b(?:wgmma\.mma_async|tcgen05\.mma|mma\.sync)[\w.:]*", compiled.asm["ptx"])))
     return dict(kernel=launch["kernel"], target=ptx_target, config=tile_config(launch), num_warps=meta.num_warps,
                 num_stages=meta.num_stages, pointers=pointer_dtypes(launch), sites=sorted(set(launch["sites"])),
-                ptx_mma=ptx_mma,
+                ptx_mma=ptx_mma, global_loads=global_loads(compiled.asm["ptx"]),
                 shared_bytes=meta.shared, tmem_cols=getattr(meta, "tmem_size", 0),
                 spill_store_bytes=int(spills.group(1)), spill_load_bytes=int(spills.group(2)),
-                compile_s=round(seconds, 2), **sass_facts(compiled.asm["cubin"]))
+                compile_s=round(seconds, 2), **sass_facts(compiled.asm["cubin"], dump))
 
 
 def _main(argv=None) -> int:
@@ -245,6 +271,7 @@ def _main(argv=None) -> int:
     parser.add_argument("--probes", default=DEFAULT_PROBES)
     parser.add_argument("--first", action="store_true", help="only each kernel's first launch")
     parser.add_argument("--shard", default="0/1", help="i/n: compile launches i, i+n, …")
+    parser.add_argument("--dump-dir", help="also write each kernel's PTX and SASS here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         raise SystemExit("triton_kernels.aot: run with TRITON_INTERPRET=0 (the interpreter cannot compile)")
@@ -261,7 +288,7 @@ def _main(argv=None) -> int:
         launches = list(firsts.values())
     shard, shards = map(int, args.shard.split("/"))
     kernels, helpers = split_kernels(jit_functions())
-    facts = [compile_launch(launch, target) for launch in launches[shard::shards]]
+    facts = [compile_launch(launch, target, args.dump_dir) for launch in launches[shard::shards]]
     json.dump(dict(kernels=kernels, helpers=helpers, launched=sorted({l["kernel"] for l in launches}),
                    facts=facts), sys.stdout)
     return 0
