@@ -2,17 +2,29 @@
 DeepseekV3ForCausalLM on identical weights (ours mapped onto theirs below), MTP and the balance loss
 off, same tokens, same optimizer settings. The small_moe shape (configs/small_moe.yaml) by default.
 
-    python benchmarks/bench_train.py [--config configs/small_moe.yaml] [--steps 8] [--threads N] [--dtype bf16|fp32]
+    python benchmarks/bench_train.py [--config configs/small_moe.yaml | configs/hf_tiny.yaml] [--steps 8]
+        [--threads N] [--dtype auto|bf16|fp32] [--clock wall|cpu] [--profile]
 
 Each side trains as its stack does: ours is dsv3.model.Transformer with dsv3.optim's AdamW (torch's
 fused kernel), transformers' model with torch.optim.AdamW(fused=True) (the transformers Trainer's
-default optimizer on torch ≥ 2.8), both with weight decay on matrices only. ``--dtype bf16`` (default)
-runs both under torch.autocast(bfloat16) with FP32 master weights (the Trainer's ``bf16=True``);
-``fp32`` runs both in FP32. transformers runs with its faster settings: sdpa attention and the
-grouped_mm experts backend.
+default optimizer on torch ≥ 2.8), both with weight decay on matrices only. ``--dtype auto`` (default)
+is the trainer's rule (dsv3.runtime.choose_dtype): BF16 where the CPU has native BF16 GEMMs, FP32
+elsewhere; ``bf16`` runs both under torch.autocast(bfloat16) with FP32 master weights (the Trainer's
+``bf16=True``); ``fp32`` runs both in FP32. transformers runs with its faster settings: sdpa attention
+and the grouped_mm experts backend.
 
-Prints each side's loss on every step (same weights and tokens: they agree to the precision's rounding),
-tokens/s, and last the ratio ours / transformers in tokens/s (target ≥ 1.5).
+The CPU is described as its kernels run: ATen's dispatch level and oneDNN's ISA cap
+(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` emulate an AVX2-only CPU
+on a wider one), and that description is printed beside every ratio. Steps are interleaved (a noisy
+neighbour slows both alike); ``--clock cpu`` times them in process CPU time (single-threaded runs on a
+shared machine), ``wall`` (default) in wall time.
+
+Prints each side's loss on every step (same weights and tokens: they agree to the precision's rounding;
+the step-0 loss and gradient norm are checked), tokens/s (best and median step), the ratio ours /
+transformers in tokens/s (target ≥ 1.5), and the roofline share: the step's FLOP/s as a share of this
+CPU's matmul rate in the same dtype, measured in the same run on the step's own GEMM (M, N, K) list
+(FLOP-weighted, best of 5, same threads; ``roofline``). ``--profile`` adds a torch.profiler breakdown of
+one step of each side by where the time goes (``profile_breakdown``).
 """
 from __future__ import annotations
 
@@ -28,6 +40,8 @@ import torch
 from dsv3.config import load_config
 from dsv3.model import Transformer
 from dsv3.optim import build_optimizer
+from dsv3.runtime import choose_dtype
+from roofline import bench_cpu, isa_label, profile_breakdown, roofline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +92,10 @@ def hf_model(ours: Transformer, experts_impl: str, attn_impl: str):
     return ref
 
 
+def grad_norm(model) -> float:
+    return sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None) ** 0.5
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=os.path.join(REPO, "configs", "small_moe.yaml"))
@@ -85,10 +103,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="0 = train.micro_batch_size")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--experts", default="grouped_mm", choices=["grouped_mm", "eager"], help="transformers experts backend")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast BF16 (FP32 masters) or FP32")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: BF16 where the CPU has native BF16 GEMMs, else FP32 (dsv3.runtime.choose_dtype)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (1 thread)")
+    ap.add_argument("--profile", action="store_true", help="also a torch.profiler breakdown of one step of each")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    cpu = bench_cpu()
+    dtype, why = choose_dtype(args.dtype, torch.device("cpu"), cpu)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     cfg = load_config(args.config, ["model.mtp.depth=0", "model.moe.aux_loss_alpha=0"])
     B, T = args.batch or cfg.train.micro_batch_size, cfg.data.seq_len
     torch.manual_seed(0)
@@ -100,26 +124,31 @@ def main() -> None:
     runs = {"ours": (ours, build_optimizer(ours, tc)),
             "transformers": (ref, torch.optim.AdamW(ref_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
                                                     fused=True))}
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else nullcontext
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else nullcontext
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=gen) for _ in range(args.steps + 2)]
+    norms = {}
 
-    def hf_step(seq: torch.Tensor) -> float:
+    def hf_step(seq: torch.Tensor, norm: bool = False) -> float:
         model, opt = runs["transformers"]
         # shift_labels: targets already shifted, so both models see T inputs and T targets (labels only
         # switches the loss on; with shift_labels given it is not read)
         with autocast():
             loss = model(input_ids=seq[:, :-1], labels=seq[:, 1:], shift_labels=seq[:, 1:].contiguous(), use_cache=False).loss
         loss.backward()
+        if norm:
+            norms["transformers"] = grad_norm(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    def ours_step(seq: torch.Tensor) -> float:
+    def ours_step(seq: torch.Tensor, norm: bool = False) -> float:
         model, opt = runs["ours"]
         with autocast():
             loss = model(seq[:, :-1], labels=seq[:, 1:]).loss
         loss.backward()
+        if norm:
+            norms["ours"] = grad_norm(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -127,21 +156,51 @@ def main() -> None:
     steps = {"ours": ours_step, "transformers": hf_step}
     times = {name: [] for name in steps}
     losses = {name: [] for name in steps}
+    isa = isa_label(cpu)
     print(f"shape: {cfg.model.n_layers} layers ({cfg.model.n_dense_layers} dense), dim {cfg.model.dim}, "
-          f"{cfg.model.moe.n_routed_experts} experts top-{cfg.model.moe.n_activated_experts}, vocab {cfg.model.vocab_size}, "
-          f"batch {B}×{T}; torch threads {torch.get_num_threads()}; transformers experts: {args.experts}; {args.dtype}")
-    for i, seq in enumerate(batches):           # interleaved: a noisy neighbour slows both alike
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            losses[name].append(fn(seq))
+          f"{cfg.model.moe.n_routed_experts} experts top-{cfg.model.moe.n_activated_experts} "
+          f"(groups {cfg.model.moe.n_group}/{cfg.model.moe.topk_group}), vocab {cfg.model.vocab_size}, "
+          f"batch {B}×{T}; torch threads {torch.get_num_threads()}; transformers experts: {args.experts}; "
+          f"{dtype.upper()} ({why}); {args.clock} clock")
+    print(isa)
+    for i, seq in enumerate(batches):           # interleaved, alternating who goes first: a noisy neighbour slows both alike
+        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            t0 = clock()
+            losses[name].append(steps[name](seq, norm=i == 0))
             if i >= 2:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
         print(f"step {i}: loss ours {losses['ours'][-1]:.6f}  transformers {losses['transformers'][-1]:.6f}")
-    tps = {name: B * T / statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
+    med = {name: statistics.median(t) for name, t in times.items()}
+    rf = roofline(lambda: ours_step(batches[0]), torch.bfloat16 if dtype == "bf16" else torch.float32, clock) \
+        if dtype == "fp32" else None
     for name in steps:
-        print(f"{name:12s} {statistics.median(times[name]) * 1e3:8.1f} ms/step  {tps[name]:10,.0f} tokens/s")
-    print(f"step-0 loss |diff| = {abs(losses['ours'][0] - losses['transformers'][0]):.2e}")
-    print(f"ratio (ours / transformers tokens/s): {tps['ours'] / tps['transformers']:.2f}x")
+        share = f"  roofline share {rf['step_flop'] / best[name] / rf['rate']:6.1%}" if rf else ""
+        print(f"{name:12s} best {best[name] * 1e3:8.1f} ms/step ({B * T / best[name]:8,.0f} tokens/s)  "
+              f"median {med[name] * 1e3:8.1f} ms{share}")
+    if rf:
+        print(f"roofline: step {rf['step_flop'] / 1e9:.2f} GFLOP (GEMMs {rf['gemm_flop'] / 1e9:.2f} in {rf['calls']} calls "
+              f"of {rf['shapes']} shapes + attention core {rf['attn_flop'] / 1e9:.2f}); this CPU's FP32 matmul rate "
+              f"on that GEMM list {rf['rate'] / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads, best of 5)")
+    else:
+        print("roofline: measured in FP32 runs only (BF16 autocast GEMM lists mix dtypes)")
+    d0 = abs(losses["ours"][0] - losses["transformers"][0])
+    dn = abs(norms["ours"] - norms["transformers"]) / norms["transformers"]
+    dk = max(abs(a - b) / abs(b) for a, b in zip(losses["ours"][:10], losses["transformers"][:10]))
+    print(f"step-0 loss |diff| = {d0:.2e}; step-0 grad norm rel diff = {dn:.2e}; "
+          f"first {min(10, len(batches))} losses max rel diff = {dk:.2e}")
+    if dtype == "fp32":
+        ok = d0 <= 1e-5 and dn <= 1e-5 and dk <= 1e-4
+        print("accuracy (FP32: step-0 loss 1e-5, grad norm 1e-5 rel, first 10 losses 1e-4 rel): "
+              + ("ok" if ok else "FAILED"))
+    if args.profile:
+        for name, fn in steps.items():
+            cats, total = profile_breakdown(lambda: fn(batches[1]))
+            print(f"profile {name} (one step, {total * 1e3:.0f} ms under the profiler):")
+            for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
+                print(f"  {cat:34s} {t * 1e3:8.1f} ms  {t / total:6.1%}")
+    print(f"ratio (ours / transformers tokens/s): {med['transformers'] / med['ours']:.2f}x median, "
+          f"{best['transformers'] / best['ours']:.2f}x best — {dtype.upper()}, {isa}")
 
 
 if __name__ == "__main__":
