@@ -95,16 +95,23 @@ def part_env(sec: Section, a) -> None:
                                  capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError) as e:
             drv = f"n/a ({first_line(e)})"
-        nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "n/a"
-        sec.line(f"- driver {drv or 'n/a'}; NCCL {nccl}; cuDNN {torch.backends.cudnn.version()}")
+        try:
+            import torch.cuda.nccl as nccl
+            v = nccl.version()
+            nccl_version = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except Exception as e:  # noqa: BLE001 - a version line must not stop the check
+            nccl_version = f"n/a ({first_line(e)})"
+        sec.line(f"- driver {drv or 'n/a'}; NCCL {nccl_version}; cuDNN {torch.backends.cudnn.version()}")
         gpu, why = hardware_row(p.name)
         sec.line(f"- hardware table: {gpu.key}: BF16 {gpu.bf16_dense_tflops:g} / FP8 {gpu.fp8_dense_tflops:g} "
                  f"dense TFLOPS ({gpu.source})" if gpu else f"- hardware table: {why}")
     else:
         sec.line("- GPU: none visible to torch" + (" (the dry run hides it on purpose)" if a.dry_run else ""))
-    for pkg in ("transformers", "transformer_engine"):   # optional: found or not, never imported here
+    optional = {"transformers": "nothing in this check needs it",
+                "transformer_engine": "part 2 has no Transformer Engine column"}
+    for pkg, without in optional.items():   # found or not, never imported here
         if importlib.util.find_spec(pkg) is None:
-            sec.line(f"- {pkg}: missing; what uses it is skipped")
+            sec.line(f"- {pkg}: missing, skipped ({without})")
         else:
             try:
                 version = importlib.metadata.version(pkg.replace("_", "-"))

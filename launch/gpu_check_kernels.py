@@ -2,7 +2,8 @@
 
 Standards are the CPU tests' own: the quantisers (FP8 E4M3, E5M6) bit for bit with their references
 (tests/test_fp8_quant.py, tests/test_e5m6.py), the GEMMs within the relative-Frobenius bounds of
-tests/test_fp8_gemm.py, test_fp8_grouped_gemm.py, test_fp8_linear.py and test_e5m6.py. Inputs are
+tests/test_fp8_gemm.py, test_fp8_grouped_gemm.py, test_fp8_linear.py and test_e5m6.py — for the FP8
+GEMMs on a GPU the tests' stated bar of 1e-3 rather than the interpreter's exact-FP32 1e-5 (GEMM_BOUND). Inputs are
 made on the CPU from fixed seeds; a quantiser's reference runs on the CPU (what the suite verified),
 a GEMM's reference is the FP64 product of the reference-dequantised operands, on the kernel's device.
 Odd shapes as in the tests; on a GPU also DeepSeek-V3-sized ones (``small=False``).
@@ -19,7 +20,11 @@ import torch
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "triton_kernels"
 _JIT_KERNEL = re.compile(r"^@triton\.jit(?:\(.*\))?\s*\n(?:@.*\n)*def\s+(\w+_kernel)\b", re.M)
-GEMM_BOUND = 1e-5          # tests/test_fp8_gemm.py etc.: relative Frobenius vs the dequantised product
+# relative Frobenius error of a GEMM against the FP64 product of its dequantised operands. On the CPU
+# (interpreter: exact FP32 sums) the tests' 1e-5; on a GPU the tests' stated bar, 1e-3
+# (tests/test_fp8_gemm.py): Hopper's FP8 tensor cores keep ~14 bits while they accumulate one 128-long
+# interval (report §3.3.2), which the promotion into FP32 bounds but does not remove.
+GEMM_BOUND = {"cpu": 1e-5, "cuda": 1e-3}
 E5M6_WGRAD_BOUND = 2.0 ** -18   # tests/test_e5m6.py: same exact products, FP32 sums in another order
 CHECKS: list = []          # (kernels covered, check function)
 
@@ -67,7 +72,7 @@ def rel_fro(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def gemm_row(what: str, got: torch.Tensor, ref: torch.Tensor, bound: float = GEMM_BOUND) -> tuple:
+def gemm_row(what: str, got: torch.Tensor, ref: torch.Tensor, bound: float) -> tuple:
     err = rel_fro(got, ref)
     return what, f"rel. Frobenius err {err:.2e}", f"< {bound:.1e}", err < bound
 
@@ -150,19 +155,22 @@ def fp8_gemm(dev, small):
         (a8, a_s), (b8, b_s) = R.act_quant_ref(a), R.weight_quant_ref(b)
         out = G.fp8_gemm(a8.to(dev), a_s.to(dev), b8.to(dev), b_s.to(dev), out_dtype=torch.float32)
         a_d, b_d = R.act_dequant_ref(a8.to(dev), a_s.to(dev)), R.weight_dequant_ref(b8.to(dev), b_s.to(dev))
-        rows.append(gemm_row(f"fp8_gemm fprop {M}×{N}×{K}", out, a_d.double() @ b_d.double().t()))
+        rows.append(gemm_row(f"fp8_gemm fprop {M}×{N}×{K}", out, a_d.double() @ b_d.double().t(), GEMM_BOUND[dev]))
     a, b = _operands(70, 150, 260, seed=12)          # wgrad layout: b with 1×128 row scales
     (a8, a_s), (b8, b_s) = R.act_quant_ref(a), R.act_quant_ref(b)
     out = G.fp8_gemm(a8.to(dev), a_s.to(dev), b8.to(dev), b_s.to(dev), out_dtype=torch.float32)
     ref = R.act_dequant_ref(a8, a_s).double() @ R.act_dequant_ref(b8, b_s).double().t()
-    rows.append(gemm_row("fp8_gemm per-row b scales 70×150×260", out, ref))
+    rows.append(gemm_row("fp8_gemm per-row b scales 70×150×260", out, ref, GEMM_BOUND[dev]))
     dy, _ = _operands(33, 1, 300, seed=13)            # dgrad layout: wᵀ as a strided view, bf16 out
     w = torch.randn(300, 130, generator=torch.Generator().manual_seed(14))
     (d8, d_s), (w8, w_s) = R.act_quant_ref(dy), R.weight_quant_ref(w)
     out = G.fp8_gemm(d8.to(dev), d_s.to(dev), w8.to(dev).t(), w_s.to(dev).t(), out_dtype=torch.bfloat16)
     ref = R.act_dequant_ref(d8, d_s).double() @ R.weight_dequant_ref(w8, w_s).double()
-    worst = ((out.double().cpu() - ref).abs() / (2.0 ** -7 * ref.abs() + 1e-6)).max().item()
-    rows.append(("fp8_gemm dgrad view 33×130×300, bf16 out", f"worst abs err / (2^-7·abs ref + 1e-6) = {worst:.3f}",
+    # one bf16 rounding of each output (test_fp8_gemm: 2^-7 covers the interpreter's truncation) plus, on a
+    # GPU, the FP8 accumulation error, whose scale is the output's size, not the element's
+    tau, tau_text = (1e-6, "1e-6") if dev == "cpu" else (GEMM_BOUND[dev] * ref.pow(2).mean().sqrt().item(), "1e-3·rms ref")
+    worst = ((out.double().cpu() - ref).abs() / (2.0 ** -7 * ref.abs() + tau)).max().item()
+    rows.append(("fp8_gemm dgrad view 33×130×300, bf16 out", f"worst abs err / (2^-7·abs ref + {tau_text}) = {worst:.3f}",
                  "<= 1", worst <= 1.0))
     return rows
 
@@ -192,14 +200,14 @@ def grouped_gemm(dev, small):
         (x8, x_s), (w8, w_s) = R.act_quant_ref(x), R.weight_quant_ref(w)
         out = GG.fp8_grouped_gemm(x8.to(dev), x_s.to(dev), w8.to(dev), w_s.to(dev), off.to(dev), out_dtype=torch.float32)
         exact = _loop_mm(R.act_dequant_ref(x8.to(dev), x_s.to(dev)), R.weight_dequant_ref(w8.to(dev), w_s.to(dev)), offsets)
-        rows.append(gemm_row(f"grouped fprop M={M} N={N} K={K}, {E} groups", out, exact))
+        rows.append(gemm_row(f"grouped fprop M={M} N={N} K={K}, {E} groups", out, exact, GEMM_BOUND[dev]))
         if i == 0:   # dgrad: wᵀ (E, K, N) as a view with the transposed block scales
             dy = x[:, :N].contiguous()
             d8, d_s = R.act_quant_ref(dy)
             out = GG.fp8_grouped_gemm(d8.to(dev), d_s.to(dev), w8.to(dev).transpose(1, 2), w_s.to(dev).transpose(1, 2),
                                       off.to(dev), out_dtype=torch.float32)
             exact = _loop_mm(R.act_dequant_ref(d8, d_s), R.weight_dequant_ref(w8, w_s).transpose(1, 2), offsets)
-            rows.append(gemm_row(f"grouped dgrad view M={M} N={K} K={N}", out, exact))
+            rows.append(gemm_row(f"grouped dgrad view M={M} N={K} K={N}", out, exact, GEMM_BOUND[dev]))
     return rows
 
 
@@ -215,7 +223,7 @@ def grouped_wgrad(dev, small):
     dw = GG.fp8_grouped_wgrad(dy_t.to(dev), dy_s.to(dev), x_t.to(dev), x_s.to(dev), off.to(dev))
     dyd, xd = R.act_dequant_t_ref(dy_t, dy_s, off).double(), R.act_dequant_t_ref(x_t, x_s, off).double()
     ref = torch.stack([dyd[:, s:e] @ xd[:, s:e].t() for s, e in zip([0] + OFFSETS[:-1], OFFSETS)])
-    return [gemm_row("grouped wgrad 6 groups, N=70 K=200", dw, ref)]
+    return [gemm_row("grouped wgrad 6 groups, N=70 K=200", dw, ref, GEMM_BOUND[dev])]
 
 
 # ------------------------------------------------------------------------------------------------ E5M6
@@ -272,8 +280,9 @@ def autograd_ops(dev, small):
             y.backward(grad.to(d))
             res[backend] = (y, a.grad, b.grad)
         errs = [rel_fro(t.cpu(), r) for t, r in zip(res["triton"], res["torch"])]
-        rows.append((f"{name} triton vs torch: y, dx, dW", ", ".join(f"{e:.1e}" for e in errs), f"< {GEMM_BOUND:.0e}",
-                     max(errs) < GEMM_BOUND))
+        bound = GEMM_BOUND[dev]
+        rows.append((f"{name} triton vs torch: y, dx, dW", ", ".join(f"{e:.1e}" for e in errs), f"< {bound:.0e}",
+                     max(errs) < bound))
     return rows
 
 
