@@ -3,9 +3,13 @@ DeepseekV3MoE with its two experts backends ("eager": a Python loop over hit exp
 torch grouped GEMM), same weights, same tokens, the small_moe shape (configs/small_moe.yaml).
 
     python benchmarks/bench_moe.py [--config configs/small_moe.yaml] [--tokens 2048] [--iters 20]
+        [--dtype auto|fp32|bf16] [--clock wall|cpu]
 
-Prints the time per step of each, checks that the outputs agree, and prints last the ratio of the faster
-transformers backend's time to ours (> 1 = ours faster; target ≥ 1.2).
+Prints the time per step of each (best and median of interleaved iterations), checks that the outputs
+agree, the roofline share of each in FP32 (FLOP/s over this CPU's matmul rate on ours' own GEMM list:
+benchmarks/roofline.py), and last the ratio of the faster transformers backend's time to ours (> 1 = ours
+faster; target ≥ 1.2) with the CPU's ISA as its kernels run (an AVX2 emulation is named as such).
+``--dtype auto`` (default) follows the trainer's rule (dsv3.runtime.choose_dtype).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import torch
 
 from dsv3.config import load_config
 from dsv3.moe import MoE
+from dsv3.runtime import choose_dtype
+from roofline import bench_cpu, isa_label, roofline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,8 +67,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=0, help="0 = micro_batch_size × seq_len of the config")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: all sides under torch.autocast(bfloat16)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="bf16: all sides under torch.autocast(bfloat16); auto: BF16 only where the CPU has native BF16 GEMMs")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (1 thread)")
     args = ap.parse_args()
+    cpu = bench_cpu()
+    args.dtype, why = choose_dtype(args.dtype, torch.device("cpu"), cpu)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     global AUTOCAST
     if args.dtype == "bf16":
         AUTOCAST = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
@@ -110,17 +121,28 @@ def main() -> None:
             step(mod, x, g)
     for _ in range(args.iters):              # interleaved so a noisy neighbour hits all three alike
         for name, mod in impls.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             step(mod, x, g)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
+    rf = roofline(lambda: step(ours, x, g), torch.float32, clock) if args.dtype == "fp32" else None
     print(f"shape: tokens {n_tok}, dim {m.dim}, {m.moe.n_routed_experts} experts × {m.moe.moe_inter_dim}, "
           f"top-{m.moe.n_activated_experts}, groups {m.moe.n_group}/{m.moe.topk_group}, "
-          f"{m.moe.n_shared_experts} shared; torch threads {torch.get_num_threads()}; {args.dtype}")
-    for name, t in med.items():
-        print(f"{name:14s} fwd+bwd {t * 1e3:8.2f} ms  ({n_tok / t:,.0f} tokens/s)")
-    best_hf = min(med["hf_eager"], med["hf_grouped_mm"])
-    print(f"ratio (faster transformers backend / ours): {best_hf / med['ours']:.2f}x")
+          f"{m.moe.n_shared_experts} shared; torch threads {torch.get_num_threads()}; {args.dtype.upper()} ({why}); "
+          f"{args.clock} clock")
+    isa = isa_label(cpu)
+    print(isa)
+    for name in med:
+        share = f"  roofline share {rf['step_flop'] / best[name] / rf['rate']:6.1%}" if rf else ""
+        print(f"{name:14s} fwd+bwd best {best[name] * 1e3:8.2f} ms  ({n_tok / best[name]:,.0f} tokens/s)  "
+              f"median {med[name] * 1e3:8.2f} ms{share}")
+    if rf:
+        print(f"roofline: {rf['gemm_flop'] / 1e9:.2f} GFLOP in {rf['calls']} GEMMs of {rf['shapes']} shapes; this CPU's "
+              f"FP32 matmul rate on that list {rf['rate'] / 1e9:.1f} GFLOP/s (best of 5, same threads)")
+    hf_med, hf_best = min(med["hf_eager"], med["hf_grouped_mm"]), min(best["hf_eager"], best["hf_grouped_mm"])
+    print(f"ratio (faster transformers backend / ours): {hf_med / med['ours']:.2f}x median, "
+          f"{hf_best / best['ours']:.2f}x best — {args.dtype.upper()}, {isa}")
 
 
 if __name__ == "__main__":
