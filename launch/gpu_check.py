@@ -285,8 +285,9 @@ def main(argv=None) -> int:
                 f"total {time.monotonic() - t_start:.0f} s.\n")
     with open(log_path, "w") as log:   # every part's and every training run's output, for a post-mortem
         for name in sorted(os.listdir(work)):
-            if name.endswith(".log"):
-                log.write(f"===== {name}\n" + open(os.path.join(work, name), errors="replace").read() + "\n")
+            text = open(os.path.join(work, name), errors="replace").read() if name.endswith(".log") else ""
+            if text.strip():
+                log.write(f"===== {name}\n{text}\n")
     shutil.rmtree(work, ignore_errors=True)   # run folders hold checkpoints: not kept
     print(f"report: {out}", flush=True)
     return 0
