@@ -24,6 +24,7 @@ from dsv3.loss import head_cross_entropy
 from dsv3.mla import MLA, MLACache
 from dsv3.moe import MoE, Gate
 from dsv3.mtp import MTPModule, shifted
+from dsv3.param_init import init_parameter_, tag_parameter
 from dsv3.rope import rope_cos_sin
 
 
@@ -36,10 +37,22 @@ class ModelOutput:
     balance_loss: torch.Tensor  # sum over MoE layers of α Σ f_i P_i
 
 
+@torch.no_grad()
+def fill_rope_(module: nn.Module) -> None:
+    """(Re)computes ``module.rope_cos`` / ``rope_sin`` from ``module.cfg`` on their device."""
+    cos, sin = rope_cos_sin(module.cfg.mla, module.cfg.max_seq_len, device=module.rope_cos.device)
+    module.rope_cos.copy_(cos)
+    module.rope_sin.copy_(sin)
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, seed: Optional[int] = None):
+        """``seed``: the per-parameter init seed (default: the global generator's, ``torch.manual_seed``).
+        Built under ``torch.device("meta")`` nothing is allocated; ``dsv3.param_init.materialize_`` then
+        gives any part of it the values the whole model gets."""
         super().__init__()
         self.cfg = cfg
+        self.init_seed = torch.initial_seed() if seed is None else seed
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -50,23 +63,38 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.mtp_weight = cfg.mtp.lambda_start  # λ; the trainer switches it to λ2 by token count
+        self._tag_parameters()
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------ set-up
+    def _tag_parameters(self) -> None:
+        """Every weight ~ N(0, 0.006) (report §4.2), norms 1; routed experts seeded one by one."""
+        std = self.cfg.init_std
+        for mod_name, m in self.named_modules():
+            for pn, p in m.named_parameters(recurse=False):
+                name = f"{mod_name}.{pn}" if mod_name else pn
+                if isinstance(m, GroupedExperts):
+                    tag_parameter(p, name, "normal", std, experts=range(p.shape[0]))
+                elif isinstance(m, RMSNorm):
+                    tag_parameter(p, name, "ones")
+                elif isinstance(m, (nn.Linear, nn.Embedding, Gate)):
+                    tag_parameter(p, name, "normal", std)
+                else:
+                    raise TypeError(f"{name}: no initialisation rule for a {type(m).__name__} parameter")
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Every weight ~ N(0, 0.006) (report §4.2), norms 1, routing bias 0."""
-        std = self.cfg.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, GroupedExperts):
-                for w in (m.w1, m.w2, m.w3):
-                    nn.init.normal_(w, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+        """Every parameter from its tag and the init seed (``dsv3.param_init``), routing bias 0."""
+        for p in self.parameters():
+            if not p.is_meta:
+                init_parameter_(p, self.init_seed)
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
+
+    @torch.no_grad()
+    def init_buffers_(self) -> None:
+        """The RoPE tables, after ``materialize_`` allocated them."""
+        fill_rope_(self)
 
     def moe_layers(self) -> Iterator[MoE]:
         """Every MoE layer, main model first, then the MTP modules' (a fixed order)."""

@@ -283,7 +283,14 @@ def train(cfg: Config) -> dict:
     lock = None
     try:
         lock, data = _open_run_dir(cfg, env)
-        model = Transformer(cfg.model).to(env.device)
+        parallel = cfg.parallel.force or (env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1
+                                                             or cfg.parallel.zero1))
+        if parallel and t.init_from is None:
+            # parallelize() materialises only this rank's stages and experts (same values as the whole model)
+            with torch.device("meta"):
+                model = Transformer(cfg.model, seed=t.seed)
+        else:
+            model = Transformer(cfg.model, seed=t.seed).to(env.device)
         if cfg.fp8.enabled:
             from dsv3.precision import apply_fp8
             apply_fp8(model, cfg.fp8)
@@ -294,7 +301,7 @@ def train(cfg: Config) -> dict:
                 print(f"initialised from {info['checkpoint']} ({info['kind']}); fresh optimizer at step 0", flush=True)
         model.set_recompute(t.recompute)
         model.train()
-        if cfg.parallel.force or (env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1 or cfg.parallel.zero1)):
+        if parallel:
             return train_parallel(cfg, env, data, model, start, old_handlers)
         return _loop(cfg, env, data, LocalSteps(cfg, env, model), start, old_handlers)
     finally:

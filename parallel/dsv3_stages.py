@@ -42,6 +42,7 @@ class DSV3Stage(nn.Module):
     rope = Transformer.rope            # the same slicing of the same buffers
     lm_loss = Transformer.lm_loss      # the same fused head + cross-entropy (needs norm, head)
     mtp_loss = Transformer.mtp_loss    # the same MTP ops (needs embed, head, mtp, cfg, rope)
+    init_buffers_ = Transformer.init_buffers_   # RoPE tables after meta-device materialisation
 
     def __init__(self, model: Transformer, lo: int, hi: int, first: bool, last: bool):
         super().__init__()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from dsv3 import optim
 from dsv3.experts import GroupedExperts
 from dsv3.moe import MoE
+from dsv3.param_init import tag_parameter
 from parallel.all_to_all import EPDispatcher, TrafficCounters
 from parallel.mesh import Mesh
 from parallel.placement import Placement
@@ -36,7 +37,11 @@ def shard_experts(experts: GroupedExperts, logical_ids: list[int]) -> GroupedExp
     with torch.no_grad():
         for name in ("w1", "w2", "w3"):
             src = getattr(experts, name)
-            setattr(local, name, torch.nn.Parameter(src.index_select(0, idx).clone(), requires_grad=src.requires_grad))
+            w = torch.nn.Parameter(src.index_select(0, idx).clone(), requires_grad=src.requires_grad)
+            if getattr(src, "init_name", None) is not None:   # a meta shard materialises as these experts' slices
+                tag_parameter(w, src.init_name, src.init_kind, src.init_std,
+                              experts=[src.init_experts[i] for i in logical_ids])
+            setattr(local, name, w)
     local.gmm, local.recompute = experts.gmm, experts.recompute  # keep the grouped-GEMM hook (FP8 too)
     for p in local.parameters():
         p.expert_parallel = True
@@ -89,8 +94,11 @@ def sync_grads(model: torch.nn.Module, mesh: Mesh) -> None:
 
 def clip_grad_norm_ep(model: torch.nn.Module, mesh: Mesh, max_norm: float) -> float:
     """Global L2 norm of the full model's gradient (expert shards' squares summed over EP), clipped."""
+    device = next(model.parameters()).device   # NCCL reduces device tensors only
+
     def sq(ps):
-        return sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None), torch.zeros((), dtype=torch.float64))
+        return sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None),
+                   torch.zeros((), dtype=torch.float64, device=device))
     total = sq(_replicated_params(model))
     expert = sq(_expert_params(model))
     if mesh.ep > 1:

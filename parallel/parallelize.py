@@ -18,10 +18,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from dsv3.batch import check_layout
 from dsv3.config import Config
 from dsv3.model import Transformer
+from dsv3.param_init import materialize_, materialize_own_buffers_
 from parallel.dsv3_stages import (dsv3_microbatches, dsv3_stages, set_aux_loss_scale, set_mtp_weight,
                                   take_loss_parts, update_bias_pipelined, moe_by_name)
 from parallel.expert_parallel import apply_expert_parallel
@@ -53,7 +55,10 @@ def _ready_after(pipe: Pipeline) -> dict[str, Optional[int]]:
 
 
 class ParallelModel:
-    def __init__(self, model: Transformer, mesh: Mesh, cfg: Config):
+    def __init__(self, model: Transformer, mesh: Mesh, cfg: Config, device: Optional[torch.device] = None):
+        """``model`` may be built on the meta device (``device`` then says where this rank's part goes):
+        only what this rank holds — its pipeline stages, its experts — is materialised, with the values
+        the whole model gets (``dsv3.param_init``)."""
         pc = cfg.parallel
         self.model, self.mesh, self.cfg = model, mesh, cfg
         self.dp, self.dp_index = mesh.dp, dist.get_rank(mesh.group("dp")) if mesh.dp > 1 else 0
@@ -61,6 +66,8 @@ class ParallelModel:
         self.traffic = None
         if pc.ep > 1:
             self.traffic = apply_expert_parallel(model, mesh, pc, fp8=cfg.fp8.enabled and cfg.fp8.dispatch)
+        on_meta = any(p.is_meta for p in model.parameters())
+        device = torch.device(device) if device is not None else next(model.parameters()).device
         expert_names = {n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
         self.pipe: Optional[Pipeline] = None
         if pc.pp > 1:
@@ -69,14 +76,22 @@ class ParallelModel:
                 dispatchers[n], moe.dispatcher = moe.dispatcher, None   # process groups do not deep-copy
             self.num_chunks = check_layout(cfg.train, mesh.dp, pc.pp, pc.pp_schedule)   # of the full global batch
             T, D = cfg.data.seq_len, cfg.model.dim
+            lay = layout(pc.pp_schedule, pc.pp)
+            if on_meta:
+                materialize_own_buffers_(model, device)   # RoPE tables: shared by every stage
+            stages = dsv3_stages(model, lay.num_model_stages)
+            held = nn.ModuleList([stages[s] for s in lay.model_stages_of(dist.get_rank(mesh.group("pp")))])
+            materialize_(held, device, model.init_seed)   # only this rank's stages (no-op for a real model)
             # DualPipe(V) pairs a forward and a backward chunk in its FB ops: with expert parallelism, run
             # them interleaved so each chunk's all-to-alls hide under the other's compute (report §3.2.1)
             overlapped = pc.overlap and pc.ep > 1 and pc.pp_schedule in ("dualpipe", "dualpipev")
             executor = OverlapPipeline if overlapped else Pipeline
-            self.pipe = executor(model, dsv3_stages(model, layout(pc.pp_schedule, pc.pp).num_model_stages),
-                                 pc.pp_schedule, self.num_chunks, act_shape=(cfg.train.micro_batch_size, T, D),
-                                 act_dtype=next(model.parameters()).dtype, group=mesh.group("pp"),
+            self.pipe = executor(model, stages, pc.pp_schedule, self.num_chunks,
+                                 act_shape=(cfg.train.micro_batch_size, T, D),
+                                 act_dtype=next(held.parameters()).dtype, group=mesh.group("pp"),
                                  recv_timeout=pc.timeout_s)
+            if on_meta:   # the pipeline runs its own copies: free the materialised originals
+                model.to(torch.device("meta"))
             for n, moe in moe_by_name(self.pipe).items():
                 moe.dispatcher = dispatchers[n]
             set_aux_loss_scale(self.pipe, 1.0)
@@ -85,6 +100,7 @@ class ParallelModel:
                           if len(self.pipe.holders[n]) > 1 else (None, 1)) for n in self.params}
             ready = _ready_after(self.pipe)
         else:
+            materialize_(model, device, model.init_seed)   # the whole (expert-sharded) model
             model.set_aux_loss_scale(1.0)
             self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
             copies = {n: (None, 1) for n in self.params}
@@ -188,7 +204,7 @@ def _shard_group(mesh: Mesh, kind: str) -> tuple[object, int, int]:
     return mine
 
 
-def parallelize(model: Transformer, mesh: Mesh, cfg: Config) -> ParallelModel:
+def parallelize(model: Transformer, mesh: Mesh, cfg: Config, device: Optional[torch.device] = None) -> ParallelModel:
     """PP × DP (EP inside DP) × ZeRO-1 on a built model; the model object is modified in place (its
     experts sharded when ``parallel.ep > 1``) and, with PP, its stages copied into the pipeline."""
-    return ParallelModel(model, mesh, cfg)
+    return ParallelModel(model, mesh, cfg, device)

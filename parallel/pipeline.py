@@ -54,10 +54,9 @@ class Pipeline:
         self.set_num_chunks(num_chunks)
         self.act_shape, self.act_dtype = tuple(act_shape), act_dtype
         self.recv_timeout = recv_timeout
-        self.device = next(model.parameters()).device
-
         held = self.layout.model_stages_of(self.rank)
         copies = copy.deepcopy(nn.ModuleList([stages[s] for s in held]))
+        self.device = next(copies.parameters()).device   # the model's other stages may be on the meta device
         self.stage_module = dict(zip(held, copies))
         names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
         self.params: dict[str, nn.Parameter] = {}    # model-level name -> this rank's copy

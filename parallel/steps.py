@@ -19,7 +19,7 @@ class ParallelSteps:
         self.cfg, self.env = cfg, env
         pc = cfg.parallel
         self.mesh = Mesh.from_config(pc)
-        self.pm = parallelize(model, self.mesh, cfg)
+        self.pm = parallelize(model, self.mesh, cfg, env.device)
         self.dp, self.dp_index, self.pp = self.pm.dp, self.pm.dp_index, pc.pp
         # without a pipeline every rank runs the whole (expert-sharded) model: eval, balance hooks and the
         # end sample run on it, every rank together (the expert all-to-all needs them all)
