@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load, load_file, save_file
 
+from dsv3 import rng_state
 from dsv3.errors import CheckpointError
 from dsv3.faults import fault_point, first_line
 
@@ -202,7 +203,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
         save_file(tensors, os.path.join(tmp, "model.safetensors"))
         fault_point("ckpt_write", step)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
+        torch.save(rng_state.capture(), os.path.join(tmp, "rng.pt"))   # CPU and, on CUDA, every device
         files = {name: file_entry(os.path.join(tmp, name)) for name in FILES}
         write_json(os.path.join(tmp, STATE), dict(state, step=step, format_version=FORMAT_VERSION, files=files))
         fault_point("ckpt", step)
@@ -365,11 +366,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch
             raise CheckpointError(f"{path}/optimizer.pt does not match this model's optimizer: "
                                   f"{first_line(e)}") from None
     if restore_rng:
-        rng = _torch_load(os.path.join(path, "rng.pt"))
-        try:
-            torch.set_rng_state(rng["torch"])
-        except (KeyError, TypeError, RuntimeError, IndexError) as e:
-            raise CheckpointError(f"{path}/rng.pt is corrupted: {first_line(e)}") from None
+        rng_state.restore(_torch_load(os.path.join(path, "rng.pt")), f"{path}/rng.pt")
     return meta
 
 
@@ -379,8 +376,8 @@ def load_any_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[t
     ``optimizer`` (a ``dsv3.optim.AdamW``: moments and step; None to skip), every file verified first.
     Returns the checkpoint's meta (step, tokens, sampler, ...) with ``kind``: "single" or "sharded".
 
-    A sharded checkpoint (a multi-rank run's, any layout) holds no RNG state (its ranks had one each),
-    so only a one-process checkpoint restores it; training draws no random numbers after
+    A sharded checkpoint holds one RNG state per rank of its run, so one process restores the RNG only
+    from a one-process checkpoint (CPU and CUDA generators); training draws no random numbers after
     initialisation, so the losses do not depend on it. The optimizer's hyper-parameters (lr, betas,
     weight decay) come from a one-process checkpoint's optimizer.pt, from ``optimizer`` as built for a
     sharded one. The sampler state is the global position (epoch, index of sequences consumed by all

@@ -5,8 +5,9 @@ whole (unsharded) parameter: ``{name}`` FP32 master weights, ``{name}.exp_avg`` 
 AdamW moments. Each rank writes the slice its ZeRO-1 shard covers (expert parameters offset by the
 rank's block of experts), and of DualPipe's two copies of a stage only the lower pipeline rank writes.
 Routing biases (``...e_score_correction_bias``) are written once; the AdamW step, token count and the
-global sampler position go to ``meta.json``. DCP reads any slice back, so a run resumes on another
-layout (``load_sharded``) or on one process (``load_sharded_into_model``, or ``dsv3.checkpoint.
+global sampler position go to ``meta.json``, each rank's RNG state (CPU and, on CUDA, every device's:
+``dsv3.rng_state``) to ``rng_RRRRR.pt``, restored when a run resumes on as many ranks. DCP reads any
+slice back, so a run resumes on another layout (``load_sharded``) or on one process (``load_sharded_into_model``, or ``dsv3.checkpoint.
 load_any_checkpoint``); ``load_sharded`` also starts a multi-rank run from a one-process checkpoint.
 
 Safety: written to ``ckpt_NNNNNNN.tmp``; after every rank's data is on disk each rank hashes a share
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
+from dsv3 import rng_state
 from dsv3.checkpoint import (MANIFEST, STATE, NonFiniteCheckpointError, check_tensors, file_entry, first_non_finite,
                              free_bytes, is_disk_full, is_write_failure, manifest_files, read_checkpoint_files,
                              read_json, verify_file, write_error, write_json, rename_into_place, fsync_path)
@@ -44,6 +46,7 @@ from dsv3.model import Transformer
 from parallel.dcp_safe import CheckpointWriter, SafeReader, read_metadata
 
 _NAME = re.compile(r"^ckpt_(\d{7})$")
+_RNG = re.compile(r"^rng_\d{5}\.pt$")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 METADATA, META = ".metadata", "meta.json"
 FORMAT = "dsv3-dcp"
@@ -95,11 +98,11 @@ def _state(pm, numel: dict[str, int], fill: bool) -> dict:
                 if suffix:
                     st = pm.zero.optimizer.state.get(e.master)
                     dtype = pm.zero.optimizer._moment_dtype(e.master)
-                    src = st[suffix[1:]][:valid] if st else torch.zeros(valid, dtype=dtype)
+                    src = st[suffix[1:]][:valid] if st else torch.zeros(valid, dtype=dtype, device=e.master.device)
                 else:
                     src = e.master.detach()[:valid]
                 t = src.clone() if fill else torch.empty_like(src)
-                shards = [Shard(t, ShardMetadata([off], [valid], f"rank:{rank}/cpu"))]
+                shards = [Shard(t, ShardMetadata([off], [valid], f"rank:{rank}/{t.device}"))]   # the shard's own device
             sd[n + suffix] = init_from_local_shards(shards, numel[n])
     for name, moe in _moes(pm).items():
         sd[f"{name}.gate.e_score_correction_bias"] = moe.gate.e_score_correction_bias.clone().float()
@@ -177,6 +180,7 @@ def save_sharded(run_dir: str, step: int, pm, extra: dict) -> str:
                     os.makedirs(tmp)
                 elif phase == "write":
                     dcp.save(sd, storage_writer=CheckpointWriter(tmp, step))
+                    torch.save(rng_state.capture(), os.path.join(tmp, f"rng_{rank:05d}.pt"))   # tensors only
                 elif phase == "hash":   # each rank a share of the files (the ones it wrote are in its page cache)
                     names = sorted(os.listdir(tmp))
                     entries = {n: file_entry(os.path.join(tmp, n)) for n in names[rank::world]}
@@ -226,6 +230,7 @@ def verify_sharded(path: str, rank: int = 0, world: int = 1):
     data_files = sorted(n for n in files if n not in (METADATA, META))
     for name in data_files[rank::world]:
         verify_file(path, name, files[name])
+    data_files = [n for n in data_files if not _RNG.match(n)]   # DCP's own files: RNG states are no storage
     blobs = {}
     for name in (METADATA, META):
         try:
@@ -261,14 +266,16 @@ def load_sharded(path: str, pm) -> dict:
     """Collective: fills this rank's ZeRO shards, moments, parameters and biases from any layout's
     sharded checkpoint (after ``verify_sharded`` passed on every rank), or from a one-process
     checkpoint (``state.json``: every rank reads and verifies the whole of it, then keeps its slices).
-    Returns the meta dict (step, tokens, sampler, opt_step, kind). The sampler state is the global
-    position, valid on any layout; a one-process checkpoint's RNG state is not restored (each rank has
-    its own stream). Every rank raises the same CheckpointError if any check fails."""
+    Returns the meta dict (step, tokens, sampler, opt_step, kind, rng_restored). The sampler state is the
+    global position, valid on any layout; each rank's RNG state is restored from a sharded checkpoint of
+    as many ranks (rank r's own stream), not from another world size or a one-process checkpoint. Every
+    rank raises the same CheckpointError if any check fails."""
     rank, world = dist.get_rank(), dist.get_world_size()
     single = os.path.isfile(os.path.join(path, STATE))
-    checked, failure = None, None
+    checked, failure, rng = None, None, None
     try:
         checked = _read_single(path, pm) if single else verify_sharded(path, rank, world)
+        rng = None if single else rng_state.read_rank(path, rank, world)
     except CheckpointError as e:
         failure = first_line(e)
     except Exception as e:  # noqa: BLE001 - agreed below; a rank must not leave the others waiting
@@ -280,12 +287,14 @@ def load_sharded(path: str, pm) -> dict:
         meta, flat = checked
         mine = _slices(pm)
         _install(pm, meta["opt_step"], lambda n, suffix: flat[n + suffix][mine[n][0]:mine[n][0] + mine[n][2]], flat)
-        return dict(meta, kind="single")
+        return dict(meta, kind="single", rng_restored=False)
     metadata, meta = checked
     sd = _state(pm, _global_numel(pm), fill=False)
     _dcp_load(path, sd, metadata, no_dist=False)
     _install(pm, meta["opt_step"], lambda n, suffix: sd[n + suffix].local_shards()[0].tensor, sd)
-    return dict(meta, kind="sharded")
+    if rng is not None:
+        rng_state.restore(*rng)   # checked by read_rank on every rank already
+    return dict(meta, kind="sharded", rng_restored=rng is not None)
 
 
 def _install(pm, opt_step: int, local, biases: dict) -> None:
@@ -298,7 +307,7 @@ def _install(pm, opt_step: int, local, biases: dict) -> None:
         for n, e in pm.zero.entries.items():
             vals = {}
             for suffix in ("",) + tuple("." + m for m in _MOMENTS):
-                full = torch.zeros(e.chunk, dtype=e.master.dtype)
+                full = torch.zeros(e.chunk, dtype=e.master.dtype, device=e.master.device)   # NCCL: device tensors
                 if n in mine:
                     full[:mine[n][2]] = local(n, suffix).to(full.dtype)
                 vals[suffix] = full
