@@ -129,11 +129,12 @@ def test_fprop_gemms_pipeline_in_shared_memory_without_spills(compiled, target):
     facts = _by_target(compiled, target)
     for f in facts.values():
         assert 0 <= f["shared_bytes"] <= MAX_SMEM_PER_BLOCK, (f["kernel"], f["shared_bytes"])
-        assert f["registers"] <= 255
     for kernel in ("_fp8_gemm_kernel", "_grouped_gemm_kernel"):
         f = facts[kernel]
         c = f["config"]
         # software pipelining keeps num_stages FP8 tiles of a and b in flight: ≥ stages · (M·K + N·K) bytes
         per_stage = c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_N"] * c["BLOCK_K"]
         assert f["shared_bytes"] >= f["num_stages"] * per_stage, (kernel, f["shared_bytes"])
+        # the tiles arrive by 16-byte asynchronous copies (what lets them overlap the MMAs), none byte-wise
+        assert f["global_loads"].get("cp.async 16B", 0) > 0 and "ld 1B" not in f["global_loads"], f["global_loads"]
         assert f["spill_store_bytes"] == f["spill_load_bytes"] == f["stack_bytes"] == 0, kernel

@@ -314,7 +314,13 @@ def compile_facts(targets=tuple(TARGETS), probes: str = DEFAULT_PROBES, first: b
                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
                  for c in cmds]
-        outputs = [p.communicate(timeout=timeout) for p in procs]
+        try:
+            outputs = [p.communicate(timeout=timeout) for p in procs]
+        finally:  # a timeout or an interrupt leaves no compiler running
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     merged: dict = {"facts": []}
     for cmd, proc, (out, err) in zip(cmds, procs, outputs):
         if proc.returncode != 0:
