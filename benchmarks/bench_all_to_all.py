@@ -10,12 +10,13 @@ with its IB and NVLink hops pipelined in chunks (report §3.2.1; parallel/two_ho
    unchunked and two-hop in 2, 4, 8 chunks, FP8 dispatch off and on. Every all-to-all takes the time of
    ``parallel.link_model.LinkModel`` (one serial IB link at 50 and one serial NVLink link at 160 units per
    rank, FIFO, latency = 4 KB on IB per message, unit = --unit bytes/s), slept out by the receiver until
-   its senders' links are done: loopback has no IB/NVLink asymmetry by itself. Beside each measurement:
+   its senders' links are done: loopback has no IB/NVLink asymmetry by itself. The unit is slow enough
+   (IB 12.5 MB/s) that loopback TCP on 2 shared cores is not the bottleneck. Beside each measurement:
    the bytes per hop, the modelled time of the run (its link bookings, at the times the ranks issued
    them) and the traffic model's prediction for the same routing (``predict_route``: the same link rules
    with no CPU time, issued by the whole cluster at once).
 
-    python benchmarks/bench_all_to_all.py [--iters 2] [--unit 1e6] [--skip-v3]
+    python benchmarks/bench_all_to_all.py [--iters 2] [--unit 2.5e5] [--skip-v3]   # ≈ 3 min on 2 cores
 The last line is ``two-hop chunked vs flat: N.NNx`` (flat = the plain all-to-all without node limit).
 """
 from __future__ import annotations
@@ -153,6 +154,12 @@ def _measure(rank, world, tokens, dim, iters, unit):
     from parallel.placement import Placement
     mesh = Mesh.from_config(ParallelConfig(ep=world, nodes=NODES, ranks_per_node=RPN))
     routes = {tg: v3_router(tg, tokens, dim, x_seed=rank) for tg in (GROUPS, 2)}
+    with torch.no_grad():      # warm-up: connects every group, starts the communication thread
+        for kind, C in (("flat", 1), ("two_hop", CHUNKS[-1])):
+            x, w, idx = (t[:64] for t in routes[2])
+            disp = EPDispatcher(mesh, Placement.contiguous(E, world), kind, True, link=LinkModel(unit=unit), chunks=C)
+            recv = disp.dispatch(x, idx, w).wait()
+            disp.combine(recv.x, recv).wait()
     res = {}
     for fp8 in (False, True):
         for kind, C in [("flat", 1)] + [("two_hop", c) for c in CHUNKS]:
@@ -160,22 +167,20 @@ def _measure(rank, world, tokens, dim, iters, unit):
             disp = EPDispatcher(mesh, Placement.contiguous(E, world), kind, fp8, link=LinkModel(unit=unit), chunks=C)
             wall, model = [], []
             with torch.no_grad():
-                for it in range(iters + 1):
+                for it in range(iters):
                     dist.barrier()
                     t0 = time.perf_counter()
                     recv = disp.dispatch(x, idx, w).wait()
                     y = disp.combine(recv.x * recv.weight.sum(1, keepdim=True).to(recv.x.dtype), recv).wait()
                     t1 = time.perf_counter()
                     dist.barrier()
-                    if it:
-                        wall.append(t1 - t0)
-                        model.append(disp.model_done - t0)
-            t = torch.tensor([max(wall), max(model), float(y.float().abs().sum())], dtype=torch.float64)
-            dist.all_reduce(t[:2], op=dist.ReduceOp.MAX)
-            n = iters + 1
-            res[(kind, fp8, C)] = dict(wall=t[0].item(), model=t[1].item(),
-                                       bytes={lk: disp.traffic.total(lk, "dispatch") / n for lk in ("inter", "intra")},
-                                       y=t[2].item())
+                    wall.append(t1 - t0)
+                    model.append(disp.model_done - t0)
+            t = torch.tensor([wall, model], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)          # an iteration ends when its last rank is done
+            n = iters
+            res[(kind, fp8, C)] = dict(wall=t[0].min().item(), model=t[1].min().item(), y=float(y.float().abs().sum()),
+                                       bytes={lk: disp.traffic.total(lk, "dispatch") / n for lk in ("inter", "intra")})
     return res
 
 
@@ -183,8 +188,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank in the measured run")
     ap.add_argument("--dim", type=int, default=2048, help="hidden width in the measured run")
-    ap.add_argument("--iters", type=int, default=2, help="timed iterations per configuration (after 1 warm-up)")
-    ap.add_argument("--unit", type=float, default=1e6, help="bytes/s per bandwidth unit (IB 50, NVLink 160)")
+    ap.add_argument("--iters", type=int, default=2, help="timed iterations per configuration")
+    ap.add_argument("--unit", type=float, default=2.5e5, help="bytes/s per bandwidth unit (IB 50, NVLink 160)")
     ap.add_argument("--v3-tokens", type=int, default=4096, help="tokens for the EP64 traffic model")
     ap.add_argument("--skip-v3", action="store_true", help="skip the EP64 traffic model")
     a = ap.parse_args()
@@ -196,7 +201,7 @@ def main() -> None:
     print(f"== measured: 8 gloo processes as {NODES} nodes x {RPN}, {a.tokens} tokens/rank of width {a.dim} (BF16), "
           f"E={E} top-{TOPK}, {GROUPS} groups (one per rank); flat: no node limit; two-hop: node limit 2 "
           f"(2 groups kept)\n   link model: IB {50 * a.unit / 1e6:g} MB/s, NVLink {160 * a.unit / 1e6:g} MB/s per rank, "
-          f"serial FIFO, {lat * 1e6:.0f} us per message; max over ranks of {a.iters} iterations after a warm-up; "
+          f"serial FIFO, {lat * 1e6:.0f} us per message; best of {a.iters} iterations, each until its last rank is done; "
           f"CPU ISA {torch.backends.cpu.get_cpu_capability()}")
     cp, n = pred["copies"], pred["tokens"]
     print(f"   traffic model copies/token: flat IB {cp['flat']['inter'] / n:.3f} NVLink {cp['flat']['intra'] / n:.3f}; "

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -37,9 +37,10 @@ from dsv3.config import ConfigError
 from dsv3.faults import PeerError, fault_point, first_line
 from parallel.link_model import LinkModel
 from parallel.placement import Placement
-from parallel.routing_plan import HopPlan, Topology, plan_experts, plan_hop, ExpertPlan
+from parallel.a2a_rows import Hop, _pack, _unpack
+from parallel.routing_plan import Topology, plan_experts, plan_hop, ExpertPlan
 from parallel.two_hop_chunks import ForwardWait, ReverseWait, Route, comm_thread, dispatch_task, forward_task, \
-    reverse_task
+    plan_dispatch, reverse_task
 
 FP8_BLOCK = 128
 
@@ -84,39 +85,6 @@ class TrafficCounters:
         return out
 
 
-# ----------------------------------------------------------------------------------- byte rows
-def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Row-wise concatenation of (S, ...) tensors of any dtype as raw bytes: (S, B) uint8."""
-    S = parts[0].shape[0]
-    return torch.cat([_dense(p).view(torch.uint8).reshape(S, _row_bytes(p)) for p in parts], dim=1)
-
-
-def _dense(p: torch.Tensor) -> torch.Tensor:
-    """Row-major storage (an empty or expanded grad may report contiguous with stride 0)."""
-    p = p.contiguous()
-    if p.dim() and p.stride(-1) != 1:
-        p = torch.empty(p.shape, dtype=p.dtype, device=p.device).copy_(p)
-    return p
-
-
-def _row_bytes(p: torch.Tensor) -> int:
-    n = p.element_size()
-    for s in p.shape[1:]:
-        n *= s
-    return n
-
-
-def _unpack(buf: torch.Tensor, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
-    out, col = [], 0
-    for dtype, tail in specs:
-        n = torch.empty((), dtype=dtype).element_size()
-        for s in tail:
-            n *= s
-        out.append(buf[:, col:col + n].contiguous().view(dtype).reshape(buf.shape[0], *tail))
-        col += n
-    return out
-
-
 def _peer_error(group, e: BaseException) -> PeerError:
     if isinstance(e, PeerError):
         return e
@@ -125,17 +93,6 @@ def _peer_error(group, e: BaseException) -> PeerError:
     except Exception:  # noqa: BLE001 - only for the message
         ranks = "?"
     return PeerError(f"expert all-to-all over ranks {ranks} failed: {first_line(e)}")
-
-@dataclass
-class Hop:
-    """One collective of a route: its group, the link kind to each peer, and this rank's plan."""
-    group: object
-    links: list[str]                 # per group rank: self / intra / inter
-    plan: Optional[HopPlan] = None
-    n_in: int = 0                    # rows of the table the hop sends from
-    send_counts: list[int] = field(default_factory=list)
-    recv_counts: list[int] = field(default_factory=list)
-
 
 class _Pending:
     """An in-flight all_to_all_single; ``wait`` also sleeps out the modelled link time: until the latest
@@ -296,6 +253,7 @@ class EPDispatcher:
         h = DispatchHandle(self, x, topk_weight)
         if self.kind == "two_hop":
             route = Route(self.chunks)
+            plan_dispatch(self, route, phys)    # the counts, synchronously (as flat's below)
             h.route, h.rows = route, ForwardWait(self, route, comm_thread().submit(dispatch_task, self, route,
                                                                                     payload, w, phys))
         else:

@@ -14,11 +14,13 @@ Results do not depend on the chunk count, bitwise:
   in rank order either way; the source collects every chunk into the unchunked layout before its one
   ``index_add_``.
 
-Every collective of these routes runs on one communication thread per process (``comm_thread``), in the
-order the main thread asked for them, which is the same on every rank of the EP group (the rule every
-collective already follows). So the second hop progresses while the main thread computes — between
-the overlap's yield points, not only inside ``wait()`` — and no two ranks can disagree on the order of
-collectives on a group (NCCL and gloo match collectives by order).
+Every data collective of these routes (on ``ep_inter`` and ``ep_intra``) runs on one communication
+thread per process (``comm_thread``), in the order the main thread asked for them, which is the same on
+every rank of the EP group (the rule every collective already follows). So the second hop progresses
+while the main thread computes — between the overlap's yield points, not only inside ``wait()`` — and
+no two ranks can disagree on the order of collectives on a group (NCCL and gloo match collectives by
+order). The dispatch's one count exchange (on the EP group, used by no other thread) runs on the
+calling thread before the data moves, as flat's does and as DeepEP's notify_dispatch.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from parallel.a2a_rows import Hop, _pack, _unpack
 from parallel.routing_plan import plan_hop
 
 
@@ -139,15 +142,20 @@ def _masked(parts, w, phys, plan):
 
 
 # ------------------------------------------------------------------------------ tasks (comm thread)
-def dispatch_task(disp, route: Route, payload, w, phys):
-    """Plans hop 1 and sends it in chunks; forwards each chunk at its relay as it lands (planning its
-    hop 2 there). One count exchange over the EP group up front gives every rank what it will receive on
-    both hops, chunk by chunk: a source knows, for each row it sends, its chunk and the local ranks it
+def _device(t: torch.Tensor) -> None:
+    """A new thread starts on CUDA device 0: run the task on its tensors' device."""
+    if t.is_cuda:
+        torch.cuda.set_device(t.device)
+
+
+def plan_dispatch(disp, route: Route, phys: torch.Tensor) -> None:
+    """On the calling thread, before any data moves (as DeepEP's notify_dispatch): plans hop 1 and runs
+    the one count exchange of the dispatch, over the EP group. It gives every rank what it will receive
+    on both hops, chunk by chunk: a source knows, for each row it sends, its chunk and the local ranks it
     reaches, so it tells each rank (n, l) how many rows of each chunk will reach it through relay
-    (n, its own local index). Returns the hop-2 pendings and the row specs."""
-    from parallel.all_to_all import Hop, _pack, _unpack
+    (n, its own local index). Sets ``route.hop1`` (and its chunk layout) and ``route.pairs``."""
     group, links, dest_of = disp._hop_specs[0]
-    group2, links2, dest2 = disp._hop_specs[1]
+    _, links2, dest2 = disp._hop_specs[1]
     P, L, C, dev = len(links), len(links2), route.chunks, phys.device
     me = links2.index("self")                                     # this rank's local index
     plan = plan_hop(dest_of(phys.long()), P)
@@ -165,9 +173,18 @@ def dispatch_task(disp, route: Route, payload, w, phys):
     got = disp._exchange_counts(disp._ep_hop, vec.reshape(-1))
     got = torch.tensor(got).view(P, L, C + 1)                      # from EP rank p·L + l
     hop1.recv_counts = got[:, me, 0].tolist()
-    pairs = got[:, :, 1:].permute(2, 1, 0)                          # (C, L, P)
+    route.pairs = got[:, :, 1:].permute(2, 1, 0)                    # (C, L, P)
     route.set_hop1(hop1)
-    parts = _masked(payload, w, phys, plan)
+
+
+def dispatch_task(disp, route: Route, payload, w, phys):
+    """Sends hop 1 (planned by ``plan_dispatch``) in chunks; forwards each chunk at its relay as it lands,
+    planning its hop 2 there. Returns the hop-2 pendings and the row specs."""
+    _device(phys)
+    hop1, pairs, C = route.hop1, route.pairs, route.chunks
+    group2, links2, dest2 = disp._hop_specs[1]
+    L = len(links2)
+    parts = _masked(payload, w, phys, hop1.plan)
     specs = _specs(parts)
     buf = _pack(parts)
     pend = [disp._send(hop1, buf[i], s, r, "dispatch", True) for i, s, r in zip(route.send_idx, route.s1, route.r1)]
@@ -180,14 +197,13 @@ def dispatch_task(disp, route: Route, payload, w, phys):
         route.hop2.append(hop2)
         out.append(disp._send(hop2, _pack(_masked(pl, wc, ph, plan2)), hop2.send_counts, hop2.recv_counts,
                               "dispatch", True))
-    route.pairs = pairs
-    route.perm = arrival_perm(pairs).to(dev) if C > 1 else None
+    route.perm = arrival_perm(pairs).to(phys.device) if C > 1 else None
     return out, specs
 
 
 def forward_task(disp, route: Route, g: torch.Tensor, direction: str):
     """Rows at the source out along a planned route (combine's backward), chunk by chunk."""
-    from parallel.all_to_all import _pack, _unpack
+    _device(g)
     specs = _specs([g])
     buf = _pack([g[route.hop1.plan.send_rows]])
     pend = [disp._send(route.hop1, buf[i], s, r, direction, True)
@@ -202,7 +218,7 @@ def forward_task(disp, route: Route, g: torch.Tensor, direction: str):
 def reverse_task(disp, route: Route, parts: list[torch.Tensor], direction: str):
     """Rows at the final receivers back to the source (combine, dispatch's backward): hop 2 back in
     chunks, each summed at its relay and sent back over IB as soon as it lands."""
-    from parallel.all_to_all import _pack, _unpack
+    _device(parts[0])
     specs = _specs(parts)
     if route.perm is not None:     # back to arrival order: arrival[perm] = rows
         parts = [torch.empty_like(p).index_copy_(0, route.perm, p) for p in parts]
@@ -226,7 +242,6 @@ class ForwardWait:
         self.disp, self.route, self.fut = disp, route, fut
 
     def wait(self) -> list[torch.Tensor]:
-        from parallel.all_to_all import _unpack
         with self.disp._blocking():
             pend, specs = self.fut.result()
             buf = torch.cat([p.wait() for p in pend])
@@ -242,7 +257,6 @@ class ReverseWait:
         self.disp, self.route, self.fut = disp, route, fut
 
     def wait(self) -> list[torch.Tensor]:
-        from parallel.all_to_all import _unpack
         hop1 = self.route.hop1
         with self.disp._blocking():
             pend, specs = self.fut.result()
