@@ -114,8 +114,12 @@ def _worker(rank, world, tmp):
             stats = pm.train_step(rows, cfg.train.lr, model.mtp_weight)
             actions("loads")
             if name == "dualpipe_ep":   # DCP is slow on 2 cores: the checkpoint on one layout only
+                torch.rand(rank + 1)          # each rank's generator at its own place
                 path = actions("save")
+                after_save = torch.rand(3)    # what each rank's generator gives right after the save
+                torch.rand(50)
                 meta = actions("load")
+                out["rng"] = (after_save, torch.rand(3))
         out[name] = dict(findings=audit.findings, calls=dict(audit.calls), loss=stats["loss"],
                          rng_restored=meta.get("rng_restored"))
         for revert, (layout, module, factory, caller, what, _) in REVERTS.items():
@@ -157,7 +161,10 @@ def test_zero_ep_and_pipeline_paths_pass_the_audit(tmp_path_factory):
         pipe = res["dualpipe_ep"]
         assert pipe["calls"].get("isend", 0) + pipe["calls"].get("batch_isend_irecv", 0) > 0, pipe["calls"]
         assert pipe["calls"].get("all_gather_object", 0) > 0 and pipe["rng_restored"] is True, (rank, pipe)
+        after_save, after_load = res["rng"]   # the sharded checkpoint restored this rank's own RNG stream
+        assert torch.equal(after_save, after_load), rank
         assert res["unaudited_loss"] == res["zero_ep"]["loss"], (rank, res["unaudited_loss"], res["zero_ep"]["loss"])
+    assert len({tuple(res["rng"][0].tolist()) for res in results}) == WORLD   # one stream per rank
 
 
 def test_reverting_a_fixed_call_site_is_caught(tmp_path_factory):
