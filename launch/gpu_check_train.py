@@ -79,7 +79,13 @@ def median_tokens_per_s(records: list[dict]) -> tuple[float, str]:
     rest = records[skip:]
     if not rest:
         return float("nan"), "no steps"
-    return statistics.median(r["tokens_per_s"] for r in rest), f"median of steps {skip + 1}–{len(records)}"
+    return _median(r.get("tokens_per_s") for r in rest), f"median of steps {skip + 1}–{len(records)}"
+
+
+def _median(values) -> float:
+    """Median of the numbers among ``values`` (a field the trainer leaves out or sets to None is skipped)."""
+    nums = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(nums) if nums else float("nan")
 
 
 def model_flops_per_token(config: str, overrides: list[str]) -> float:
@@ -137,7 +143,8 @@ def part_train(sec, a) -> None:
             mfu = f"{100 * tps * fpt / (bf16_peak * 1e12):.2f}% of BF16"
             if name != "bf16":
                 mfu += f", {100 * tps * fpt / (fp8_peak * 1e12):.2f}% of FP8"
-        trainer = f"{100 * statistics.median(x['mfu'] for x in recs[len(recs) // 2:]):.2f}%" if recs else "n/a"
+        trainer_mfu = _median(x.get("mfu") for x in recs[len(recs) // 2:])
+        trainer = f"{100 * trainer_mfu:.2f}%" if math.isfinite(trainer_mfu) else "n/a"
         sec.row(name, " ".join(extra) or "-", "timeout" if r["rc"] is None else r["rc"], len(recs),
                 f"{tps:,.0f} ({how})" if recs else "n/a", mfu, trainer,
                 f"{recs[-1]['loss']:.5f}" if recs else "n/a", f"{r['seconds']:.0f}")
