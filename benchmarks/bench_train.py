@@ -182,6 +182,9 @@ def main() -> None:
         print(f"roofline: step {rf['step_flop'] / 1e9:.2f} GFLOP (GEMMs {rf['gemm_flop'] / 1e9:.2f} in {rf['calls']} calls "
               f"of {rf['shapes']} shapes + attention core {rf['attn_flop'] / 1e9:.2f}); this CPU's FP32 matmul rate "
               f"on that GEMM list {rf['rate'] / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads, best of 5)")
+        floor = rf["step_flop"] / rf["rate"]     # every FLOP at the GEMM list's rate, nothing else
+        print(f"ceiling: a step of only its GEMMs and attention FLOP at that rate would take {floor * 1e3:.1f} ms: "
+              f"at most {best['transformers'] / floor:.2f}x transformers' best step")
     else:
         print("roofline: measured in FP32 runs only (BF16 autocast GEMM lists mix dtypes)")
     d0 = abs(losses["ours"][0] - losses["transformers"][0])
