@@ -1,5 +1,6 @@
-"""MLA's causal attention core on decompressed heads, in at least FP32 whatever the autocast (report
-§3.3: the attention core keeps its precision).
+"""MLA's causal attention core on decompressed heads: on CPU in at least FP32 whatever the autocast, on
+CUDA in the autocast dtype through the fused SDPA kernels (report §3.3: the core keeps its original
+precision, BF16 or FP32).
 
 ``mla_attention(q_nope, q_rope, k_nope, k_rope, v, scale)`` takes the pieces as MLA produces them,
 (B, T, H, ·) with the rope key shared over heads (B, T, 1, d_rope), and returns (B, T, H, d_v).
@@ -63,11 +64,14 @@ def mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tens
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention on (B, H, T, d) in ≥ FP32 through F.scaled_dot_product_attention, V padded
-    to the query width on CPU (so the flash kernel runs); returned in q's dtype."""
-    dtype, out_dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
+    """Causal softmax attention on (B, H, T, d) through F.scaled_dot_product_attention, returned in q's
+    dtype. On CPU in ≥ FP32; on CUDA in the autocast dtype (BF16: the report keeps the core at its original
+    precision, and the flash / cuDNN / efficient kernels run BF16 — they accumulate softmax in FP32). V is
+    padded to the query width where the fused kernels want equal head dims (CPU flash, CUDA)."""
+    cuda = q.device.type == "cuda"
+    dtype, out_dtype = (q.dtype if cuda else torch.promote_types(q.dtype, torch.float32)), q.dtype
     d_v = v.shape[-1]
-    pad = q.device.type == "cpu" and d_v < q.shape[-1] and dtype == torch.float32
+    pad = d_v < q.shape[-1] and (cuda or dtype == torch.float32)
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if pad:

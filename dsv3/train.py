@@ -420,7 +420,9 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
             while step < t.steps:
                 t0 = time.perf_counter()
                 lr, mtp_weight, gamma, n_micro = sched.at(step, tokens)
-                rows = torch.cat([sampler.next_batch() for _ in range(n_micro)]).to(env.device)
+                rows = torch.cat([sampler.next_batch() for _ in range(n_micro)])
+                if env.device.type == "cuda":   # pinned host memory: the copy overlaps the previous step's tail
+                    rows = rows.pin_memory().to(env.device, non_blocking=True)
                 set_step(step + 1)
                 stats = steps.train_step(rows, lr, mtp_weight, gamma, autocast,
                                          lambda loss, norm: guard.check(loss, norm, step + 1), monitor)
