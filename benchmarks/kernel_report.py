@@ -112,11 +112,11 @@ def table(facts: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="+", default=list(aot.TARGETS), choices=list(aot.TARGETS))
-    parser.add_argument("--jobs", type=int, default=2, help="compiling subprocesses (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="compiling worker processes (default 2)")
     parser.add_argument("--json", help="also write the raw facts here")
     args = parser.parse_args(argv)
     facts = aot.compile_facts(tuple(args.targets), probes=f"{os.path.abspath(__file__)}:report_launches",
-                              jobs=max(args.jobs, len(args.targets)), timeout=3600)
+                              jobs=args.jobs, timeout=3600)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(facts, f, indent=1)

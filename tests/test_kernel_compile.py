@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for Hopper (sm_90a) and Blackwell (sm_100a) on this GPU-less machine.
 
 ``triton_kernels.aot`` compiles each kernel's first launch made by FP8 training (report §3.3) in
-subprocesses with TRITON_INTERPRET=0, one per target, and reads the SASS with cuobjdump. The
+a subprocess with TRITON_INTERPRET=0 (two forked compiling workers) and reads the SASS with cuobjdump. The
 FP8 GEMMs must become the FP8 tensor-core instructions — wgmma ``QGMMA`` with E4M3 operands on
 sm_90a, tcgen05 ``UTCQMMA`` (kind::f8f6f4) on sm_100a — the E5M6 wgrad the FP16 ones, and the
 quantisation kernels no MMA.

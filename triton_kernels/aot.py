@@ -27,9 +27,11 @@ import importlib
 import importlib.util
 import io
 import json
+import multiprocessing
 import os
 import pkgutil
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -200,7 +202,7 @@ def missing_tools(capability: int) -> list[str]:
     return missing
 
 
-def sass_facts(cubin: bytes, dump: Path | None = None) -> dict:
+def sass_facts(cubin: bytes, dump: str | None = None) -> dict:
     """Registers, stack, static shared memory and the MMA instructions of a cubin (cuobjdump)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -235,7 +237,7 @@ def global_loads(ptx: str) -> dict[str, int]:
     return loads
 
 
-def compile_launch(launch: dict, target, dump_dir: str | None = None) -> dict:
+def compile_launch(launch: dict, target, dump: str | None = None) -> dict:
     """Compile one captured launch for ``target``; facts from ptxas's log, the metadata and the SASS."""
     import triton
     from triton.compiler import ASTSource
@@ -251,9 +253,7 @@ def compile_launch(launch: dict, target, dump_dir: str | None = None) -> dict:
     if spills is None:
         raise RuntimeError(f"{launch['kernel']}: no ptxas -v log (cached compile?): {log.getvalue()[-300:]}")
     meta = compiled.metadata
-    dump = None
-    if dump_dir is not None:
-        dump = Path(dump_dir) / f"{launch['kernel']}.sm{target.arch}.{len(os.listdir(dump_dir)) // 2}"
+    if dump is not None:  # a path prefix: <dump>.ptx and <dump>.sass
         Path(f"{dump}.ptx").write_text(compiled.asm["ptx"])
     ptx_target = re.search(r"^\.target\s+(\w+)", compiled.asm["ptx"], re.M).group(1)
     ptx_mma = sorted(set(re.findall(r"\b(?:wgmma\.mma_async|tcgen05\.mma|mma\.sync)[\w.:]*", compiled.asm["ptx"])))
@@ -265,31 +265,54 @@ def compile_launch(launch: dict, target, dump_dir: str | None = None) -> dict:
                 compile_s=round(seconds, 2), **sass_facts(compiled.asm["cubin"], dump))
 
 
+_WORK: list = []  # (launch, target) pairs, set before the worker pool forks
+
+
+def _compile_item(args) -> dict:
+    index, dump_dir = args
+    launch, target = _WORK[index]
+    dump = None if dump_dir is None else f"{dump_dir}/{launch['kernel']}.sm{target.arch}.{index}"
+    return compile_launch(launch, target, dump)
+
+
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", choices=sorted(TARGETS), required=True)
+    parser.add_argument("--targets", nargs="+", choices=sorted(TARGETS), required=True)
     parser.add_argument("--probes", default=DEFAULT_PROBES)
     parser.add_argument("--first", action="store_true", help="only each kernel's first launch")
-    parser.add_argument("--shard", default="0/1", help="i/n: compile launches i, i+n, …")
+    parser.add_argument("--jobs", type=int, default=1, help="compiling worker processes")
     parser.add_argument("--dump-dir", help="also write each kernel's PTX and SASS here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         raise SystemExit("triton_kernels.aot: run with TRITON_INTERPRET=0 (the interpreter cannot compile)")
     from triton.backends.compiler import GPUTarget
-    target = GPUTarget("cuda", TARGETS[args.target], 32)
-    if missing := missing_tools(target.arch):
-        raise SystemExit(f"triton_kernels.aot: Triton's NVIDIA tools are missing: {', '.join(missing)}; "
-                         "reinstall triton (it ships them under triton/backends/nvidia/bin) or set TRITON_<TOOL>_PATH")
-    launches = capture(args.probes, target)
-    if args.first:
-        firsts: dict[str, dict] = {}
-        for launch in launches:
-            firsts.setdefault(launch["kernel"], launch)
-        launches = list(firsts.values())
-    shard, shards = map(int, args.shard.split("/"))
+    from triton.runtime.cache import triton_key
+    _WORK.clear()
+    for name in args.targets:
+        target = GPUTarget("cuda", TARGETS[name], 32)
+        if missing := missing_tools(target.arch):
+            raise SystemExit(f"triton_kernels.aot: Triton's NVIDIA tools are missing: {', '.join(missing)}; "
+                             "reinstall triton (it ships them in triton/backends/nvidia/bin) or set TRITON_<TOOL>_PATH")
+        launches = capture(args.probes, target)
+        if args.first:
+            firsts: dict[str, dict] = {}
+            for launch in launches:
+                firsts.setdefault(launch["kernel"], launch)
+            launches = list(firsts.values())
+        _WORK.extend((launch, target) for launch in launches)
     kernels, helpers = split_kernels(jit_functions())
-    facts = [compile_launch(launch, target, args.dump_dir) for launch in launches[shard::shards]]
-    json.dump(dict(kernels=kernels, helpers=helpers, launched=sorted({l["kernel"] for l in launches}),
+    triton_key()  # Triton hashes its own library once per process: here, before the workers fork
+    # GEMMs (the slow compiles) first, so the workers finish together
+    order = sorted(range(len(_WORK)), key=lambda i: "tl.dot(" not in _WORK[i][0]["fn"].src)
+    items = [(i, args.dump_dir) for i in order]
+    if args.jobs > 1:
+        # fork: the workers inherit the captured launches (JITFunctions do not pickle) and the imports
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            results = pool.map(_compile_item, items, chunksize=1)
+    else:
+        results = [_compile_item(item) for item in items]
+    facts = [f for _, f in sorted(zip(order, results), key=lambda x: x[0])]
+    json.dump(dict(kernels=kernels, helpers=helpers, launched=sorted({l["kernel"] for l, _ in _WORK}),
                    facts=facts), sys.stdout)
     return 0
 
@@ -298,37 +321,29 @@ def _main(argv=None) -> int:
 
 def compile_facts(targets=tuple(TARGETS), probes: str = DEFAULT_PROBES, first: bool = False,
                   jobs: int = 2, timeout: float = 900) -> dict:
-    """Compile the probes' launches for each target in ``jobs`` parallel subprocesses.
+    """Compile the probes' launches for each target in one subprocess with ``jobs`` compiling workers.
 
     Returns {"kernels", "helpers", "launched", "facts": [one dict per (launch, target)]}; raises
     RuntimeError with the subprocess's last words if any compile fails (a missing ptxas or
     cuobjdump included).
     """
-    per_target = max(1, jobs // len(targets))
-    cmds = [[sys.executable, "-m", "triton_kernels.aot", "--target", t, "--probes", probes,
-             "--shard", f"{i}/{per_target}"] + (["--first"] if first else [])
-            for t in targets for i in range(per_target)]
+    cmd = [sys.executable, "-m", "triton_kernels.aot", "--targets", *targets, "--probes", probes,
+           "--jobs", str(jobs)] + (["--first"] if first else [])
     with tempfile.TemporaryDirectory(prefix="dsv3-aot-") as cache:
         # a private, empty cache: every kernel really compiles, so ptxas writes the log we parse
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache, TRITON_DEFAULT_FP_FUSION="1",
                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-                 for c in cmds]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=REPO, start_new_session=True)
         try:
-            outputs = [p.communicate(timeout=timeout) for p in procs]
-        finally:  # a timeout or an interrupt leaves no compiler running
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    merged: dict = {"facts": []}
-    for cmd, proc, (out, err) in zip(cmds, procs, outputs):
-        if proc.returncode != 0:
-            raise RuntimeError(f"AOT compile for {cmd[4]} failed (exit {proc.returncode}):\n{err[-3000:]}")
-        part = json.loads(out)
-        merged["facts"] += part.pop("facts")
-        merged.update(part)
-    return merged
+            out, err = proc.communicate(timeout=timeout)
+        finally:  # a timeout or an interrupt leaves no compiler running (the workers share its group)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compile for {', '.join(targets)} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return json.loads(out)
 
 
 if __name__ == "__main__":
