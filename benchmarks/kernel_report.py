@@ -97,11 +97,11 @@ def table(facts: list[dict]) -> str:
         tile = ", ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in f["config"].items())
         dtypes = [_short(v) for k, v in f["pointers"].items() if not k.startswith(("tile_", "group_"))]
         # the autograd op that launched it, or the launcher itself where a probe called it directly
-        sites = sorted({callee if caller.endswith("_launches") else caller
+        sites = sorted({f"`{callee if caller.endswith('_launches') else caller}`"
                         for callee, caller in (s.split("<") for s in f["sites"])})
         mma = ", ".join(f"{op} ×{n}" for op, n in f["mma"].items()) or "—"
         reads = ", ".join(f"{op} ×{n}" for op, n in sorted(f["global_loads"].items(), key=lambda x: -x[1]))
-        name = f"{f['kernel']} (baseline)" if f["kernel"] == BASELINE else f["kernel"]
+        name = f"`{f['kernel']}` (baseline)" if f["kernel"] == BASELINE else f"`{f['kernel']}`"
         rows.append(f"| {name} | {tile} | {f['num_warps']}·{f['num_stages']} | {'/'.join(dtypes)} | "
                     f"{'; '.join(sites)} | {f['target']} | {f['registers']} | {f['stack_bytes']} | "
                     f"{f['spill_store_bytes']}/{f['spill_load_bytes']} | {f['shared_bytes']} | "
