@@ -12,7 +12,8 @@ Reading the columns: ``stack`` is the per-thread stack frame (local memory); ``s
 stored / loaded to free registers (0/0 = none); ``smem`` the dynamic shared memory a launch asks for —
 for a pipelined K loop about num_stages × (BLOCK_M + BLOCK_N) × BLOCK_K bytes of FP8 tiles; ``tmem``
 Blackwell tensor-memory columns (the accumulator); ``global reads`` the PTX's cp.async copies into
-shared memory (what the pipeline overlaps with the MMAs) and its loads into registers, by width. Run (several minutes on 2 cores):
+shared memory (what the pipeline overlaps with the MMAs) and its loads into registers, by width.
+Run (several minutes on 2 cores):
     python benchmarks/kernel_report.py [--targets sm_90a sm_100a] [--jobs 2] [--json out.json]
 """
 from __future__ import annotations
@@ -92,7 +93,8 @@ def table(facts: list[dict]) -> str:
     order = {k: i for i, k in enumerate(dict.fromkeys(f["kernel"] for f in facts))}
 
     def key(f):
-        return order[f["kernel"]], json.dumps(f["config"]), json.dumps(f["pointers"]), list(aot.TARGETS).index(f["target"])
+        target = list(aot.TARGETS).index(f["target"])
+        return order[f["kernel"]], json.dumps(f["config"]), json.dumps(f["pointers"]), target
     for f in sorted(facts, key=key):
         tile = ", ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in f["config"].items())
         dtypes = [_short(v) for k, v in f["pointers"].items() if not k.startswith(("tile_", "group_"))]

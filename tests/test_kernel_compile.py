@@ -60,7 +60,7 @@ def test_every_jit_function_is_enumerated_and_compiled(compiled):
     assert len(scanned) == decorated
     kernels, helpers = compiled["kernels"], compiled["helpers"]
     # the import-time enumeration finds exactly the decorated functions: a new kernel cannot hide
-    assert sorted(kernels + list(helpers)) == sorted(scanned)
+    assert sorted(kernels + list(helpers)) == sorted(scanned), f"failed to import: {compiled['unimportable']}"
     # a device helper is compiled inside a kernel that calls it
     for helper, callers in helpers.items():
         assert callers and all(re.search(rf"\b{helper}\(", scanned[k]) for k in callers), helper

@@ -50,13 +50,24 @@ _MNEMONIC = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9
 
 # ---------------------------------------------------------------- inside the compiling subprocess
 
+UNIMPORTABLE: dict[str, str] = {}  # module -> ImportError (an optional dependency missing)
+
+
 def jit_functions() -> dict[str, object]:
-    """{name: JITFunction} of every module of the package, found by import (needs TRITON_INTERPRET=0)."""
+    """{name: JITFunction} of every module of the package, found by import (needs TRITON_INTERPRET=0).
+
+    A module whose import fails (an optional dependency such as Transformer Engine) is noted in
+    UNIMPORTABLE; a kernel in it is then missing here, which the test's source scan reports.
+    """
     from triton.runtime.jit import JITFunction
     import triton_kernels
     found = {}
     for info in pkgutil.iter_modules(triton_kernels.__path__):
-        module = importlib.import_module(f"triton_kernels.{info.name}")
+        try:
+            module = importlib.import_module(f"triton_kernels.{info.name}")
+        except ImportError as e:
+            UNIMPORTABLE[info.name] = str(e)
+            continue
         for name, obj in vars(module).items():
             if isinstance(obj, JITFunction) and obj.fn.__module__ == module.__name__:
                 found[name] = obj
@@ -227,8 +238,10 @@ def global_loads(ptx: str) -> dict[str, int]:
     by width (what the software pipeline overlaps with the MMAs), TMA bulk copies, and loads into
     registers by width (1-byte loads of FP8 mean the address had no provable alignment)."""
     loads: dict[str, int] = {}
-    for width in re.findall(r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)", ptx):
-        loads[f"cp.async {int(width, 0)}B"] = loads.get(f"cp.async {int(width, 0)}B", 0) + 1
+    copy = r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)"
+    for width in re.findall(copy, ptx):  # cp.async.cg.shared.global [dst], [src], bytes
+        key = f"cp.async {int(width, 0)}B"
+        loads[key] = loads.get(key, 0) + 1
     if tma := len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)):
         loads["tma"] = tma
     for vec, bits in re.findall(r"\bld\.global[\w.]*?\.(?:v([248])\.)?[bfsu](8|16|32|64)\b", ptx):
@@ -312,8 +325,9 @@ def _main(argv=None) -> int:
     else:
         results = [_compile_item(item) for item in items]
     facts = [f for _, f in sorted(zip(order, results), key=lambda x: x[0])]
-    json.dump(dict(kernels=kernels, helpers=helpers, launched=sorted({l["kernel"] for l, _ in _WORK}),
-                   facts=facts), sys.stdout)
+    launched = sorted({launch["kernel"] for launch, _ in _WORK})
+    json.dump(dict(kernels=kernels, helpers=helpers, unimportable=UNIMPORTABLE, launched=launched, facts=facts),
+              sys.stdout)
     return 0
 
 
