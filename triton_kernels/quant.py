@@ -18,7 +18,7 @@ _FP8_MAX = tl.constexpr(FP8_MAX)
 
 @triton.jit
 def _scale_from_amax(amax, POW2: tl.constexpr):
-    scale = tl.maximum(amax, _AMAX_FLOOR) / _FP8_MAX
+    scale = tl.math.div_rn(tl.maximum(amax, _AMAX_FLOOR), _FP8_MAX)   # IEEE division: '/' is approximate on sm_90
     if POW2:
         # exact ceil to a power of two on the bits: a log2 could round an exact power down
         bits = scale.to(tl.int32, bitcast=True)
@@ -55,7 +55,7 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K, KB,
     offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), POW2)
-    y = tl.clamp(x / scale[:, None], -_FP8_MAX, _FP8_MAX)
+    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -_FP8_MAX, _FP8_MAX)
     tl.store(y_ptr + offs, _round_to_e4m3(y).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows * KB + pid_k, scale, mask=rows < M)
 
@@ -87,7 +87,7 @@ def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, NB, KB, BLOCK: tl.constexpr)
     offs = e.to(tl.int64) * N * K + rows[:, None] * K + cols[None, :]
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), False)
-    y = tl.clamp(w / scale, -_FP8_MAX, _FP8_MAX)
+    y = tl.clamp(tl.math.div_rn(w, scale), -_FP8_MAX, _FP8_MAX)
     tl.store(y_ptr + offs, _round_to_e4m3(y).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pid_en * KB + pid_k, scale)
 
@@ -146,7 +146,7 @@ def _act_quant_t_kernel(x_ptr, y_ptr, s_ptr, tile_start_ptr, tile_end_ptr, M, K,
     mask = (rows < end)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     scale = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (BLOCK,) one per channel
-    y = tl.clamp(x / scale[None, :], -_FP8_MAX, _FP8_MAX)
+    y = tl.clamp(tl.math.div_rn(x, scale[None, :]), -_FP8_MAX, _FP8_MAX)
     y_offs = cols[None, :].to(tl.int64) * M + rows[:, None]
     tl.store(y_ptr + y_offs, _round_to_e4m3(y).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + cols * T + t, scale, mask=cols < K)
