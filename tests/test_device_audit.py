@@ -16,8 +16,9 @@ Clean runs must give no finding (and the audit must not change the numbers: the 
 equals the unaudited one's bit for bit). Negative controls revert one fixed call site each, through
 a patch of that module's ``torch`` that drops ``device=`` from one factory in one function (as the
 code read before the fix), and the audit must report that site: ZeRO's norm squares, the loss sums and
-``all_layer_loads`` of parallelize, the flat all-to-all's combine buffer, the checkpoint's copy-sum
-buffer. Each control also asserts that the patched call was really made.
+``all_layer_loads`` of parallelize, the flat all-to-all's combine buffer, the two-hop relay's sum
+buffer (on the comm thread), the checkpoint's copy-sum buffer. Each control also asserts that the
+patched call was really made.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ WORLD, SEQ, ROWS = 4, 16, 8
 BASE = [f"data.seq_len={SEQ}", "train.micro_batch_size=1", f"train.global_batch={ROWS}"]
 LAYOUTS = {
     "zero_ep": ["parallel.ep=2", "parallel.dispatcher=flat"],
-    "dualpipe_ep": ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe"],
+    "dualpipe_ep": ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe",   # EP over 2 "nodes":
+                    "parallel.nodes=4", "parallel.ranks_per_node=1"],                    # the two-hop path
 }
 # (layout, module, factory, function whose call loses device=, what runs, file:function the audit must name)
 REVERTS = {
@@ -42,6 +44,8 @@ REVERTS = {
     "all_layer_loads": ("zero_ep", "parallel.parallelize", "zeros", "all_layer_loads", "loads",
                         "parallel/parallelize.py"),
     "a2a_combine_buffer": ("zero_ep", "parallel.all_to_all", "zeros", "finish", "step", "parallel/all_to_all.py"),
+    "two_hop_relay_sum": ("dualpipe_ep", "parallel.two_hop_chunks", "zeros", "reverse_task", "step",   # comm thread
+                          "parallel/two_hop_chunks.py"),
     "ckpt_copy_sum": ("dualpipe_ep", "parallel.dist_checkpoint", "zeros", "_install", "load",
                       "parallel/dist_checkpoint.py"),
 }
