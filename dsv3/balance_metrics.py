@@ -34,7 +34,7 @@ def groups_histogram(indices: torch.Tensor, n_group: int, n_experts: int) -> tor
     per_group = n_experts // n_group
     hit = torch.zeros(indices.shape[0], n_group, dtype=torch.bool, device=indices.device)
     hit.scatter_(1, indices // per_group, True)
-    return torch.bincount(hit.sum(dim=1), minlength=n_group + 1).cpu()
+    return torch.bincount(hit.sum(dim=1), minlength=n_group + 1)   # on the router's device: no host sync
 
 
 def mean_of_histogram(counts: Iterable[float]) -> float:
@@ -53,7 +53,9 @@ class BalanceMonitor:
 
     def __init__(self, model: torch.nn.Module):
         self.moes = list(model.moe_layers())
-        self.histograms = [torch.zeros(m.cfg.n_group + 1, dtype=torch.int64) for m in self.moes]
+        # on the routers' device: a micro-batch adds to them without a host sync; read once per step
+        self.histograms = [torch.zeros(m.cfg.n_group + 1, dtype=torch.int64, device=m.gate.weight.device)
+                           for m in self.moes]
         self.balance_sums = [0.0 for _ in self.moes]
         self.accum_loads: Optional[list[torch.Tensor]] = None
         self.prev_bias = [self._bias(m) for m in self.moes]
@@ -92,8 +94,8 @@ class BalanceMonitor:
     def after_forward(self, n_micro: int) -> None:
         """Add this micro-batch's per-layer balance loss (α Σ f_i P_i), averaged over micro-batches."""
         for i, m in enumerate(self.moes):
-            if m.last_balance_loss is not None:
-                self.balance_sums[i] += float(m.last_balance_loss) / n_micro
+            if m.last_balance_loss is not None:   # a device tensor until the step's fields are read
+                self.balance_sums[i] = self.balance_sums[i] + m.last_balance_loss.detach().double() / n_micro
 
     def step_fields(self, loads: list[torch.Tensor]) -> dict:
         """The step's fields (STEP_FIELDS); resets the per-step accumulators. ``loads`` are the
