@@ -10,6 +10,13 @@ zero and dropped). On CPU in FP32 ``_FlashMLA`` assembles q, k and the padded v 
 (B, T, H, d) layout and calls the flash forward and backward kernels directly, so the concatenations,
 the broadcast of the rope key, the padding and the dtype casts cost no autograd nodes; elsewhere the
 same maths goes through F.scaled_dot_product_attention. tests/test_mla.py checks both against each other.
+
+For short sequences on CPU in FP32 (T ≤ ``BLOCKED_MAX_T``) ``_BlockedCausalMLA`` runs instead: the causal
+softmax in query blocks of ``BLOCK`` rows as batched GEMMs over (B·H), each block against only the keys
+at or before it (the masked upper triangle is never computed), V unpadded, the probabilities kept for
+the backward (B·H·T²/2 values). On an AVX2-only CPU at T = 128 and 256 it is ~1.5× faster than the
+flash kernels, whose small per-block GEMMs run far below the CPU's GEMM rate (benchmarks/README.md,
+"CPU speed on an AVX2-only CPU"); for longer sequences the flash kernels keep memory linear in T.
 """
 from __future__ import annotations
 
@@ -52,9 +59,76 @@ class _FlashMLA(torch.autograd.Function):
         return (*(t.to(dt) for t, dt in zip(grads, dtypes)), None)
 
 
+BLOCK = 64
+BLOCKED_MAX_T = 256
+
+
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, d) → (B·H, T, d) contiguous FP32."""
+    B, T, H, d = x.shape
+    return x.transpose(1, 2).reshape(B * H, T, d).to(torch.float32).contiguous()
+
+
+class _BlockedCausalMLA(torch.autograd.Function):
+    """Causal softmax attention on MLA's pieces by query blocks: for rows s:e, S = q_s k_{:e}ᵀ · scale with
+    the diagonal block masked, P = softmax(S) in FP32, o_s = P v_{:e}. Backward per block (the softmax
+    backward dS = P ⊙ (dP − rowsum(dO ⊙ O))): dV_{:e} += Pᵀ dO_s, dQ_s = dS k_{:e} · scale,
+    dK_{:e} += dSᵀ q_s · scale; the shared rope key's gradient is summed over heads."""
+
+    @staticmethod
+    def forward(ctx, q_nope, q_rope, k_nope, k_rope, v, scale: float):
+        with torch.autocast(q_nope.device.type, enabled=False):    # the core stays FP32 (report §3.3)
+            return _BlockedCausalMLA._forward(ctx, q_nope, q_rope, k_nope, k_rope, v, scale)
+
+    @staticmethod
+    def _forward(ctx, q_nope, q_rope, k_nope, k_rope, v, scale: float):
+        B, T, H, dn = q_nope.shape
+        q = _heads(torch.cat([q_nope, q_rope], dim=-1))
+        k = _heads(torch.cat([k_nope, k_rope.expand(B, T, H, -1)], dim=-1))
+        vh = _heads(v)
+        out = q.new_empty(B * H, T, vh.shape[-1])
+        probs = []
+        for s in range(0, T, BLOCK):
+            e = min(s + BLOCK, T)
+            scores = torch.bmm(q[:, s:e], k[:, :e].transpose(1, 2)).mul_(scale)
+            upper = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).triu_(1)
+            scores[:, :, s:].masked_fill_(upper, float("-inf"))
+            p = torch.softmax(scores, dim=-1)
+            torch.bmm(p, vh[:, :e], out=out[:, s:e])
+            probs.append(p)
+        ctx.save_for_backward(q, k, vh, out, *probs)
+        ctx.meta = (scale, B, H, dn, [t.dtype for t in (q_nope, q_rope, k_nope, k_rope, v)])
+        return out.view(B, H, T, -1).transpose(1, 2).to(q_nope.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return _BlockedCausalMLA._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
+        q, k, vh, out, *probs = ctx.saved_tensors
+        scale, B, H, dn, dtypes = ctx.meta
+        T = q.shape[1]
+        dout = _heads(grad)
+        delta = (dout * out).sum(-1, keepdim=True)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(vh)
+        for p, s in zip(probs, range(0, T, BLOCK)):
+            e = min(s + BLOCK, T)
+            dv[:, :e].baddbmm_(p.transpose(1, 2), dout[:, s:e])
+            ds = torch.bmm(dout[:, s:e], vh[:, :e].transpose(1, 2)).sub_(delta[:, s:e]).mul_(p).mul_(scale)
+            torch.bmm(ds, k[:, :e], out=dq[:, s:e])
+            dk[:, :e].baddbmm_(ds.transpose(1, 2), q[:, s:e])
+        dq, dk, dv = (t.view(B, H, T, -1).transpose(1, 2) for t in (dq, dk, dv))
+        grads = (dq[..., :dn], dq[..., dn:], dk[..., :dn], dk[..., dn:].sum(2, keepdim=True), dv)
+        return (*(t.to(dt) for t, dt in zip(grads, dtypes)), None)
+
+
 def mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor,
                   v: torch.Tensor, scale: float) -> torch.Tensor:
     dtype = torch.promote_types(q_nope.dtype, torch.float32)
+    if q_nope.device.type == "cpu" and dtype == torch.float32 and q_nope.shape[1] <= BLOCKED_MAX_T:
+        return _BlockedCausalMLA.apply(q_nope, q_rope, k_nope, k_rope, v, scale)
     if _HAS_CPU_FLASH and q_nope.device.type == "cpu" and dtype == torch.float32:
         return _FlashMLA.apply(q_nope, q_rope, k_nope, k_rope, v, scale)
     B, T, H, _ = q_nope.shape

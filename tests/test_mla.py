@@ -270,3 +270,34 @@ def test_mla_equals_transformers_attention_with_yarn_training_and_decode():
         unscaled = torch.cat([cos[:T], sin[:T]], -1) / cos[0, 0]     # cos(0) = the cos/sin factor
         assert abs(cos[0, 0].item() - 1.0) > 0.05
         assert (ours(x, *unscaled.split(cfg.qk_rope_head_dim // 2, -1)) - want).abs().max().item() > 100 * tol
+
+
+def test_blocked_causal_core_equals_sdpa_path():
+    """dsv3.attention: the query-blocked causal Function (CPU, FP32, short sequences) equals
+    F.scaled_dot_product_attention on the concatenated heads in fp64 — outputs and the gradients of all
+    five pieces — at a length that leaves a partial last block. The FP32 result differs from the fp64 one
+    by rounding only: |Δ| ≤ 64·u·(1 + |ref|) with u = 2⁻²⁴ covers the ≤ T-term dot products' accumulated
+    rounding (√T·u·Σ|terms| with terms O(1)) and the softmax's."""
+    import dsv3.attention as A
+    B, T, H, dn, dr, dv = 2, A.BLOCK * 2 + 21, 3, 16, 8, 12
+    g = torch.Generator().manual_seed(1)
+    shapes = [(B, T, H, dn), (B, T, H, dr), (B, T, H, dn), (B, T, 1, dr), (B, T, H, dv)]
+    base = [torch.randn(*s, generator=g) for s in shapes]
+    dy = torch.randn(B, T, H, dv, generator=g)
+    outs = []
+    for blocked in (True, False):
+        xs = [(t if blocked else t.double()).clone().requires_grad_(True) for t in base]
+        if blocked:
+            y = A._BlockedCausalMLA.apply(*xs, 0.3)
+        else:
+            q = torch.cat(xs[:2], -1).transpose(1, 2)
+            k = torch.cat([xs[2], xs[3].expand(B, T, H, dr)], -1).transpose(1, 2)
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q, k, xs[4].transpose(1, 2), is_causal=True, scale=0.3).transpose(1, 2)
+        y.backward(dy.to(y.dtype))
+        outs.append([y] + [x.grad for x in xs])
+    u = 2.0 ** -24
+    for a, b in zip(*outs):
+        assert a.dtype == torch.float32 and b.dtype == torch.float64
+        bound = 64 * u * (1 + b.abs()) * (H if a.shape[2] == 1 else 1)   # the rope key sums H heads
+        assert ((a.double() - b).abs() <= bound).all(), ((a.double() - b).abs() / bound).max()
