@@ -14,9 +14,10 @@ same maths goes through F.scaled_dot_product_attention. tests/test_mla.py checks
 For short sequences on CPU in FP32 (T ≤ ``BLOCKED_MAX_T``) ``_BlockedCausalMLA`` runs instead: the causal
 softmax in query blocks of ``BLOCK`` rows as batched GEMMs over (B·H), each block against only the keys
 at or before it (the masked upper triangle is never computed), V unpadded, the probabilities kept for
-the backward (B·H·T²/2 values). On an AVX2-only CPU at T = 128 and 256 it is ~1.5× faster than the
-flash kernels, whose small per-block GEMMs run far below the CPU's GEMM rate (benchmarks/README.md,
-"CPU speed on an AVX2-only CPU"); for longer sequences the flash kernels keep memory linear in T.
+the backward (B·H·T²/2 values). With AVX2-only kernels at T = 128 and 256 its forward + backward took
+1.2–1.6× less time than the flash kernels' in isolation (3–6% of a whole FP32 step; with AVX-512 the two
+are even: benchmarks/README.md, "CPU speed on an AVX2-only CPU"); for longer sequences the flash kernels
+keep memory linear in T.
 """
 from __future__ import annotations
 
