@@ -146,6 +146,9 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.gmm = GROUPED_MM_IMPLS[impl]
+        # swiglu_down hook: (gate, up, row_weight, w2, offsets) -> y, the SwiGLU and down projection as
+        # one op; dsv3.precision sets the FP8 one that caches the SwiGLU input (report §3.3.3)
+        self.swiglu_down: Optional[Callable] = None
         self.recompute = False
 
     def row_bucket(self, x: torch.Tensor) -> Optional[Callable[[int], int]]:
@@ -163,6 +166,9 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             x = x.to(torch.get_autocast_dtype(x.device.type))    # the GEMM precision of every Linear
         w2 = self.w2.to(x.dtype)
+        if self.swiglu_down is not None:        # it keeps no SwiGLU output: recompute would add nothing
+            gate, up = self.gmm(x, self.w1.to(x.dtype), offsets), self.gmm(x, self.w3.to(x.dtype), offsets)
+            return self.swiglu_down(gate, up, row_weight, w2, offsets).to(out_dtype)
         if self.gmm in (grouped_mm_auto, grouped_mm_segments) and not (x.device.type == "cpu" and x.dtype == torch.float32):
             # gate and up as one grouped GEMM on [w1; w3] (one pass over x; dx summed inside the GEMM).
             # Not for FP32 on CPU, where concatenating the FP32 weights every step costs more than it

@@ -4,6 +4,11 @@ scales — while the embedding, output head, MoE gate, normalisations, the core 
 ·V) and the MTP eh_proj stay in BF16/FP32. Applied by swapping the model's hooks, so model files
 never import the kernels: ``Linear.impl`` (linear_impl) and ``GroupedExperts.gmm`` (grouped_mm_impl).
 
+Low-precision storage (report §3.3.3): with ``fp8.cache_wo_e5m6`` the input of MLA's output
+projection ``wo`` is cached in E5M6 (triton_kernels.e5m6_ref); with ``fp8.cache_swiglu_fp8`` the
+routed experts cache their SwiGLU input in FP8 and recompute its output in the backward
+(``GroupedExperts.swiglu_down`` = triton_kernels.fp8_swiglu).
+
 On CPU the kernels' torch fake-quant reference runs (backend "auto"); on a GPU the Triton kernels.
 """
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 from dsv3.config import FP8Config
 from dsv3.experts import GroupedExperts
 from dsv3.layers import Linear
+from dsv3.mla import MLA
 
 
 def apply_fp8(model: nn.Module, cfg: FP8Config) -> dict:
@@ -23,19 +29,24 @@ def apply_fp8(model: nn.Module, cfg: FP8Config) -> dict:
     if cfg.block != 128:
         raise ValueError(f"fp8.block={cfg.block}: the kernels implement the report's 128 (1×128 and 128×128 tiles)")
     from triton_kernels.fp8_linear import fp8_linear
+    from triton_kernels.fp8_swiglu import fp8_swiglu_down
     from triton_kernels.grouped_gemm import fp8_grouped_mm
 
     linear = functools.partial(fp8_linear, backend=cfg.backend)
     grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend)
+    wo_inputs = {id(m.wo) for m in model.modules() if isinstance(m, MLA)} if cfg.cache_wo_e5m6 else set()
     counts = {"fp8_linear": 0, "exempt_linear": 0, "fp8_grouped": 0}
     for module in model.modules():
         if isinstance(module, Linear):
             if module.fp8_exempt:
                 counts["exempt_linear"] += 1
             else:
-                module.impl = linear
+                module.impl = (functools.partial(linear, input_cache="e5m6") if id(module) in wo_inputs
+                               else linear)
                 counts["fp8_linear"] += 1
         elif isinstance(module, GroupedExperts):
             module.gmm = grouped
+            if cfg.cache_swiglu_fp8:
+                module.swiglu_down = functools.partial(fp8_swiglu_down, backend=cfg.backend)
             counts["fp8_grouped"] += 1
     return counts

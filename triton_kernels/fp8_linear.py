@@ -7,8 +7,14 @@
 Master weights and their gradients stay FP32 (or the weight's dtype); the input is cached for
 backward in FP8, already transposed and token-tiled for wgrad, as the report caches activations.
 Block-scaled (128×128) activation gradients diverged in the report's tests, hence 1×128 for dy.
+
+``input_cache="e5m6"`` (the attention output projection ``wo``, report §3.3.3): the input is cached
+in E5M6 with 1×128 power-of-2 scales (triton_kernels.e5m6_ref); the backward re-tiles it to 128×1
+token tiles and wgrad reads that E5M6 copy beside the E4M3 dy (the E4M3 × E5M6 GEMM in e5m6.py).
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -16,16 +22,34 @@ from torch import nn
 import triton_kernels
 from triton_kernels.backend import fp8_ops, resolve_backend
 
+INPUT_CACHES = ("fp8", "e5m6")
+
+
+def e5m6_ops(backend: str) -> SimpleNamespace:
+    """quant / retile / wgrad of E5M6 for one resolved backend (same signatures)."""
+    if backend == "triton":
+        from triton_kernels import e5m6
+        return SimpleNamespace(quant=e5m6.e5m6_quant, retile=e5m6.e5m6_retile, wgrad=e5m6.e5m6_wgrad)
+    from triton_kernels import e5m6_ref
+    return SimpleNamespace(quant=e5m6_ref.e5m6_quant_ref, retile=e5m6_ref.e5m6_retile_ref,
+                           wgrad=e5m6_ref.e5m6_wgrad_ref)
+
 
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, backend):  # x (M, K), weight (N, K)
+    def forward(ctx, x, weight, backend, input_cache):  # x (M, K), weight (N, K)
         ops = fp8_ops(backend)
         x_fp8, x_s = ops.act_quant(x)
         w_fp8, w_s = ops.weight_quant(weight)
         y = ops.gemm(x_fp8, x_s, w_fp8, w_s, out_dtype=x.dtype)
         triton_kernels.counters["fp8_linear.fprop"] += 1
-        x_t, x_t_s = ops.act_quant_t(x) if ctx.needs_input_grad[1] else (None, None)
+        ctx.e5m6 = e5m6_ops(backend) if input_cache == "e5m6" else None
+        if not ctx.needs_input_grad[1]:
+            x_t, x_t_s = None, None
+        elif ctx.e5m6 is not None:
+            x_t, x_t_s = ctx.e5m6.quant(x)      # (M, K) with 1×128 tiles: re-tiled in backward
+        else:
+            x_t, x_t_s = ops.act_quant_t(x)
         ctx.save_for_backward(x_t, x_t_s, w_fp8, w_s)
         ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, x.dtype, weight.dtype
         return y
@@ -42,21 +66,28 @@ class _FP8Linear(torch.autograd.Function):
             triton_kernels.counters["fp8_linear.dgrad"] += 1
         if ctx.needs_input_grad[1]:
             dy_t, dy_t_s = ops.act_quant_t(dy)
-            dw = ops.gemm(dy_t, dy_t_s, x_t, x_t_s, out_dtype=torch.float32).to(ctx.w_dtype)
+            if ctx.e5m6 is not None:
+                dw = ctx.e5m6.wgrad(dy_t, dy_t_s, *ctx.e5m6.retile(x_t, x_t_s)).to(ctx.w_dtype)
+            else:
+                dw = ops.gemm(dy_t, dy_t_s, x_t, x_t_s, out_dtype=torch.float32).to(ctx.w_dtype)
             triton_kernels.counters["fp8_linear.wgrad"] += 1
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
+               input_cache: str = "fp8") -> torch.Tensor:
     """x (..., K) @ weight (N, K)ᵀ -> (..., N) in x's dtype, with FP8 fprop / dgrad / wgrad.
 
     backend: "auto" (triton on CUDA, else the torch fake-quant reference), "triton" or "torch".
+    input_cache: "fp8" (E4M3, token-tiled) or "e5m6" (the report's format for wo's input).
     """
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x (..., {weight.shape[-1]}) expected for weight {tuple(weight.shape)}, "
                          f"got x {tuple(x.shape)}")
+    if input_cache not in INPUT_CACHES:
+        raise ValueError(f"fp8_linear: input_cache must be one of {INPUT_CACHES}, got {input_cache!r}")
     backend = resolve_backend(backend, x.device)
-    y = _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, backend)
+    y = _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, backend, input_cache)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

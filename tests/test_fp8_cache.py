@@ -1,0 +1,103 @@
+"""The MoE SwiGLU input cached in FP8 with the SwiGLU output recomputed in the backward (report §3.3.3):
+the forward is unchanged bit for bit, the gradients are those of the SwiGLU taken at the FP8-rounded
+inputs, and the saved-tensor bytes per token of an MoE layer (benchmarks/fp8_memory.py) drop by the
+derived formula."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from dsv3.config import FP8Config, load_config
+from dsv3.experts import GroupedExperts
+from dsv3.moe import MoE
+from dsv3.precision import apply_fp8
+from triton_kernels.fp8_swiglu import fp8_swiglu_down
+from triton_kernels.grouped_gemm import fp8_grouped_mm
+from triton_kernels.quant_ref import act_dequant_ref, act_quant_ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("fp8_memory", os.path.join(ROOT, "benchmarks", "fp8_memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FP8RoundTrip(torch.autograd.Function):
+    """Forward: the E4M3 1×128 quantise-dequantise; backward: the identity."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return act_dequant_ref(*act_quant_ref(t), dtype=t.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_forward_unchanged_and_gradients_are_the_swiglu_at_fp8_inputs():
+    E, D, inter = 4, 160, 200                                # ragged 128-tiles on both widths
+    g = torch.Generator().manual_seed(0)
+    w1, w2, w3 = (torch.randn(s, generator=g) * 0.05 for s in ((E, inter, D), (E, D, inter), (E, inter, D)))
+    x, row_weight = torch.randn(300, D, generator=g), torch.rand(300, generator=g)
+    counts = torch.tensor([100, 0, 150, 50])
+    offsets = counts.cumsum(0).to(torch.int32)
+    dy = torch.randn(300, D, generator=g)
+
+    experts = GroupedExperts(E, D, inter)
+    with torch.no_grad():
+        for p, w in zip((experts.w1, experts.w2, experts.w3), (w1, w2, w3)):
+            p.copy_(w)
+    experts.gmm = functools.partial(fp8_grouped_mm, backend="torch")
+    out = {}
+    for cached in (False, True):
+        experts.swiglu_down = functools.partial(fp8_swiglu_down, backend="torch") if cached else None
+        experts.zero_grad()
+        xx, rw = x.clone().requires_grad_(), row_weight.clone().requires_grad_()
+        y = experts(xx, counts, rw)
+        y.backward(dy)
+        out[cached] = (y.detach(), xx.grad, rw.grad, experts.w1.grad.clone(), experts.w2.grad.clone(),
+                       experts.w3.grad.clone())
+    assert torch.equal(out[True][0], out[False][0])           # the same h, quantised the same way
+
+    # reference: autograd through SwiGLU evaluated at the FP8-rounded gate and up, same FP8 GEMMs
+    mm = functools.partial(fp8_grouped_mm, backend="torch")
+    xx, rw = x.clone().requires_grad_(), row_weight.clone().requires_grad_()
+    ws = [w.clone().requires_grad_() for w in (w1, w2, w3)]
+    gate, up = _FP8RoundTrip.apply(mm(xx, ws[0], offsets)), _FP8RoundTrip.apply(mm(xx, ws[2], offsets))
+    mm(torch.nn.functional.silu(gate) * (up * rw.unsqueeze(-1)), ws[1], offsets).backward(dy)
+    ref = (xx.grad, rw.grad, ws[0].grad, ws[1].grad, ws[2].grad)
+    for name, got, want in zip(("x", "row_weight", "w1", "w2", "w3"), out[True][1:], ref):
+        # the same FP32 operations on the same numbers: differences only from summation order
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 2.0 ** -20, (name, rel)
+
+
+def test_switch_sets_the_hook():
+    cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"))
+    for on in (True, False):
+        moe = MoE(cfg.model.dim, cfg.model.moe)
+        apply_fp8(moe, FP8Config(enabled=True, backend="torch", cache_swiglu_fp8=on))
+        assert (moe.experts.swiglu_down is not None) == on
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_saved_bytes_saving_equals_the_formula(dtype):
+    bench = _load_benchmark()
+    cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"))
+    k, I = cfg.model.moe.n_activated_experts, cfg.model.moe.moe_inter_dim
+    b = torch.empty(0, dtype=dtype).element_size()
+    # per routed row: gate, up, silu(gate), up·w (b·I each), the cast row weight (b) and h's token-tiled
+    # FP8 copy (I bytes + 4 per 128) are no longer kept; gate and up in E4M3 (I bytes + 4 per 1×128
+    # tile each) and the FP32 row weight (4) are
+    per_row = (4 * b * I + b + I + 4 * I / 128) - (2 * (I + 4 * math.ceil(I / 128)) + 4)
+    r = bench.measure(cfg, dtype, (256, 512))
+    assert abs(r["saving"] / (k * per_row) - 1) <= 0.05, (r, k * per_row)
+    assert r["after"] < r["before"]
