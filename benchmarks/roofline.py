@@ -130,7 +130,7 @@ def roofline(step_fn, dtype: torch.dtype, clock=time.perf_counter) -> dict:
 # where a step's time goes: an event's self time goes to the first region among its ancestors (itself
 # included) whose name holds one of these, else to its own op's category
 _REGIONS = [("optimizer", ("Optimizer.step", "Optimizer.zero_grad", "_fused_adamw", "AdamW")),
-            ("attention core", ("FlashMLA", "scaled_dot_product", "flash_attention", "aten::_softmax",
+            ("attention core", ("FlashMLA", "BlockedCausalMLA", "scaled_dot_product", "flash_attention", "aten::_softmax",
                                 "SoftmaxBackward", "softmax_backward", "isneginf")),
             ("head + cross-entropy", ("LinearCrossEntropy", "log_softmax", "LogSoftmax", "nll_loss", "NllLoss",
                                       "cross_entropy")),
