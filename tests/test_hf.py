@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+import triton_kernels._triton_compat  # noqa: F401,E402 - before transformers imports triton: the kernel tests need its interpreter
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM)
 
 from dsv3.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig, RopeScaling
