@@ -6,7 +6,7 @@ torch grouped GEMM), same weights, same tokens, the small_moe shape (configs/sma
         [--dtype auto|fp32|bf16] [--clock wall|cpu]
 
 Prints the time per step of each (best and median of interleaved iterations), checks that the outputs
-agree, the roofline share of each in FP32 (FLOP/s over this CPU's matmul rate on ours' own GEMM list:
+agree, the roofline share of each (FLOP/s over this CPU's matmul rate on ours' own GEMM list:
 benchmarks/roofline.py), and last the ratio of the faster transformers backend's time to ours (> 1 = ours
 faster; target ≥ 1.2) with the CPU's ISA as its kernels run (an AVX2 emulation is named as such).
 ``--dtype auto`` (default) follows the trainer's rule (dsv3.runtime.choose_dtype).
@@ -126,7 +126,7 @@ def main() -> None:
             times[name].append(clock() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
-    rf = roofline(lambda: step(ours, x, g), torch.float32, clock) if args.dtype == "fp32" else None
+    rf = roofline(lambda: step(ours, x, g), clock)      # each GEMM timed in the dtype it ran in
     print(f"shape: tokens {n_tok}, dim {m.dim}, {m.moe.n_routed_experts} experts × {m.moe.moe_inter_dim}, "
           f"top-{m.moe.n_activated_experts}, groups {m.moe.n_group}/{m.moe.topk_group}, "
           f"{m.moe.n_shared_experts} shared; torch threads {torch.get_num_threads()}; {args.dtype.upper()} ({why}); "
@@ -139,7 +139,7 @@ def main() -> None:
               f"median {med[name] * 1e3:8.2f} ms{share}")
     if rf:
         print(f"roofline: {rf['gemm_flop'] / 1e9:.2f} GFLOP in {rf['calls']} GEMMs of {rf['shapes']} shapes; this CPU's "
-              f"FP32 matmul rate on that list {rf['rate'] / 1e9:.1f} GFLOP/s (best of 5, same threads)")
+              f"{args.dtype.upper()} matmul rate on that list {rf['rate'] / 1e9:.1f} GFLOP/s (best of 5, same threads)")
     hf_med, hf_best = min(med["hf_eager"], med["hf_grouped_mm"]), min(best["hf_eager"], best["hf_grouped_mm"])
     print(f"ratio (faster transformers backend / ours): {hf_med / med['ours']:.2f}x median, "
           f"{hf_best / best['ours']:.2f}x best — {args.dtype.upper()}, {isa}")

@@ -172,21 +172,18 @@ def main() -> None:
         print(f"step {i}: loss ours {losses['ours'][-1]:.6f}  transformers {losses['transformers'][-1]:.6f}")
     best = {name: min(t) for name, t in times.items()}
     med = {name: statistics.median(t) for name, t in times.items()}
-    rf = roofline(lambda: ours_step(batches[0]), torch.bfloat16 if dtype == "bf16" else torch.float32, clock) \
-        if dtype == "fp32" else None
+    rf = roofline(lambda: ours_step(batches[0]), clock)      # each GEMM timed in the dtype it ran in
     for name in steps:
         share = f"  roofline share {rf['step_flop'] / best[name] / rf['rate']:6.1%}" if rf else ""
         print(f"{name:12s} best {best[name] * 1e3:8.1f} ms/step ({B * T / best[name]:8,.0f} tokens/s)  "
               f"median {med[name] * 1e3:8.1f} ms{share}")
     if rf:
         print(f"roofline: step {rf['step_flop'] / 1e9:.2f} GFLOP (GEMMs {rf['gemm_flop'] / 1e9:.2f} in {rf['calls']} calls "
-              f"of {rf['shapes']} shapes + attention core {rf['attn_flop'] / 1e9:.2f}); this CPU's FP32 matmul rate "
-              f"on that GEMM list {rf['rate'] / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads, best of 5)")
+              f"of {rf['shapes']} shapes + attention core {rf['attn_flop'] / 1e9:.2f}); this CPU's {dtype.upper()} "
+              f"matmul rate on that GEMM list (each GEMM in its own dtype) {rf['rate'] / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads, best of 5)")
         floor = rf["step_flop"] / rf["rate"]     # every FLOP at the GEMM list's rate, nothing else
         print(f"ceiling: a step of only its GEMMs and attention FLOP at that rate would take {floor * 1e3:.1f} ms: "
               f"at most {best['transformers'] / floor:.2f}x transformers' best step")
-    else:
-        print("roofline: measured in FP32 runs only (BF16 autocast GEMM lists mix dtypes)")
     d0 = abs(losses["ours"][0] - losses["transformers"][0])
     dn = abs(norms["ours"] - norms["transformers"]) / norms["transformers"]
     dk = max(abs(a - b) / abs(b) for a, b in zip(losses["ours"][:10], losses["transformers"][:10]))

@@ -4,8 +4,9 @@ of where a step's time goes (``profile_breakdown``).
 
 Roofline share: the step's FLOP/s over this CPU's matmul rate in the same dtype, that rate measured in
 the same process on the step's own GEMM list — every (M, N, K) the step's forward and backward run
-(``aten.mm`` / ``addmm`` / ``bmm`` / ``_grouped_mm`` split into its groups), each timed as one
-``torch.mm`` best of 5 at the same thread count, FLOP-weighted (total FLOP / total time). 100% would be
+(``aten.mm`` / ``addmm`` / ``bmm`` / ``_grouped_mm`` split into its groups) in the dtype it ran in (under
+BF16 autocast most are BF16, the router's and attention's FP32), each timed as one ``torch.mm`` best of 5
+at the same thread count, FLOP-weighted (total FLOP / total time). 100% would be
 a step that does nothing but its GEMMs, each at the speed this CPU runs it alone. The step's FLOP are
 those GEMMs' plus the causal attention core's (counted by formula: 2·B·H·T(T+1)/2·(d_qk + d_v)
 forward, twice that backward), which runs inside fused kernels the GEMM list does not see.
@@ -50,8 +51,8 @@ def isa_label(cpu: CpuInfo) -> str:
 
 
 class GemmRecorder(TorchDispatchMode):
-    """Records the (M, N, K) of every GEMM dispatched while active (a Counter), and the FLOP of the
-    causal attention cores (flash / efficient sdpa kernels) it sees."""
+    """Records the (M, N, K, dtype) of every GEMM dispatched while active (a Counter), and the FLOP of the
+    causal attention cores (flash kernels) it sees."""
 
     def __init__(self):
         super().__init__()
@@ -63,25 +64,25 @@ class GemmRecorder(TorchDispatchMode):
         sizes = [e - s for s, e in zip([0] + ends[:-1], ends)] if ends else None
         if a.dim() == 2 and b.dim() == 3:            # rows of a grouped
             for m in sizes:
-                self.gemms[(m, b.shape[2], a.shape[1])] += 1
+                self.gemms[(m, b.shape[2], a.shape[1], a.dtype)] += 1
         elif a.dim() == 2 and b.dim() == 2:          # the reduction dim grouped (weight gradients)
             for k in sizes:
-                self.gemms[(a.shape[0], b.shape[1], k)] += 1
+                self.gemms[(a.shape[0], b.shape[1], k, a.dtype)] += 1
         elif a.dim() == 3 and b.dim() == 2:          # columns of b grouped
             for n in sizes:
-                self.gemms[(a.shape[1], n, a.shape[2])] += 1
+                self.gemms[(a.shape[1], n, a.shape[2], a.dtype)] += 1
         else:
-            self.gemms[(a.shape[1], b.shape[2], a.shape[2])] += a.shape[0]
+            self.gemms[(a.shape[1], b.shape[2], a.shape[2], a.dtype)] += a.shape[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         pkt = func._overloadpacket
         if pkt in (_aten.mm, _aten.addmm, _aten.addmm_):
             a, b = (args[0], args[1]) if pkt is _aten.mm else (args[1], args[2])
-            self.gemms[(a.shape[0], b.shape[1], a.shape[1])] += 1
+            self.gemms[(a.shape[0], b.shape[1], a.shape[1], a.dtype)] += 1
         elif pkt in (_aten.bmm, _aten.baddbmm):
             a, b = (args[0], args[1]) if pkt is _aten.bmm else (args[1], args[2])
-            self.gemms[(a.shape[1], b.shape[2], a.shape[2])] += a.shape[0]
+            self.gemms[(a.shape[1], b.shape[2], a.shape[2], a.dtype)] += a.shape[0]
         elif pkt is _aten._grouped_mm:
             self._grouped(args[0], args[1], kwargs.get("offs", args[2] if len(args) > 2 else None))
         elif pkt in (_aten._scaled_dot_product_flash_attention_for_cpu,
@@ -102,10 +103,10 @@ def _best_of(fn, n: int, clock) -> float:
     return min(times)
 
 
-def gemm_rate(gemms: Counter, dtype: torch.dtype, clock=time.perf_counter, repeats: int = 5) -> tuple[float, float]:
-    """(FLOP, seconds) of the GEMM list run as plain torch.mm, each shape best of ``repeats``."""
+def gemm_rate(gemms: Counter, clock=time.perf_counter, repeats: int = 5) -> tuple[float, float]:
+    """(FLOP, seconds) of the GEMM list run as plain torch.mm, each (M, N, K, dtype) best of ``repeats``."""
     flop = secs = 0.0
-    for (m, n, k), count in gemms.items():
+    for (m, n, k, dtype), count in gemms.items():
         if m == 0 or n == 0 or k == 0:
             continue
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
@@ -116,13 +117,13 @@ def gemm_rate(gemms: Counter, dtype: torch.dtype, clock=time.perf_counter, repea
     return flop, secs
 
 
-def roofline(step_fn, dtype: torch.dtype, clock=time.perf_counter) -> dict:
+def roofline(step_fn, clock=time.perf_counter) -> dict:
     """Runs ``step_fn`` once under the recorder; returns the step's FLOP (GEMMs + attention core), the
     GEMM list, and the CPU's FLOP-weighted matmul rate on that list."""
     rec = GemmRecorder()
     with rec:
         step_fn()
-    flop, secs = gemm_rate(rec.gemms, dtype, clock)
+    flop, secs = gemm_rate(rec.gemms, clock)
     return dict(step_flop=flop + rec.attn_flop, gemm_flop=flop, attn_flop=rec.attn_flop,
                 rate=flop / secs, shapes=len(rec.gemms), calls=sum(rec.gemms.values()))
 

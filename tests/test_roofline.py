@@ -15,7 +15,7 @@ _spec.loader.exec_module(roofline)
 
 
 def _flop(gemms) -> float:
-    return sum(2.0 * m * n * k * c for (m, n, k), c in gemms.items())
+    return sum(2.0 * m * n * k * c for (m, n, k, _), c in gemms.items())
 
 
 def test_linear_forward_backward_gemms():
@@ -26,7 +26,8 @@ def test_linear_forward_backward_gemms():
     with rec:
         F.linear(x, w).sum().backward()
     # y = x Wᵀ (M, N, K); dx = dy W (M, K, N); dW = dyᵀ x (N, K, M)
-    assert sorted(rec.gemms) == sorted([(M, N, K), (M, K, N), (N, K, M)])
+    f32 = torch.float32
+    assert sorted(rec.gemms, key=str) == sorted([(M, N, K, f32), (M, K, N, f32), (N, K, M, f32)], key=str)
     assert _flop(rec.gemms) == 6 * M * N * K
 
 
@@ -41,7 +42,7 @@ def test_grouped_mm_split_into_groups():
     rec = roofline.GemmRecorder()
     with rec:
         y = torch._grouped_mm(x, w, offs=offs)
-    assert {s for s in rec.gemms} == {(m, N, K) for m in sizes}
+    assert {s for s in rec.gemms} == {(m, N, K, torch.float32) for m in sizes}
     assert _flop(rec.gemms) == 2 * M * N * K
     rec = roofline.GemmRecorder()
     with rec:
@@ -65,9 +66,20 @@ def test_causal_attention_flop_counted_pair_by_pair():
 
 
 def test_gemm_rate_counts_every_call():
-    gemms = roofline.Counter({(8, 16, 4): 3, (0, 5, 5): 2})   # empty shapes add nothing
-    flop, secs = roofline.gemm_rate(gemms, torch.float32, repeats=1)
-    assert flop == 3 * 2 * 8 * 16 * 4 and secs > 0
+    gemms = roofline.Counter({(8, 16, 4, torch.float32): 3, (4, 8, 8, torch.bfloat16): 1,
+                              (0, 5, 5, torch.float32): 2})        # empty shapes add nothing
+    flop, secs = roofline.gemm_rate(gemms, repeats=1)
+    assert flop == 3 * 2 * 8 * 16 * 4 + 2 * 4 * 8 * 8 and secs > 0
+
+
+def test_autocast_gemms_recorded_in_their_dtype():
+    x = torch.randn(6, 8)
+    lin = torch.nn.Linear(8, 4, bias=False)
+    rec = roofline.GemmRecorder()
+    with rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        lin(x)
+        torch.mm(x, x.t().float())                            # autocast runs this one in BF16 too
+    assert set(rec.gemms) == {(6, 4, 8, torch.bfloat16), (6, 6, 8, torch.bfloat16)}
 
 
 def test_avx2_emulation_drops_wide_isa_flags(monkeypatch):
