@@ -103,7 +103,7 @@ class ModelConfig:
 class FP8Config:
     """FP8 (E4M3) GEMMs with 1×128 activation and 128×128 weight scales (report §3.3)."""
     enabled: bool = False
-    backend: Literal["auto", "triton", "torch"] = "auto"
+    backend: Literal["auto", "triton", "torch", "te"] = "auto"
     block: int = 128
     dispatch: bool = True                    # MoE dispatch in FP8 with power-of-2 scales
     cache_wo_e5m6: bool = True               # wo's input cached in E5M6, power-of-2 scales (report §3.3.3)

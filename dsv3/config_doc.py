@@ -72,7 +72,7 @@ DOC: dict[str, str] = {
     "model.mtp.lambda_switch_tokens": "tokens after which the weight becomes lambda_end (report: 10T); null = never",
     # fp8
     "fp8.enabled": "FP8 (E4M3) GEMMs for the Linears and experts, the rest in BF16/FP32 (report §3.3)",
-    "fp8.backend": "FP8 kernels: auto (Triton on CUDA, else torch), triton or torch",
+    "fp8.backend": "FP8 kernels: auto (Triton on CUDA, else torch), triton, torch, or te (Transformer Engine Float8BlockScaling Linears, Hopper)",
     "fp8.block": "quantisation tile: 1×block activation scales, block×block weight scales (only 128)",
     "fp8.dispatch": "send MoE dispatch activations in FP8 with power-of-2 scales (needs fp8.enabled)",
     "fp8.cache_wo_e5m6": "cache the attention output projection's input in E5M6 with power-of-2 scales (report §3.3.3)",

@@ -23,9 +23,14 @@ from dsv3.layers import Linear
 from dsv3.mla import MLA
 
 
-def apply_fp8(model: nn.Module, cfg: FP8Config) -> dict:
+def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
     """Route every non-exempt Linear and every routed-expert GEMM through FP8. Returns the counts
-    {"fp8_linear": n, "exempt_linear": n, "fp8_grouped": n} of modules switched or kept."""
+    {"fp8_linear": n, "exempt_linear": n, "fp8_grouped": n} of modules switched or kept.
+    ``fp8.backend=te``: the Linears through Transformer Engine on ``device`` (triton_kernels/te_backend.py)."""
+    if cfg.backend == "te":
+        import torch
+        from triton_kernels.te_backend import apply_te
+        return apply_te(model, cfg, torch.device(device) if device is not None else torch.device("cpu"))
     if cfg.block != 128:
         raise ValueError(f"fp8.block={cfg.block}: the kernels implement the report's 128 (1×128 and 128×128 tiles)")
     from triton_kernels.fp8_linear import fp8_linear

@@ -64,7 +64,7 @@ class Dist:
         if self.world == 1:
             return
         for t in tensors:
-            on = t if t.device == self.device else t.to(self.device)   # NCCL reduces device tensors only
+            on = t.to(self.device)   # NCCL reduces device tensors only (a no-op when t is already there)
             dist.all_reduce(on)
             if on is not t:
                 t.copy_(on)
@@ -293,7 +293,7 @@ def train(cfg: Config) -> dict:
             model = Transformer(cfg.model, seed=t.seed).to(env.device)
         if cfg.fp8.enabled:
             from dsv3.precision import apply_fp8
-            apply_fp8(model, cfg.fp8)
+            apply_fp8(model, cfg.fp8, env.device)
         if t.init_from is not None:   # a resumed checkpoint (train.resume) overwrites these weights later
             from dsv3.init_from import init_from
             info = init_from(t.init_from, model)

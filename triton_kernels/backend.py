@@ -4,6 +4,8 @@ backend="auto": triton when the tensor is on a CUDA device with FP8 tensor cores
 and later) and triton imports, else torch.
 backend="triton": the kernels (on CPU only under TRITON_INTERPRET=1 — for tests, far too slow to train).
 backend="torch": the references in quant_ref / gemm_ref (same quantisation, FP32 matmul).
+backend="te": the Linears through Transformer Engine's Float8BlockScaling (triton_kernels/te_backend.py),
+the routed experts through the Triton grouped GEMM; never chosen by "auto".
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "te")   # te: Transformer Engine Linears (triton_kernels/te_backend.py)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -29,6 +31,8 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
 
 def fp8_ops(backend: str) -> SimpleNamespace:
     """The quantise / GEMM functions of one resolved backend, with identical signatures."""
+    if backend == "te":
+        raise ValueError("fp8.backend=te has no raw quantise/GEMM ops: its Linears are TE modules (te_backend.py)")
     if backend == "triton":
         from triton_kernels import fp8_gemm, grouped_gemm, quant
         return SimpleNamespace(act_quant=quant.act_quant, act_quant_t=quant.act_quant_t,
