@@ -22,6 +22,9 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # a shape error, a KeyError in a schedule) or train silently on a wrong setting.
 CONFIG_CASES = [
     (["model.moe.n_group=0"], "model.moe.n_group must be >= 1, got 0"),
+    (["train.profile_steps=[3,1]"], "train.profile_steps must be [a, b] with 1 <= a <= b <= train.steps=2"),
+    (["train.profile_steps=[1,5]"], "train.profile_steps must be [a, b]"),
+    (["train.peak_tflops=0"], "train.peak_tflops must be > 0"),
     (["model.dim=0"], "model.dim must be >= 1"),
     (["model.mla.n_heads=0"], "model.mla.n_heads must be >= 1"),
     (["model.moe.n_shared_experts=-1"], "model.moe.n_shared_experts must be >= 0"),
