@@ -106,6 +106,7 @@ class FP8Config:
     backend: Literal["auto", "triton", "torch", "te"] = "auto"
     block: int = 128
     dispatch: bool = True                    # MoE dispatch in FP8 with power-of-2 scales
+    grad_dispatch: bool = True               # EP backward: the gradient before the down-projection in FP8, pow2 scales (report §3.3.3)
     cache_wo_e5m6: bool = True               # wo's input cached in E5M6, power-of-2 scales (report §3.3.3)
     cache_swiglu_fp8: bool = True            # MoE SwiGLU input cached in FP8, output recomputed (report §3.3.3)
 
@@ -171,6 +172,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: BF16 on CUDA and CPUs with native BF16, else FP32 (dsv3/runtime.py)
     bf16_moments: bool = False
+    weights_dtype: Literal["fp32", "bf16"] = "fp32"   # bf16: BF16 compute weights, FP32 main grads and ZeRO-1 master (parallel/zero.py)
     recompute: bool = False
     seed: int = 0
     out_dir: str = "runs/debug"

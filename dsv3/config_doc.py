@@ -75,6 +75,7 @@ DOC: dict[str, str] = {
     "fp8.backend": "FP8 kernels: auto (Triton on CUDA, else torch), triton, torch, or te (Transformer Engine Float8BlockScaling Linears, Hopper)",
     "fp8.block": "quantisation tile: 1×block activation scales, block×block weight scales (only 128)",
     "fp8.dispatch": "send MoE dispatch activations in FP8 with power-of-2 scales (needs fp8.enabled)",
+    "fp8.grad_dispatch": "expert-parallel backward: send the gradient before the MoE down-projection (combine's backward) in FP8 with power-of-2 scales; combine stays BF16 (report §3.3.3, needs fp8.enabled)",
     "fp8.cache_wo_e5m6": "cache the attention output projection's input in E5M6 with power-of-2 scales (report §3.3.3)",
     "fp8.cache_swiglu_fp8": "cache the MoE SwiGLU input in FP8 and recompute its output in backward (report §3.3.3)",
     # parallel
@@ -123,6 +124,7 @@ DOC: dict[str, str] = {
     "train.wandb": "W&B project name: the TensorBoard scalars are logged there too (needs the [wandb] extra)",
     "train.loss_curve": "write RUN/loss_curve.png (train and validation loss, LR) at the end of the run",
     "train.bf16_moments": "keep AdamW moments in BF16 (report §3.3.3)",
+    "train.weights_dtype": "compute weights under ZeRO-1: fp32, or bf16 (BF16 parameters, FP32 main-grad buffers, FP32 master shard rounded back each step; needs BF16 autocast; report §3.3)",
     "train.recompute": "recompute RMSNorm, MLA up-projections and SwiGLU in backward (report §3.2.3)",
     "train.seed": "seed of the initialisation and the sampler's order",
     "train.out_dir": "run folder: checkpoints, metrics.jsonl, TensorBoard, the copied tokenizer",

@@ -5,7 +5,8 @@ by the trainer's own ``dsv3_stages`` (``parallel/stage_cut.py``), its experts sh
     python -m parallel.dry_run configs/dsv3_671b.yaml --pp 16 --dp 128 --ep 64 [--schedule dualpipe]
 
 Per pipeline rank (every data-parallel rank of a stage holds the same bytes): parameters (as the trainer
-keeps them: their dtype today is FP32), gradients (the parameters' dtype), and the ZeRO-1 shard of the
+keeps them: FP32, or BF16 with ``train.weights_dtype=bf16``), gradients (FP32 either way: the FP32
+parameters' own, or the BF16 parameters' FP32 main-grad buffers), and the ZeRO-1 shard of the
 FP32 master and the two AdamW moments (``train.bf16_moments``: BF16 moments) — dense parameters over DP,
 experts over DP/EP, each parameter padded to a multiple of its group size (``parallel/zero.py``).
 """
@@ -55,10 +56,11 @@ def rank_bytes(cfg: Config, pp: int, dp: int, ep: int, schedule: str) -> list[di
                 params[id(p)] = p                       # a tensor shared between held stages counts once
         n_expert = sum(p.numel() for p in params.values() if getattr(p, "expert_parallel", False))
         n_params = sum(p.numel() for p in params.values())
-        weight = sum(p.numel() * p.element_size() for p in params.values())
+        weight = sum(p.numel() * (2 if cfg.train.weights_dtype == "bf16" else p.element_size()) for p in params.values())
+        grads = sum(p.numel() * max(p.element_size(), 4) for p in params.values())
         shard = sum(math.ceil(p.numel() / (expert_world if getattr(p, "expert_parallel", False) else dense_world))
                     for p in params.values())
-        out.append(dict(params=weight, grads=weight, optimizer=(4 + 2 * moment) * shard, n_params=n_params,
+        out.append(dict(params=weight, grads=grads, optimizer=(4 + 2 * moment) * shard, n_params=n_params,
                         n_dense=n_params - n_expert, n_expert=n_expert, stages=held))
     return out
 

@@ -1,6 +1,8 @@
 """One function applies the parallelism to a built model (report §3.2, §3.4; SPEC §5 training layout):
 pipeline parallelism (any schedule of parallel/schedules.py) × data parallelism, expert parallelism
-carved out of the data-parallel ranks of each stage, ZeRO-1 over "dp" (dense) and "edp" (experts).
+carved out of the data-parallel ranks of each stage, ZeRO-1 over "dp" (dense) and "edp" (experts). With ``train.weights_dtype=bf16`` the parameters
+are BF16 (ZeRO-1 keeps FP32 main grads and master, parallel/zero.py) and the pipeline's P2P activations
+and their gradients travel in BF16, the autocast dtype.
 
     mesh = Mesh.from_config(cfg.parallel)
     pm = parallelize(model, mesh, cfg)
@@ -22,6 +24,8 @@ from torch import nn
 
 from dsv3.batch import check_layout
 from dsv3.config import Config
+from dsv3.config import ConfigError
+from dsv3.runtime import choose_dtype
 from dsv3.model import Transformer
 from dsv3.param_init import materialize_, materialize_own_buffers_
 from parallel.dsv3_stages import (dsv3_microbatches, dsv3_stages, set_aux_loss_scale, set_mtp_weight,
@@ -59,13 +63,19 @@ class ParallelModel:
         """``model`` may be built on the meta device (``device`` then says where this rank's part goes):
         only what this rank holds — its pipeline stages, its experts — is materialised, with the values
         the whole model gets (``dsv3.param_init``)."""
+        bf16_weights = cfg.train.weights_dtype == "bf16"
+        where = torch.device(device) if device is not None else next(model.parameters()).device
+        if bf16_weights and choose_dtype(cfg.train.dtype, where)[0] != "bf16":
+            raise ConfigError("train.weights_dtype=bf16 needs BF16 autocast: set train.dtype=bf16 "
+                              f"(train.dtype={cfg.train.dtype} runs FP32 here)")
         pc = cfg.parallel
         self.model, self.mesh, self.cfg = model, mesh, cfg
         self.dp, self.dp_index = mesh.dp, dist.get_rank(mesh.group("dp")) if mesh.dp > 1 else 0
         self.moe_names = [n.rsplit(".", 1)[0] for n, _ in model.named_buffers() if n.endswith("tokens_per_expert")]
         self.traffic = None
         if pc.ep > 1:
-            self.traffic = apply_expert_parallel(model, mesh, pc, fp8=cfg.fp8.enabled and cfg.fp8.dispatch)
+            self.traffic = apply_expert_parallel(model, mesh, pc, fp8=cfg.fp8.enabled and cfg.fp8.dispatch,
+                                                 fp8_grad=cfg.fp8.enabled and cfg.fp8.grad_dispatch)
         on_meta = any(p.is_meta for p in model.parameters())
         device = torch.device(device) if device is not None else next(model.parameters()).device
         expert_names = {n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
@@ -88,7 +98,8 @@ class ParallelModel:
             executor = OverlapPipeline if overlapped else Pipeline
             self.pipe = executor(model, stages, pc.pp_schedule, self.num_chunks,
                                  act_shape=(cfg.train.micro_batch_size, T, D),
-                                 act_dtype=next(held.parameters()).dtype, group=mesh.group("pp"),
+                                 act_dtype=torch.bfloat16 if bf16_weights else next(held.parameters()).dtype,
+                                 group=mesh.group("pp"),
                                  recv_timeout=pc.timeout_s)
             if on_meta:   # the pipeline runs its own copies: free the materialised originals
                 model.to(torch.device("meta"))

@@ -15,6 +15,13 @@ launched asynchronously, strictly in bucket order (so every rank issues the same
 as soon as every parameter of the bucket has received its last gradient of the step: the hook counts
 gradient accumulations against ``ready_after[name]`` (None: only at ``step``).
 The update is ``dsv3.optim.AdamW`` itself, run on the shards: the same elementwise math as one process.
+
+``train.weights_dtype="bf16"`` (report §3.3 mixed precision; Megatron's main_grad): the master shards are
+taken from the FP32 values, then the parameters become BF16 and each gets an FP32 ``main_grad`` buffer;
+the hook adds every BF16 ``.grad`` into it (the micro-batch sum in FP32) and frees ``.grad``. The FP32
+main grads are reduce-scattered and the all-gather sends the master rounded to BF16 (half the bytes,
+the same values as rounding after the gather). A deferred weight gradient (W) left in ``.grad`` is
+added in when its bucket launches.
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ class Zero1:
         """groups: "dense"/"expert" → (process group, its size, this rank's index); copies: name →
         (group of the ranks holding a copy, their count), (None, 1) when this rank's copy is the only one."""
         self.entries: dict[str, _Entry] = {}
+        self.main_grads = cfg.weights_dtype == "bf16"
         self.buckets: list[_Bucket] = []
         for kind in ("dense", "expert"):
             pg, world, index = groups[kind]
@@ -81,6 +89,9 @@ class Zero1:
                 with torch.no_grad():
                     shard = _chunk_of(p.detach().reshape(-1), index, c).to(torch.promote_types(p.dtype, torch.float32))
                 e = _Entry(n, p, world, index, c, nn.Parameter(shard.clone()), ready_after.get(n), copies[n])
+                if self.main_grads:
+                    p.data = p.data.to(torch.bfloat16)
+                    p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 self.entries[n] = e
                 bucket.append(e)
                 if sum(x.chunk for x in bucket) * world >= bucket_numel:
@@ -103,6 +114,9 @@ class Zero1:
 
     # --------------------------------------------------------------------------- reduce-scatter
     def _on_grad(self, e: _Entry) -> None:
+        if self.main_grads:
+            e.param.main_grad.add_(e.param.grad)   # FP32 += BF16: the only rounding is the FP32 sum's
+            e.param.grad = None
         e.fired += 1
         if self._bucket_of[id(e)].ready:
             while self._next < len(self.buckets) and self.buckets[self._next].ready:
@@ -110,7 +124,7 @@ class Zero1:
                 self.launched_in_backward += 1
 
     def _launch(self, b: _Bucket) -> None:
-        flats = [(e.param.grad if e.param.grad is not None else torch.zeros_like(e.param)).reshape(-1) for e in b.entries]
+        flats = [self._grad(e).reshape(-1) for e in b.entries]
         b.inputs = [torch.cat([_chunk_of(f, i, e.chunk) for f, e in zip(flats, b.entries)]) for i in range(b.world)]
         b.out = torch.empty_like(b.inputs[0])
         if b.world == 1:
@@ -118,6 +132,21 @@ class Zero1:
         else:
             b.work = dist.reduce_scatter(b.out, b.inputs, group=b.group, async_op=True)
         self._next += 1
+
+    def _grad(self, e: _Entry) -> torch.Tensor:
+        if not self.main_grads:
+            return e.param.grad if e.param.grad is not None else torch.zeros_like(e.param)
+        if e.param.grad is not None:   # a deferred weight gradient (W) assigned without the hook
+            e.param.main_grad.add_(e.param.grad)
+            e.param.grad = None
+        return e.param.main_grad
+
+    def _clear(self) -> None:
+        for e in self.entries.values():
+            e.param.grad, e.master.grad, e.fired = None, None, 0
+            if self.main_grads:
+                e.param.main_grad.zero_()
+        self._next = 0
 
     # ------------------------------------------------------------------------------- the step
     @torch.no_grad()
@@ -145,9 +174,7 @@ class Zero1:
         norm = float(sq.sqrt())
         self.stepped = (may_step or math.isfinite)(norm)
         if not self.stepped:
-            for e in self.entries.values():
-                e.param.grad, e.master.grad, e.fired = None, None, 0
-            self._next = 0
+            self._clear()
             return norm
         coef = optim.clip_coefficient(norm, self.max_norm)
         if coef != 1.0:
@@ -157,9 +184,7 @@ class Zero1:
             g["lr"] = lr
         self.optimizer.step()
         self._all_gather()
-        for e in self.entries.values():
-            e.param.grad, e.master.grad, e.fired = None, None, 0
-        self._next = 0
+        self._clear()
         return norm
 
     def _sum_copies(self) -> None:
@@ -178,6 +203,8 @@ class Zero1:
         pending = []
         for b in self.buckets:
             mine = torch.cat([e.master.detach() for e in b.entries])
+            if self.main_grads:
+                mine = mine.to(torch.bfloat16)   # round to nearest once; the gather moves half the bytes
             parts = [torch.empty_like(mine) for _ in range(b.world)]
             work = dist.all_gather(parts, mine, group=b.group, async_op=True) if b.world > 1 else None
             if work is None:
