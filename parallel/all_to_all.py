@@ -17,7 +17,10 @@ Every hop sends one byte buffer per row: the activation (or, with FP8 dispatch, 
 the per-1×128 power-of-2 scales: gloo has no float8, so everything travels as uint8), the gate weights
 (fp32, k) and the physical expert slots (int32, k; −1 = served by another destination). Gradients
 travel the reverse path: dispatch's backward is a combine of (dx, dw), combine's backward a dispatch
-of dy. Autograd sees each direction as one node whose forward is the communication already done.
+of dy — with ``fp8_grad`` dy, the gradient of the experts' output that their down-projection's backward
+takes, goes as E4M3 with 1×128 power-of-2 scales too (report §3.3.3; combine itself and dispatch's backward
+stay in the activation dtype), quantised once at the source and dequantised by the experts' rank.
+Autograd sees each direction as one node whose forward is the communication already done.
 
 ``TrafficCounters`` adds up the bytes passed to each collective per link (self / intra / inter node),
 from the split sizes actually used, and the token copies that crossed nodes.
@@ -37,25 +40,10 @@ from dsv3.config import ConfigError
 from dsv3.faults import PeerError, fault_point, first_line
 from parallel.link_model import LinkModel
 from parallel.placement import Placement
-from parallel.a2a_rows import Hop, _pack, _unpack
+from parallel.a2a_rows import Hop, _pack, _unpack, dequant, quant_pow2
 from parallel.routing_plan import Topology, plan_experts, plan_hop, ExpertPlan
 from parallel.two_hop_chunks import ForwardWait, ReverseWait, Route, comm_thread, dispatch_task, forward_task, \
     plan_dispatch, reverse_task
-
-FP8_BLOCK = 128
-
-
-# ------------------------------------------------------------------------------------------ FP8
-def quant_pow2(x: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, D) → (x_fp8 (N, D) float8_e4m3fn, scale (N, ceil(D/block)) fp32), power-of-2 scales."""
-    from triton_kernels.quant_ref import act_quant_ref  # torch only; no triton import
-    return act_quant_ref(x, block, pow2_scale=True)
-
-
-def dequant(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block: int = FP8_BLOCK) -> torch.Tensor:
-    from triton_kernels.quant_ref import act_dequant_ref
-    return act_dequant_ref(x_fp8, scale, block, dtype)
-
 
 # ------------------------------------------------------------------------------------- traffic
 class TrafficCounters:
@@ -120,14 +108,16 @@ class _Pending:
 
 
 class EPDispatcher:
-    """Callable as ``MoE.dispatcher``. ``kind``: flat | two_hop. ``fp8``: dispatch E4M3 + pow2 scales.
+    """Callable as ``MoE.dispatcher``. ``kind``: flat | two_hop. ``fp8``: dispatch E4M3 + pow2 scales;
+    ``fp8_grad``: combine's backward (dy to the experts) in E4M3 + pow2 scales (``fp8.grad_dispatch``).
     ``chunks``: two_hop's hops pipelined in this many chunks (``parallel.a2a_chunks``; results do not
     depend on it). ``link``: a ``parallel.link_model.LinkModel`` (or ``parallel.trace.SerialLink``) whose
     modelled time every all-to-all also takes (benchmarks: loopback has no IB/NVLink asymmetry);
     ``tracer``: records each all-to-all's modelled interval and the main thread's blocking waits."""
 
     def __init__(self, mesh, placement: Placement, kind: str = "two_hop", fp8: bool = False,
-                 traffic: Optional[TrafficCounters] = None, link=None, chunks: int = 1):
+                 traffic: Optional[TrafficCounters] = None, link=None, chunks: int = 1,
+                 fp8_grad: bool = False):
         if kind not in ("flat", "two_hop"):
             raise ValueError(f"parallel.dispatcher must be flat or two_hop, got {kind!r}")
         if not isinstance(chunks, int) or chunks < 1:
@@ -135,7 +125,7 @@ class EPDispatcher:
         lay = mesh.layout
         if placement.ep != lay.ep:
             raise ValueError(f"placement is for ep={placement.ep} but the mesh has ep={lay.ep}")
-        self.mesh, self.placement, self.fp8, self.chunks = mesh, placement, fp8, chunks
+        self.mesh, self.placement, self.fp8, self.fp8_grad, self.chunks = mesh, placement, fp8, fp8_grad, chunks
         self.kind = "flat" if lay.ep_nodes == 1 else kind  # inside one node both are the same
         self.topo = Topology(lay.ep_nodes, lay.ep_local, placement.slots_per_rank)
         self.traffic = traffic if traffic is not None else TrafficCounters()
@@ -226,7 +216,7 @@ class EPDispatcher:
         """Rows at the source out along a planned ``route`` to every receiver. ``wait() -> parts``.
         Combine's backward."""
         if self.kind == "two_hop":
-            return ForwardWait(self, route, comm_thread().submit(forward_task, self, route, parts[0], direction))
+            return ForwardWait(self, route, comm_thread().submit(forward_task, self, route, parts, direction))
         hop = route[0]
         pend = self._send(hop, _pack([p[hop.plan.send_rows] for p in parts]), hop.send_counts, hop.recv_counts,
                           direction)
@@ -236,7 +226,10 @@ class EPDispatcher:
         return self.reverse_async(route, parts, "dispatch_bwd")
 
     def combine_backward(self, route, gy: torch.Tensor):
-        return self.forward_async(route, [gy.contiguous()], "combine_bwd")
+        """gy (N, dim) out to every row; ``wait() -> [rows]`` in gy's dtype (FP8 on the wire with fp8_grad)."""
+        if not self.fp8_grad:
+            return self.forward_async(route, [gy.contiguous()], "combine_bwd")
+        return _Dequantised(self.forward_async(route, list(quant_pow2(gy.detach())), "combine_bwd"), gy.dtype)
 
     # ------------------------------------------------------------------------------ dispatch
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> "DispatchHandle":
@@ -293,6 +286,16 @@ class _Finish:
 
     def wait(self):
         return self.fn()
+
+
+class _Dequantised:
+    """An FP8 transfer's handle: ``wait() -> [rows dequantised to dtype]``."""
+
+    def __init__(self, inner, dtype: torch.dtype):
+        self.inner, self.dtype = inner, dtype
+
+    def wait(self) -> list[torch.Tensor]:
+        return [dequant(*self.inner.wait(), self.dtype)]
 
 
 class _FlatForward:

@@ -2,7 +2,8 @@
 every MoE layer's ``dispatcher`` hook becomes the all-to-all of parallel/all_to_all.py.
 
     mesh = Mesh.from_config(cfg.parallel)
-    traffic = apply_expert_parallel(model, mesh, cfg.parallel, fp8=cfg.fp8.enabled and cfg.fp8.dispatch)
+    traffic = apply_expert_parallel(model, mesh, cfg.parallel, fp8=cfg.fp8.enabled and cfg.fp8.dispatch,
+                                    fp8_grad=cfg.fp8.enabled and cfg.fp8.grad_dispatch)
     ... loss.backward()
     sync_grads(model, mesh)                      # replicated: mean over DP; experts: over expert-DP
     norm = clip_grad_norm_ep(model, mesh, 1.0)   # global norm across the expert shards
@@ -50,9 +51,9 @@ def shard_experts(experts: GroupedExperts, logical_ids: list[int]) -> GroupedExp
 
 def apply_expert_parallel(model: torch.nn.Module, mesh: Mesh, pcfg=None, *, fp8: bool = False,
                           placement: Optional[Placement] = None, kind: Optional[str] = None,
-                          sim_bandwidth: Optional[dict] = None) -> TrafficCounters:
+                          sim_bandwidth: Optional[dict] = None, fp8_grad: bool = False) -> TrafficCounters:
     """Shard every MoE layer's routed experts over the mesh's EP group and install the dispatcher
-    (``pcfg.dispatcher``: flat | two_hop). ``placement`` defaults to contiguous blocks of experts.
+    (``pcfg.dispatcher``: flat | two_hop); ``fp8`` / ``fp8_grad``: dispatch / combine's backward in FP8. ``placement`` defaults to contiguous blocks of experts.
     A placement with redundant replicas (EPLB) routes correctly in forward, but the replicas' grads
     are not yet summed across the ranks holding them: use it for inference only.
     Returns the traffic counters shared by all layers (``traffic.per_token()`` for the step log)."""
@@ -64,7 +65,8 @@ def apply_expert_parallel(model: torch.nn.Module, mesh: Mesh, pcfg=None, *, fp8:
         if pl.n_logical != n:
             raise ValueError(f"placement has {pl.n_logical} logical experts but the layer has {n}")
         moe.experts = shard_experts(moe.experts, pl.local_experts(mesh.ep_rank))
-        moe.dispatcher = EPDispatcher(mesh, pl, kind, fp8, traffic, sim_bandwidth, chunks=getattr(pcfg, "a2a_chunks", 1))
+        moe.dispatcher = EPDispatcher(mesh, pl, kind, fp8, traffic, sim_bandwidth, chunks=getattr(pcfg, "a2a_chunks", 1),
+                                      fp8_grad=fp8_grad)
     return traffic
 
 

@@ -201,17 +201,17 @@ def dispatch_task(disp, route: Route, payload, w, phys):
     return out, specs
 
 
-def forward_task(disp, route: Route, g: torch.Tensor, direction: str):
-    """Rows at the source out along a planned route (combine's backward), chunk by chunk."""
-    _device(g)
-    specs = _specs([g])
-    buf = _pack([g[route.hop1.plan.send_rows]])
+def forward_task(disp, route: Route, parts: list[torch.Tensor], direction: str):
+    """Rows at the source out along a planned route (combine's backward: dy, or its E4M3 bytes and scales),
+    chunk by chunk; the relay forwards the packed rows as they came."""
+    _device(parts[0])
+    specs = _specs(parts)
+    buf = _pack([p[route.hop1.plan.send_rows] for p in parts])
     pend = [disp._send(route.hop1, buf[i], s, r, direction, True)
             for i, s, r in zip(route.send_idx, route.s1, route.r1)]
     out = []
     for c, h in enumerate(route.hop2):
-        (gc,) = _unpack(pend[c].wait(), specs)
-        out.append(disp._send(h, _pack([gc[h.plan.send_rows]]), h.send_counts, h.recv_counts, direction, True))
+        out.append(disp._send(h, pend[c].wait()[h.plan.send_rows], h.send_counts, h.recv_counts, direction, True))
     return out, specs
 
 

@@ -1,10 +1,13 @@
 """Expert-parallel MoE on 8 gloo processes standing in for 2 nodes × 4 GPUs: flat and two-hop dispatch
 equal the single-process MoE (outputs, input/weight/gate gradients, in fp64, every element within the
-rounding bound derived for it below); FP8 dispatch equals the reference on pow2-quantised inputs and
-stays within FP8 tolerance of the unquantised one; ranks and experts that receive nothing work; the
-inter-node copies counted from the collectives' split sizes match the routing plan and never exceed
-topk_group per token; two-hop pipelined in chunks (parallel.a2a_chunks) gives bitwise the unchunked
-outputs, gradients and byte counts. One process group for the whole module."""
+rounding bound derived for it below); FP8 (dispatch, and in the backward the gradient before the
+down-projection, both with pow2 scales: report §3.3.3) equals a one-process emulation that quantises the
+dispatched tokens and the routed output's gradient at the same points — the gradient rows the experts
+receive bitwise, the rest within the rounding bounds — and stays within FP8 tolerance of the unquantised
+MoE; its bytes per row are counted as sent, and combine and dispatch's backward stay unquantised; ranks
+and experts that receive nothing work; the inter-node copies counted from the collectives' split sizes
+match the routing plan and never exceed topk_group per token; two-hop pipelined in chunks
+(parallel.a2a_chunks) gives bitwise the unchunked outputs, gradients and byte counts. One process group for the whole module."""
 from __future__ import annotations
 
 import pytest
@@ -30,7 +33,7 @@ DIM, INTER, E, K, GROUPS, TOPK_GROUP = 160, 24, 16, 4, 2, 1   # DIM > 128: two F
 CHAIN = swiglu_chain(DIM, INTER)
 
 
-def _layer_bounds(moe, x, x_routed, g, tokens_all_ranks: int) -> dict:
+def _layer_bounds(moe, x, x_routed, g, g_routed, tokens_all_ranks: int) -> dict:
     """Bounds on |expert-parallel − single-process| for the MoE layer's output and every gradient. The gate
     and the shared expert run the same ops on the same inputs in both; what differs is the routed part and
     what flows from it: ∂L/∂w into the gate. For w_j = r·s_j/S (S = Σ_chosen s, s = sigmoid(z)),
@@ -42,7 +45,7 @@ def _layer_bounds(moe, x, x_routed, g, tokens_all_ranks: int) -> dict:
     N = x.shape[0]
     with torch.no_grad():
         w, idx, scores = moe.gate(x)
-    tok, r = routed_abs_sums(moe.experts, x_routed, idx, w, g)
+    tok, r = routed_abs_sums(moe.experts, x_routed, idx, w, g_routed)
     sh = moe.shared_experts
     s = swiglu_abs_sums(x.double(), *(m.weight.detach().double().expand(N, -1, -1) for m in (sh.w1, sh.w2, sh.w3)),
                         torch.ones(N, dtype=torch.float64), g.double())
@@ -99,6 +102,7 @@ def _check_layer(rank, world, kind, fp8, n_tokens, chunks=1):
     from parallel.mesh import Mesh
     from dsv3.config import ParallelConfig
     from parallel.all_to_all import quant_pow2, dequant
+    from parallel.a2a_rows import fp8_round_trip, quantise_grad
     from parallel.placement import Placement
     pcfg = ParallelConfig(ep=WORLD, nodes=NODES, ranks_per_node=RPN, a2a_chunks=chunks)
     mesh = Mesh.from_config(pcfg)
@@ -107,19 +111,44 @@ def _check_layer(rank, world, kind, fp8, n_tokens, chunks=1):
     x_ref = x
     if fp8:  # the dispatched rows are exactly the pow2-quantised tokens
         x_ref = dequant(*quant_pow2(x.view(-1, DIM)), x.dtype).view_as(x)
-    # reference: the whole MoE in this process; routed experts' input is x_ref, the rest sees x
-    ref_q = copy.deepcopy(ref)
+    # reference: the whole MoE in this process; routed experts' input is x_ref, the rest sees x; under FP8
+    # the routed output's gradient is quantised (the emulation of fp8_grad), ``seen["g"]`` after it
+    ref_q, seen = copy.deepcopy(ref), {}
     from dsv3.experts import local_dispatch
-    ref_q.dispatcher = lambda xx, i, w, ex: local_dispatch(x_ref.view(-1, DIM) + (xx - xx.detach()), i, w, ex)
+
+    def emulation(xx, i, w, ex):
+        y_routed = local_dispatch(x_ref.view(-1, DIM) + (xx - xx.detach()), i, w, ex)
+        if not fp8:
+            return y_routed
+        y_routed.register_hook(lambda g: seen.__setitem__("g", g))
+        return quantise_grad(y_routed)
+    ref_q.dispatcher = emulation
     y_ref, gx_ref, g_ref = _run(ref_q, x, probe)
     y_exact = _run(ref, x, probe)[0]
     for name in ("experts.w1", "experts.w2", "experts.w3"):
         dist.all_reduce(g_ref[name])                 # experts see every rank's tokens
     ep = copy.deepcopy(ref)
-    traffic = apply_expert_parallel(ep, mesh, pcfg, kind=kind, fp8=fp8)
+    traffic = apply_expert_parallel(ep, mesh, pcfg, kind=kind, fp8=fp8, fp8_grad=fp8)
+    disp, got = ep.dispatcher, {}
+    run_experts, combine_backward = disp.run_experts, disp.combine_backward
+    disp.run_experts = lambda recv, ex: (got.__setitem__("x", recv.x.detach()), run_experts(recv, ex))[1]
+
+    def spy(route, gy):   # the gradient rows as the experts receive them (row order of recv.x)
+        h = combine_backward(route, gy)
+        return type("Spy", (), {"wait": lambda _: got.setdefault("g", h.wait())})()
+    disp.combine_backward = spy
     y, gx, g = _run(ep, x, probe)
+    grad_rows = grad_diff = 0
+    if fp8:   # every received gradient row bitwise the emulation's quantised gradient of the same token
+        table = {}
+        for xs, gs in dist_all_gather((x_ref.view(-1, DIM), seen["g"])):
+            table.update({xr.numpy().tobytes(): gr for xr, gr in zip(xs, gs)})
+        for xr, gr in zip(got["x"], got["g"][0]):
+            grad_rows += 1
+            grad_diff += not torch.equal(gr, table[xr.numpy().tobytes()])
     mine = Placement.contiguous(E, WORLD).local_experts(rank)
-    bound = _layer_bounds(ref, x.view(-1, DIM), x_ref.view(-1, DIM), probe.view(-1, DIM), sum(n_tokens))
+    g_routed = fp8_round_trip(probe.view(-1, DIM)) if fp8 else probe.view(-1, DIM)
+    bound = _layer_bounds(ref, x.view(-1, DIM), x_ref.view(-1, DIM), probe.view(-1, DIM), g_routed, sum(n_tokens))
     ratio = {"y": worst(y.view(-1, DIM), y_ref.view(-1, DIM), bound["y"]),
              "gx": worst(gx.view(-1, DIM), gx_ref.view(-1, DIM), bound["gx"])}
     for name in g_ref:
@@ -138,8 +167,16 @@ def _check_layer(rank, world, kind, fp8, n_tokens, chunks=1):
         per_token = [len({r for r in rr.tolist() if r // RPN != me_node}) for rr in ranks]
     max_nodes = max([len(set(n.tolist())) for n in nodes], default=0)
     return dict(worst=ratio, fp8_vs_exact=fp8_vs_exact, inter_rows=inter_rows, plan_rows=sum(per_token),
-                max_nodes=max_nodes, tokens=traffic.tokens, counters=dict(traffic.bytes),
+                max_nodes=max_nodes, tokens=traffic.tokens, counters=dict(traffic.bytes), rows=dict(traffic.rows),
+                grad_rows=grad_rows, grad_diff=grad_diff, dest_pairs=sum(len(set(rr.tolist())) for rr in ranks),
                 out=dict(y=y, gx=gx, **g))
+
+
+def dist_all_gather(obj) -> list:
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _check_empty(rank, world, chunks=(1,)):
@@ -231,6 +268,32 @@ def test_inter_node_copies_match_plan_and_node_limit(results):
     rows = sum(r[("two_hop", False)]["inter_rows"] for r in results)
     meta = (8 + 4) * K
     assert full == rows * (8 * DIM + meta) and f8 == rows * (DIM + 4 * 2 + meta)
+
+
+@pytest.mark.parametrize("kind", ["flat", "two_hop", "chunked"])
+def test_fp8_grad_rows_bitwise_emulation(results, kind):
+    """Each gradient row an expert rank receives is bitwise the one-process emulation's quantised gradient
+    of the token it came from (the token found by its dispatched row among every rank's tokens)."""
+    rows = [r[(kind, True)]["grad_rows"] for r in results]
+    assert sum(rows) == sum(r[(kind, True)]["dest_pairs"] for r in results)   # one per (token, expert rank)
+    assert [r[(kind, True)]["grad_diff"] for r in results] == [0] * WORLD
+    assert min(rows) > 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "two_hop"])
+def test_fp8_grad_bytes_counted(results, kind):
+    """combine's backward: DIM E4M3 bytes + 4 per 1×128 scale (2 tiles) per row on every link, against 8·DIM
+    unquantised (fp64 here); combine and dispatch's backward send the same bytes with and without FP8."""
+    for rank, r in enumerate(results):
+        full, f8 = r[(kind, False)], r[(kind, True)]
+        for link in ("self", "intra", "inter"):
+            key = ("combine_bwd", link)
+            assert f8["rows"].get(key, 0) == full["rows"].get(key, 0), (rank, link)
+            assert full["counters"].get(key, 0) == full["rows"].get(key, 0) * 8 * DIM, (rank, link)
+            assert f8["counters"].get(key, 0) == f8["rows"].get(key, 0) * (DIM + 4 * 2), (rank, link)
+            for d in ("combine", "dispatch_bwd"):
+                assert f8["counters"].get((d, link), 0) == full["counters"].get((d, link), 0), (rank, d, link)
+        assert f8["rows"].get(("combine_bwd", "inter"), 0) == f8["inter_rows"]
 
 
 def test_empty_ranks_and_experts(results):
