@@ -285,6 +285,8 @@ def train(cfg: Config) -> dict:
         lock, data = _open_run_dir(cfg, env)
         parallel = cfg.parallel.force or (env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1
                                                              or cfg.parallel.zero1))
+        if t.weights_dtype == "bf16" and not parallel:   # BF16 weights live in ZeRO-1 (parallel/zero.py)
+            raise UserError("train.weights_dtype=bf16 needs the ZeRO-1 path: more than one rank, or parallel.force=true")
         if parallel and t.init_from is None:
             # parallelize() materialises only this rank's stages and experts (same values as the whole model)
             with torch.device("meta"):

@@ -81,11 +81,11 @@ def _reference(cfg, model, batch, dp: int):
     return losses, {n: p.detach().clone() for n, p in params.items()}, {n: m.detach().clone() for n, m in master.items()}
 
 
-def _worker(rank, world):
-    return {name: _run(rank, overrides) for name, overrides in RUNS.items()}
+def _worker(rank, world, ckpt_dir):
+    return {name: _run(rank, overrides, ckpt_dir if name == "dp2" else None) for name, overrides in RUNS.items()}
 
 
-def _run(rank, overrides):
+def _run(rank, overrides, ckpt_dir=None):
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
     cfg, model, batch = _setup(overrides)
@@ -101,6 +101,16 @@ def _run(rank, overrides):
     if pm.pipe is None:
         out["params"] = {n: p.detach().clone() for n, p in pm.params.items()}
         out["master"] = {n: (e.index, e.chunk, e.master.detach().clone()) for n, e in pm.zero.entries.items()}
+    if ckpt_dir is not None:   # a sharded checkpoint of the FP32 masters, loaded into a fresh BF16 run
+        from parallel.dist_checkpoint import latest_sharded, load_sharded, save_sharded
+        save_sharded(ckpt_dir, STEPS, pm, dict(tokens=0, sampler={"epoch": 0, "index": 0}))
+        cfg2, model2, _ = _setup(overrides)
+        pm2 = parallelize(model2, Mesh.from_config(cfg2.parallel), cfg2)
+        load_sharded(latest_sharded(ckpt_dir), pm2)
+        out["reloaded"] = all(torch.equal(pm2.params[n], p) and p.dtype == torch.bfloat16 for n, p in pm.params.items()) \
+            and all(torch.equal(pm2.zero.entries[n].master, e.master) and all(torch.equal(
+                pm2.zero.optimizer.state[pm2.zero.entries[n].master][m], pm.zero.optimizer.state[e.master][m])
+                for m in ("exp_avg", "exp_avg_sq")) for n, e in pm.zero.entries.items())
     if rank == 0:   # the reference in this process: the same kernels and thread count as the run above
         ref_cfg, ref_model, _ = _setup(overrides)
         out["ref"] = _reference(ref_cfg, ref_model, batch, mesh.dp)
@@ -108,19 +118,21 @@ def _run(rank, overrides):
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
     """Both layouts in one pair of gloo processes (one start-up)."""
-    res = run_ranks(_worker, 2, timeout=240)
+    res = run_ranks(_worker, 2, str(tmp_path_factory.mktemp("ckpt")), timeout=240)
     return {name: [r[name] for r in res] for name in RUNS}
 
 
 def test_zero1_bf16_weights_equal_the_hand_written_reference(runs):
     """DP 2 on 2 gloo ranks, 2 steps of 2 micro-batches each: every BF16 parameter and every FP32 master
-    shard equal the reference bitwise, on both ranks; the main grads are zeroed after the step."""
+    shard equal the reference bitwise, on both ranks; the main grads are zeroed after the step; a sharded
+    checkpoint (FP32 masters and moments) loaded into a fresh run gives the same masters, moments and BF16
+    parameters bitwise."""
     res = runs["dp2"]
     ref_losses, ref_params, ref_master = res[0]["ref"]
     for r in res:
-        assert r["dtypes"] == {torch.bfloat16} and r["main_grads_zero"]
+        assert r["dtypes"] == {torch.bfloat16} and r["main_grads_zero"] and r["reloaded"]
         for n, p in r["params"].items():
             assert torch.equal(p, ref_params[n]), n
         for n, (i, c, shard) in r["master"].items():
@@ -176,3 +188,11 @@ def test_bf16_weights_need_bf16_autocast():
     cfg = load_config(config_path("debug.yaml"), ["train.dtype=fp32", "train.weights_dtype=bf16"])
     with pytest.raises(ConfigError, match="train.weights_dtype=bf16 needs BF16 autocast"):
         ParallelModel(None, None, cfg, torch.device("cpu"))
+
+
+def test_one_process_run_refuses_bf16_weights(capsys, tmp_path):
+    """BF16 weights live in ZeRO-1: a one-process run without ``parallel.force`` says so (exit 2, one line)."""
+    from tests.test_bad_config_table import assert_clean_error, data_args, make_corpus, run_main
+    corpus = make_corpus(tmp_path / "corpus")
+    code, err = run_main(capsys, data_args(tmp_path, corpus, "train.weights_dtype=bf16", "train.dtype=bf16"))
+    assert_clean_error(code, err, "train.weights_dtype=bf16 needs the ZeRO-1 path")
