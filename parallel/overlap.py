@@ -5,15 +5,20 @@ A MoE ``Block`` whose dispatcher is expert-parallel runs as parts through its ow
 (``Block.attention``, ``MoE.route`` / ``dispatch`` / ``run_experts`` / ``combine`` / ``merge``), with
 autograd cut between them (each part's inputs are fresh leaves):
 
-    forward:  attn (norms, MLA, gate; launches dispatch) | mlp (experts; launches combine) + shared experts | out
-    backward: out (launches combine-bwd) + shared B | mlp B (launches dispatch-bwd) | attn B
+    forward:  attn (norms, MLA, gate; launches dispatch) + shared experts | mlp (experts; launches combine) | out
+    backward: out (launches combine-bwd) | mlp B (launches dispatch-bwd) | shared B + attn B
 
 Each chunk is a generator that yields right before it waits on an all-to-all. ``run_pair`` alternates
 the backward chunk of micro-batch b and the forward chunk of micro-batch f at every yield, starting
 with the backward, so every all-to-all of one is in flight while the other computes (Figure 4):
 
-    B: combine-bwd ▶, shared B | F: attn ▶ dispatch | B: mlp B ▶ dispatch-bwd | F: mlp ▶ combine, shared |
-    B: attn B, next layer's combine-bwd ▶ … | F: + residual, next layer's attn ▶ …
+    B: combine-bwd ▶ | F: attn ▶ dispatch, shared | B: mlp B ▶ dispatch-bwd | F: mlp ▶ combine |
+    B: shared B, attn B, next layer's combine-bwd ▶ … | F: + residual, next layer's attn ▶ …
+
+The shared experts (which need no all-to-all) sit where they lengthen the shortest window: each
+all-to-all is in flight under (F costs a, m, s; B twice): combine-bwd a+s, dispatch s+2m, dispatch-bwd
+m+2s, combine 2s+2a. With shared F after mlp and shared B before mlp B, dispatch-bwd had only m+s (the
+two-hop dispatch-bwd, IB after NVLink in chunks, outlasted it) and dispatch only 2m.
 
 The parts are the very ops of ``Block.forward`` and its autograd backward, and a full B accumulates
 each part's weight gradients in the same autograd pass (as ``torch.autograd.backward`` over the whole
@@ -124,6 +129,11 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generat
         w = weights.to(flat.dtype)
         handle = moe.dispatch(flat.detach(), indices, w.detach())
         aux = moe.balance(scores, indices, B)
+    flat_s = s = None
+    if moe.shared_experts is not None:   # under this dispatch and the paired backward's combine-bwd
+        with tr.span("shared F"):
+            flat_s = flat.detach().requires_grad_()
+            s = moe.shared_experts(flat_s)
     yield
     recv = handle.wait()
     with tr.span("mlp F"):
@@ -131,11 +141,6 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generat
         recv = dataclasses.replace(recv, x=rx, weight=rw)
         y_rows = moe.run_experts(recv)
         combine = moe.combine(y_rows.detach(), recv)
-    flat_s = s = None
-    if moe.shared_experts is not None:
-        with tr.span("shared F"):
-            flat_s = flat.detach().requires_grad_()
-            s = moe.shared_experts(flat_s)
     yield
     yc = combine.wait().detach().requires_grad_()
     with tr.span("out F"):
@@ -154,11 +159,6 @@ def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: 
         leaves = [t for t in (r["h_o"], r["yc"], r["s_o"], r["aux_o"]) if t is not None]
         g = dict(zip([id(t) for t in leaves], _part_grads([r["out"]], [g_out], leaves, [], sink, "out W")))
         route = disp.combine_backward(r["hops"], g[id(r["yc"])])
-    g_flat = None
-    if r["s"] is not None:
-        with tr.span("shared B"):
-            (g_flat,) = _part_grads([r["s"]], [g[id(r["s_o"])]], [r["flat_s"]], params_of(moe.shared_experts),
-                                    sink, "shared W")
     yield
     (g_rows,) = route.wait()
     with tr.span("mlp B"):
@@ -168,6 +168,11 @@ def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: 
         g_rw = g_rw.to(torch.promote_types(r["w"].dtype, torch.float32))   # as _DispatchAttach.backward sends it
         route = disp.dispatch_backward(r["hops"], [g_rx.to(r["flat"].dtype).contiguous(), g_rw.contiguous()])
     yield
+    g_flat = None
+    if r["s"] is not None:   # under this dispatch-bwd and the paired forward's combine
+        with tr.span("shared B"):
+            (g_flat,) = _part_grads([r["s"]], [g[id(r["s_o"])]], [r["flat_s"]], params_of(moe.shared_experts),
+                                    sink, "shared W")
     g_flat_d, g_w = route.wait()
     with tr.span("attn B"):
         g_flat = g_flat_d if g_flat is None else g_flat + g_flat_d

@@ -124,7 +124,8 @@ def test_paired_op_hides_fixed_latency_all_to_all():
             assert r["n_a2a"] == 8                                     # 2 MoE layers × (dispatch, combine) × (F, B)
             assert r["comm"] == pytest.approx(comm, **same)           # the link is serial
             assert r["compute"] == pytest.approx(compute, **same)
-        # unpaired: a chunk hides only its own shared experts under its combine (COST + 2·COST per layer),
+        # unpaired: a chunk hides only its own shared experts (COST + 2·COST per layer: shared F under its
+        # dispatch, shared B under its dispatch-bwd),
         # the rest of compute and communication add up
         own_shared = 2 * (COST + 2 * COST)
         assert seq["hidden"] * seq["comm"] == pytest.approx(own_shared, **same)
