@@ -56,7 +56,8 @@ def rank_bytes(cfg: Config, pp: int, dp: int, ep: int, schedule: str) -> list[di
                 params[id(p)] = p                       # a tensor shared between held stages counts once
         n_expert = sum(p.numel() for p in params.values() if getattr(p, "expert_parallel", False))
         n_params = sum(p.numel() for p in params.values())
-        weight = sum(p.numel() * (2 if cfg.train.weights_dtype == "bf16" else p.element_size()) for p in params.values())
+        bf16 = cfg.train.weights_dtype == "bf16"
+        weight = sum(p.numel() * (2 if bf16 else p.element_size()) for p in params.values())
         grads = sum(p.numel() * max(p.element_size(), 4) for p in params.values())
         shard = sum(math.ceil(p.numel() / (expert_world if getattr(p, "expert_parallel", False) else dense_world))
                     for p in params.values())

@@ -1,8 +1,8 @@
 """One function applies the parallelism to a built model (report §3.2, §3.4; SPEC §5 training layout):
 pipeline parallelism (any schedule of parallel/schedules.py) × data parallelism, expert parallelism
-carved out of the data-parallel ranks of each stage, ZeRO-1 over "dp" (dense) and "edp" (experts). With ``train.weights_dtype=bf16`` the parameters
-are BF16 (ZeRO-1 keeps FP32 main grads and master, parallel/zero.py) and the pipeline's P2P activations
-and their gradients travel in BF16, the autocast dtype.
+carved out of the data-parallel ranks of each stage, ZeRO-1 over "dp" (dense) and "edp" (experts).
+With ``train.weights_dtype=bf16`` the parameters are BF16 (ZeRO-1 keeps FP32 main grads and master,
+parallel/zero.py) and the pipeline's P2P activations and their gradients travel in BF16, the autocast dtype.
 
     mesh = Mesh.from_config(cfg.parallel)
     pm = parallelize(model, mesh, cfg)
@@ -23,8 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.batch import check_layout
-from dsv3.config import Config
-from dsv3.config import ConfigError
+from dsv3.config import Config, ConfigError
 from dsv3.runtime import choose_dtype
 from dsv3.model import Transformer
 from dsv3.param_init import materialize_, materialize_own_buffers_
