@@ -2,7 +2,7 @@
 by the trainer's own ``dsv3_stages`` (``parallel/stage_cut.py``), its experts sharded by the trainer's own
 ``shard_experts``, and the state ZeRO-1 keeps for the rank's parameters (issue: meta-device construction).
 
-    python -m parallel.dry_run configs/dsv3_671b.yaml --pp 16 --dp 128 --ep 64 [--schedule dualpipe]
+    python -m parallel.dry_run configs/dsv3_671b.yaml --pp 16 --dp 128 --ep 64 [--schedule dualpipe] [train.weights_dtype=bf16]
 
 Per pipeline rank (every data-parallel rank of a stage holds the same bytes): parameters (as the trainer
 keeps them: FP32, or BF16 with ``train.weights_dtype=bf16``), gradients (FP32 either way: the FP32
@@ -73,11 +73,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks per pipeline stage (EP inside them)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (divides dp)")
     p.add_argument("--schedule", default=None, help="pipeline schedule (default: the config's parallel.pp_schedule)")
-    a = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="config overrides key.path=value (e.g. train.weights_dtype=bf16)")
+    a = p.parse_intermixed_args(argv)
     try:
         if min(a.pp, a.dp, a.ep) < 1:
             raise UserError("--pp, --dp and --ep must be >= 1")
-        cfg = load_config(a.config)
+        cfg = load_config(a.config, a.overrides)
         rows = rank_bytes(cfg, a.pp, a.dp, a.ep, a.schedule or cfg.parallel.pp_schedule)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -92,3 +92,16 @@ def test_dry_run_cli_refuses_bad_layout(capsys):
     from parallel.dry_run import main
     assert main([os.path.join(ROOT, "configs", "debug.yaml"), "--dp", "4", "--ep", "3"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_dry_run_cli_takes_overrides(capsys):
+    """``train.weights_dtype=bf16`` on the command line: the weights column halves, grads (FP32 main grads) stay."""
+    from parallel.dry_run import main
+    cols = {}
+    for w in ("fp32", "bf16"):
+        assert main([os.path.join(ROOT, "configs", "dsv3_671b.yaml"), "--pp", "16", "--dp", "128", "--ep", "64",
+                     f"train.weights_dtype={w}"]) == 0
+        row = capsys.readouterr().out.strip().splitlines()[2].split()   # pipeline rank 0
+        cols[w] = (float(row[3]), float(row[4]))   # weights GiB, grads GiB
+    assert cols["bf16"][1] == cols["fp32"][1] > 0
+    assert abs(cols["bf16"][0] - cols["fp32"][0] / 2) <= 0.005 + 0.0025 + 1e-9   # each printed to ±0.005
