@@ -53,43 +53,47 @@ class MLA(nn.Module):
         self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, dim)
         self.softmax_scale = softmax_scale(cfg)
-        self.recompute = False  # report §3.2.3: recompute the up-projections in backward
-
-    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(queries, wkv_a(x)): the two down-projections of x share one GEMM (layers.shared_input_linears)."""
-        q_in = self.wq if self.cfg.q_lora_rank is None else self.wq_a
-        q, kv = shared_input_linears(x, q_in, self.wkv_a)
-        return (q if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q))), kv
+        self.recompute = False  # report §3.2.3: recompute the up-projections (and the core) in backward
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[MLACache] = None, start_pos: int = 0) -> torch.Tensor:
-        """x: (B, T, dim); cos/sin: (T, rope_dim/2) for positions start_pos … start_pos+T−1."""
-        B, T, _ = x.shape
+        """x: (B, T, dim); cos/sin: (T, rope_dim/2) for positions start_pos … start_pos+T−1.
+
+        With ``recompute`` on (training), everything from the two down-projections' outputs to the attention
+        core's output runs under one checkpoint (report §3.2.3): autograd keeps only c_Q (before q_norm),
+        wkv_a's output (c_KV before kv_norm, and the un-rotated k_rope) and the core's output (wo's input);
+        backward re-runs the norms, the q / kv up-projections, RoPE and the core forward."""
+        q_in = self.wq if self.cfg.q_lora_rank is None else self.wq_a
+        q_a, kv_a = shared_input_linears(x, q_in, self.wkv_a)     # the down-projections share one GEMM
+        if cache is not None:
+            q_nope, q_rope, kv, k_rope = self._latents(q_a, kv_a, cos, sin)
+            out = self._attend_absorbed(q_nope, q_rope, kv, k_rope.squeeze(2), cache, start_pos)
+        elif self.recompute and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(self._attend_decompressed, q_a, kv_a, cos, sin,
+                                                    use_reentrant=False)
+        else:
+            out = self._attend_decompressed(q_a, kv_a, cos, sin)
+        return self.wo(out.flatten(2))
+
+    def _latents(self, q_a, kv_a, cos, sin):
+        """(q_nope, q_rope, c_KV, k_rope) from the down-projections: q = W_UQ RMSNorm(c_Q) (or W_Q x),
+        c_KV = RMSNorm(·), RoPE on q_rope and on the shared k_rope (B, T, 1, rope_dim)."""
+        B, T, _ = q_a.shape
         c = self.cfg
-        q, kv_a = self._projections(x)
+        q = q_a if c.q_lora_rank is None else self.wq_b(self.q_norm(q_a))
         q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_head_dim).split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
         kv, k_rope = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)                                            # c_KV: (B, T, kv_lora_rank)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)               # (B, T, 1, rope_dim)
-        if cache is None:
-            out = self._attend_decompressed(q_nope, q_rope, kv, k_rope)
-        else:
-            out = self._attend_absorbed(q_nope, q_rope, kv, k_rope.squeeze(2), cache, start_pos)
-        return self.wo(out.flatten(2))
+        return q_nope, q_rope, kv, k_rope
 
-    def _up_project(self, kv: torch.Tensor) -> torch.Tensor:
-        return self.wkv_b(kv)
-
-    def _attend_decompressed(self, q_nope, q_rope, kv, k_rope) -> torch.Tensor:
+    def _attend_decompressed(self, q_a, kv_a, cos, sin) -> torch.Tensor:
+        """Training path: decompress K and V (W_UK, W_UV) and run causal attention, (B, T, H, d_v)."""
+        q_nope, q_rope, kv, k_rope = self._latents(q_a, kv_a, cos, sin)
         B, T, H, _ = q_nope.shape
-        c = self.cfg
-        if self.recompute and torch.is_grad_enabled():
-            kv_up = torch.utils.checkpoint.checkpoint(self._up_project, kv, use_reentrant=False)
-        else:
-            kv_up = self._up_project(kv)
-        k_nope, v = kv_up.view(B, T, H, -1).split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        return mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.softmax_scale)   # (B, T, H, d_v)
+        k_nope, v = self.wkv_b(kv).view(B, T, H, -1).split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)
+        return mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.softmax_scale)
 
     def _attend_absorbed(self, q_nope, q_rope, kv, k_rope, cache: MLACache, start_pos: int) -> torch.Tensor:
         B, T, H, _ = q_nope.shape

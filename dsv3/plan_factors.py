@@ -19,7 +19,7 @@ from parallel.stage_cut import stage_bounds
 FACTORS = [  # (key, label) in the order they are applied
     ("gemm", "GEMM efficiency by shape (DeepGEMM tables; BF16 GEMMs at the same fraction of the BF16 peak)"),
     ("attn", "attention core at FlashMLA's rate"),
-    ("recompute", "MLA up-projection (wkv_b) recomputed in backward"),
+    ("recompute", "MLA up-projections (wq_b, wkv_b) and attention core forward recomputed in backward"),
     ("sms", "SMs given to communication while it overlaps compute"),
     ("membound", "memory-bound work at the achievable HBM rate"),
     ("imbalance", "busiest pipeline rank (uneven cut, embedding / head / MTP)"),
@@ -123,6 +123,9 @@ def _gemm_time(ctx: Ctx, g, on: set) -> tuple[float, float, float]:
     return tuple(flops / (r * tf32 * 1e12) for r in rates)
 
 
+MLA_RECOMPUTED = ("wq_b", "wkv_b")     # the up-projections MLA's checkpoint re-runs (report §3.2.3)
+
+
 def attn_flops(ctx: Ctx) -> float:
     """Forward FLOPs of the causal attention core per micro-batch: QKᵀ and PV over T/2 keys on average."""
     a, T = ctx.cfg.model.mla, ctx.cfg.data.seq_len
@@ -131,15 +134,17 @@ def attn_flops(ctx: Ctx) -> float:
 
 def model_flops_per_token(cfg: Config, ctx: Ctx) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per token for forward + backward: 3 × forward GEMMs and attention;
-    hardware adds the recomputed wkv_b forward when train.recompute is on."""
+    hardware adds what train.recompute re-runs in backward: MLA's wq_b and wkv_b forwards and the attention
+    core's forward (dsv3/mla.py checkpoints the up-projections with the core)."""
     m = cfg.model
     fwd = recompute = 0.0
     for i in list(range(m.n_layers)) + [m.n_layers + k for k in range(m.mtp.depth)]:
         for g in layer_gemms(ctx, i):
             f = 2.0 * g[1] * g[2] * g[3] * max(g[5], 1)
             fwd += f
-            recompute += f if g[0] == "wkv_b" and cfg.train.recompute else 0.0
+            recompute += f if g[0] in MLA_RECOMPUTED and cfg.train.recompute else 0.0
         fwd += attn_flops(ctx)
+        recompute += attn_flops(ctx) if cfg.train.recompute else 0.0
     fwd += sum(2.0 * g[1] * g[2] * g[3] for g in head_gemms(ctx))
     return 3 * fwd / ctx.tokens, (3 * fwd + recompute) / ctx.tokens
 
@@ -192,11 +197,13 @@ def _stage_times(ctx: Ctx, lo: int, hi: int, last: bool, on: set, n_params: floa
             f, dg, wg = _gemm_time(ctx, g, on)
             s = straggle if g[5] else 1.0
             F, B, W = F + f * s, B + (dg + wg) * s, W + wg * s
-            if g[0] == "wkv_b" and cfg.train.recompute and "recompute" in on:
+            if g[0] in MLA_RECOMPUTED and cfg.train.recompute and "recompute" in on:
                 B += f
         rate = (src.FLASHMLA_TFLOPS.value * ctx.gpu.bf16_dense_tflops / GPUS["h800"].bf16_dense_tflops
                 if "attn" in on else ctx.gpu.bf16_dense_tflops) * 1e12
         F, B = F + attn_flops(ctx) / rate, B + 2 * attn_flops(ctx) / rate
+        if cfg.train.recompute and "recompute" in on:
+            B += attn_flops(ctx) / rate                 # the core's forward, re-run under MLA's checkpoint
         if "membound" in on:
             mem += sum(membound_bytes(ctx, i).values()) * ctx.tokens / _hbm_rate(ctx)
         if i >= m.n_dense_layers and ctx.ep > 1:

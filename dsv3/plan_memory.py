@@ -130,34 +130,30 @@ class ActDtypes:
 
 
 def fp8_weight_bytes(m: ModelConfig, layer_id: int, ep: int = 1) -> float:
-    """The FP8 copy (+ 128×128 scales) of one Block's FP8 GEMM weights that every forward saves for its
-    backward (triton_kernels.fp8_linear / grouped_gemm): one per micro-batch in flight."""
-    exempt = ("attn_norm", "attn.q_norm", "attn.kv_norm", "ffn_norm", "ffn.gate")
-    n = sum(c // (ep if x else 1) for name, c, x in block_params(m, layer_id) if name not in exempt)
+    """The FP8 copy (+ 128×128 scales) of one Block's routed-expert weights that every forward saves for
+    its backward (triton_kernels.grouped_gemm / fp8_swiglu): one per micro-batch in flight. The FP8
+    Linears keep the parameter itself and re-quantise it in backward (triton_kernels.fp8_linear)."""
+    n = sum(c // ep for _, c, x in block_params(m, layer_id) if x)
     return n * (1 + 4 / 128 ** 2)
 
 
 def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes, micro_batch: int = 1,
                            seq_len: int = 4096, ep: int = 1) -> float:
-    """Bytes autograd keeps per token for one Block with recomputation on (norm outputs, MLA's wkv_b
-    up-projection and SwiGLU outputs recomputed; their inputs kept). Each term is one saved tensor."""
+    """Bytes autograd keeps per token for one Block with recomputation on (norm outputs, MLA's norms,
+    up-projections, RoPE and attention core, and SwiGLU outputs recomputed; their inputs kept). Each
+    term is one saved tensor."""
     a, e, d = m.mla, m.moe, m.dim
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
     R, C, L, A = dt.resid, dt.cast, dt.linear_in, dt.attn
     shared_in = 2 if dt.fp8 else 1                          # FP8 Linears quantise a shared input each
     b = d * R                                               # block input (attn_norm's recompute input)
-    if a.q_lora_rank is None:
-        b += d * L
-    else:
-        b += shared_in * d * L                              # normed x: wq_a and wkv_a inputs
-        b += a.q_lora_rank * R + 4                          # c_Q before q_norm + its reciprocal RMS
-        b += a.q_lora_rank * L                              # normed c_Q: wq_b input
-    b += (a.kv_lora_rank + a.qk_rope_head_dim) * R + 4      # wkv_a output (kv_norm input, k_rope view) + rstd
-    b += a.kv_lora_rank * C                                 # normed c_KV: the recomputed wkv_b's input
-    v = qk if dt.pad_v else a.v_head_dim
-    b += a.n_heads * (2 * qk + 2 * v) * A + 4 * a.n_heads   # q, k, v, out of the attention core; log-sum-exp
+    # MLA (dsv3/mla.py, recompute on): one checkpoint from the down-projections' outputs to the core's
+    # output keeps c_Q (or q without q compression) and wkv_a's output [c_KV | k_rope], both un-normed
+    b += (shared_in if a.q_lora_rank is not None else 1) * d * L    # normed x: wq_a / wq and wkv_a inputs
+    b += (a.n_heads * qk if a.q_lora_rank is None else a.q_lora_rank) * R      # GEMM outputs: the residual
+    b += (a.kv_lora_rank + a.qk_rope_head_dim) * R                              # dtype (FP32 on CPU, BF16 GPU)
     b += a.n_heads * a.v_head_dim * (2 + 4 / 128 if dt.wo_e5m6 else L)   # attention output: wo input
-    b += 2 * 4 * a.qk_rope_head_dim / micro_batch           # the RoPE rotations (complex64, per position)
+    # the RoPE cos / sin that RoPE and the checkpoint keep are views of the model's one table (a buffer): none
     b += d * R                                              # h: ffn_norm's recompute input
     if dt.fp8:
         b += fp8_weight_bytes(m, layer_id, ep) / (micro_batch * seq_len)

@@ -301,3 +301,39 @@ def test_blocked_causal_core_equals_sdpa_path():
         assert a.dtype == torch.float32 and b.dtype == torch.float64
         bound = 64 * u * (1 + b.abs()) * (H if a.shape[2] == 1 else 1)   # the rope key sums H heads
         assert ((a.double() - b).abs() <= bound).all(), ((a.double() - b).abs() / bound).max()
+
+
+@pytest.mark.parametrize("T", [40, 300])                   # the blocked core (T ≤ 256) and the flash core
+@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora"])
+def test_recompute_keeps_only_the_latents_and_gives_the_same_gradients(variant, T):
+    """recompute on (report §3.2.3): the output and every gradient equal recompute off bit for bit, and
+    autograd keeps exactly x, c_Q (or q), wkv_a's output and wo's input — the distinct storages it saves,
+    counted by saved_tensors_hooks, against that sum of shapes (the up-projected q, k, v are not kept)."""
+    cfg = VARIANTS[variant]
+    B, dim = 2, 24
+    cos, sin = rope_cos_sin(cfg, 512)
+    x = torch.randn(B, T, dim, generator=torch.Generator().manual_seed(3))
+    dy = torch.randn(B, T, dim, generator=torch.Generator().manual_seed(4))
+    grads, saved = {}, {}
+    for on in (False, True):
+        mla = make_mla(cfg)
+        mla.recompute = on
+        xx = x.clone().requires_grad_()
+        seen = {}
+        keep = {t.untyped_storage().data_ptr() for t in (*mla.parameters(), cos, sin)}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in keep:
+                seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = mla(xx, cos[:T], sin[:T])
+        y.backward(dy)
+        grads[on] = [y.detach(), xx.grad] + [p.grad for p in mla.parameters()]
+        saved[on] = sum(seen.values()) / (B * T * 4)            # FP32 values per token
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
+    q_in = cfg.q_lora_rank or cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    assert saved[True] == dim + q_in + cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.n_heads * cfg.v_head_dim
+    assert saved[False] > saved[True] + cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
