@@ -6,6 +6,8 @@
 
 Master weights and their gradients stay FP32 (or the weight's dtype); the input is cached for
 backward in FP8, already transposed and token-tiled for wgrad, as the report caches activations.
+The weight's FP8 copy is not kept for backward when the weight is a leaf (the parameter): dgrad
+re-quantises it, so micro-batches in flight hold no FP8 weight copies (issue 20, memory).
 Block-scaled (128×128) activation gradients diverged in the report's tests, hence 1×128 for dy.
 
 ``input_cache="e5m6"`` (the attention output projection ``wo``, report §3.3.3): the input is cached
@@ -50,7 +52,9 @@ class _FP8Linear(torch.autograd.Function):
             x_t, x_t_s = ctx.e5m6.quant(x)      # (M, K) with 1×128 tiles: re-tiled in backward
         else:
             x_t, x_t_s = ops.act_quant_t(x)
-        ctx.save_for_backward(x_t, x_t_s, w_fp8, w_s)
+        # a leaf weight (the parameter) is kept as itself and re-quantised for dgrad: no FP8 copy per
+        # micro-batch in flight (bit-identical: the same quantisation of the same weight)
+        ctx.save_for_backward(x_t, x_t_s, *((weight, None) if weight.is_leaf else (w_fp8, w_s)))
         ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, x.dtype, weight.dtype
         return y
 
@@ -59,6 +63,8 @@ class _FP8Linear(torch.autograd.Function):
         x_t, x_t_s, w_fp8, w_s = ctx.saved_tensors
         ops, dx, dw = ctx.ops, None, None
         if ctx.needs_input_grad[0]:
+            if w_s is None:
+                w_fp8, w_s = ops.weight_quant(w_fp8)
             dy_fp8, dy_s = ops.act_quant(dy)
             # a 128×128 block is a block either way round: Wᵀ reuses W's FP8 copy and scales; the
             # copy makes the contraction dim contiguous (K-major), as the tensor cores read it
