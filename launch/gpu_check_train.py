@@ -132,16 +132,16 @@ def part_train(sec, a) -> None:
     sec.line(f"`python -m dsv3.train {os.path.relpath(config, REPO)}` with {' '.join(common[:-1])}, seed 0; "
              f"{'FLOPs/token ' + format(fpt, '.3g') + '; ' if fpt else ''}peaks: "
              + (f"BF16 {bf16_peak:g}, FP8 {fp8_peak:g} dense TFLOPS (dsv3/hardware.py)" if bf16_peak else why) + "\n")
-    sec.table("run", "extra overrides", "exit", "steps", "tokens/s", "MFU (hardware table)", "trainer's MFU",
-              "last loss", "seconds")
-    runs = {}
     fp8_runs = list(FP8_RUNS)
     if not a.dry_run and importlib.util.find_spec("transformer_engine") is not None:
         # fp8.backend=te (triton_kernels/te_backend.py): TE's Float8BlockScaling Linears, reported beside ours
         fp8_runs.append(("fp8_te", ["fp8.enabled=true", "fp8.backend=te", "fp8.cache_wo_e5m6=false",
-                                    "fp8.cache_swiglu_fp8=false"]))
+                                    "fp8.cache_swiglu_fp8=false", "fp8.grad_dispatch=false"]))
     else:
         sec.line("Transformer Engine not installed (or dry run): the fp8.backend=te run is skipped.\n")
+    sec.table("run", "extra overrides", "exit", "steps", "tokens/s", "MFU (hardware table)", "trainer's MFU",
+              "last loss", "seconds")
+    runs = {}
     for name, extra in fp8_runs:
         r = runs[name] = train_run(name, config, common + extra, a.work, deadline - time.monotonic())
         recs = r["records"]
