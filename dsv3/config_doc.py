@@ -125,7 +125,7 @@ DOC: dict[str, str] = {
     "train.loss_curve": "write RUN/loss_curve.png (train and validation loss, LR) at the end of the run",
     "train.bf16_moments": "keep AdamW moments in BF16 (report §3.3.3)",
     "train.weights_dtype": "compute weights under ZeRO-1: fp32, or bf16 (BF16 parameters, FP32 main-grad buffers, FP32 master shard rounded back each step; needs BF16 autocast; report §3.3)",
-    "train.recompute": "recompute RMSNorm, MLA up-projections and SwiGLU in backward (report §3.2.3)",
+    "train.recompute": "recompute RMSNorm, MLA up-projections with the attention core, and SwiGLU in backward (report §3.2.3)",
     "train.seed": "seed of the initialisation and the sampler's order",
     "train.out_dir": "run folder: checkpoints, metrics.jsonl, TensorBoard, the copied tokenizer",
     "train.ckpt_every": "checkpoint every N steps; 0 = only at the end",
