@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dsv3.balance_metrics import compare, last_fraction, mean_std, read_metrics, summarize_run
+from dsv3.plots import moving_average
 
 PLOTS = ("maxvio.png", "val_loss.png", "load_best.png", "load_worst.png", "bias.png")
 COLUMNS = ("val_loss", "maxvio_mean", "maxvio_max", "tokens_per_s")
@@ -70,16 +71,6 @@ def _plt_locator():
     return MaxNLocator(integer=True)
 
 
-def _smooth(ys: list[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, y in enumerate(ys):
-        acc += y
-        if i >= window:
-            acc -= ys[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def _series(path: str, key: str) -> tuple[list[int], list[float]]:
     steps, _ = read_metrics(path)
     xs = sorted(steps)
@@ -94,7 +85,7 @@ def plot_maxvio(table: dict, path: str) -> None:
         n = min(len(c[1]) for c in curves)
         xs = curves[0][0][:n]
         window = max(1, n // 20)
-        per_seed = [_smooth(c[1][:n], window) for c in curves]
+        per_seed = [moving_average(c[1][:n], window) for c in curves]
         mean = [sum(col) / len(col) for col in zip(*per_seed)]
         line, = ax.plot(xs, mean, label=name)
         if len(per_seed) > 1:
