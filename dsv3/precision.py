@@ -27,27 +27,31 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
     """Route every non-exempt Linear and every routed-expert GEMM through FP8. Returns the counts
     {"fp8_linear": n, "exempt_linear": n, "fp8_grouped": n} of modules switched or kept.
     ``fp8.backend=te``: the Linears through Transformer Engine on ``device`` (triton_kernels/te_backend.py)."""
-    if cfg.backend == "te":
-        import torch
-        from triton_kernels.te_backend import apply_te
-        return apply_te(model, cfg, torch.device(device) if device is not None else torch.device("cpu"))
-    if cfg.block != 128:
-        raise ValueError(f"fp8.block={cfg.block}: the kernels implement the report's 128 (1×128 and 128×128 tiles)")
     from triton_kernels.fp8_linear import fp8_linear
     from triton_kernels.fp8_swiglu import fp8_swiglu_down
     from triton_kernels.grouped_gemm import fp8_grouped_mm
 
-    linear = functools.partial(fp8_linear, backend=cfg.backend)
-    grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend)
-    wo_inputs = {id(m.wo) for m in model.modules() if isinstance(m, MLA)} if cfg.cache_wo_e5m6 else set()
+    if cfg.backend == "te":   # TE Linears; routed experts on the Triton grouped GEMM; caches refused by check_te
+        import torch
+        from triton_kernels.te_backend import TELinearImpl, check_te
+        check_te(torch.device(device) if device is not None else torch.device("cpu"), cfg)
+        linear_for = lambda module: TELinearImpl()   # noqa: E731 - one TE module per Linear
+        grouped = functools.partial(fp8_grouped_mm, backend="triton")
+    else:
+        if cfg.block != 128:
+            raise ValueError(f"fp8.block={cfg.block}: the kernels implement the report's 128 (1×128 and 128×128 tiles)")
+        linear = functools.partial(fp8_linear, backend=cfg.backend)
+        wo_inputs = {id(m.wo) for m in model.modules() if isinstance(m, MLA)} if cfg.cache_wo_e5m6 else set()
+        linear_for = lambda module: (functools.partial(linear, input_cache="e5m6")  # noqa: E731
+                                     if id(module) in wo_inputs else linear)
+        grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend)
     counts = {"fp8_linear": 0, "exempt_linear": 0, "fp8_grouped": 0}
     for module in model.modules():
         if isinstance(module, Linear):
             if module.fp8_exempt:
                 counts["exempt_linear"] += 1
             else:
-                module.impl = (functools.partial(linear, input_cache="e5m6") if id(module) in wo_inputs
-                               else linear)
+                module.impl = linear_for(module)
                 counts["fp8_linear"] += 1
         elif isinstance(module, GroupedExperts):
             module.gmm = grouped

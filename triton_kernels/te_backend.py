@@ -48,7 +48,7 @@ def check_te(device: torch.device, cfg) -> None:
                         f"{' '.join(f'fp8.{k}=false' for k in on)} (or use fp8.backend=auto)")
 
 
-class _TELinearImpl:
+class TELinearImpl:
     """A ``Linear.impl`` running ``x @ weightᵀ`` through a TE Linear that holds ``weight`` itself. Built at
     the first call (the model may still be on the meta device when the backend is applied, and pipeline
     copies get their own), rebuilt if the Linear's weight Parameter is replaced."""
@@ -67,26 +67,4 @@ class _TELinearImpl:
             return self.module(x)
 
     def __deepcopy__(self, memo):
-        return _TELinearImpl()             # a copied Linear builds its own TE module around its own weight
-
-
-def apply_te(model: nn.Module, cfg, device: torch.device) -> dict:
-    """Switches every non-exempt Linear to TE; returns the counts as ``dsv3.precision.apply_fp8`` does."""
-    check_te(device, cfg)
-    import functools
-
-    from dsv3.experts import GroupedExperts
-    from dsv3.layers import Linear
-    from triton_kernels.grouped_gemm import fp8_grouped_mm
-    counts = {"fp8_linear": 0, "exempt_linear": 0, "fp8_grouped": 0}
-    for module in model.modules():
-        if isinstance(module, Linear):
-            if module.fp8_exempt:
-                counts["exempt_linear"] += 1
-            else:
-                module.impl = _TELinearImpl()
-                counts["fp8_linear"] += 1
-        elif isinstance(module, GroupedExperts):   # the routed experts: dsv3's Triton grouped GEMM
-            module.gmm = functools.partial(fp8_grouped_mm, backend="triton")
-            counts["fp8_grouped"] += 1
-    return counts
+        return TELinearImpl()             # a copied Linear builds its own TE module around its own weight
