@@ -1,5 +1,5 @@
 """Multi-Token Prediction (report §2.2, eq. 21–25): the depth loss on a hand-built example, the module's
-wiring against a step-by-step recomputation, the total loss = LM + λ·MTP + balance, and a released-layout
+wiring against a recomputation from its raw weights (random, distinct norms), the total loss = LM + λ·MTP + balance, and a released-layout
 checkpoint's MTP layer against a forward written from its raw tensor names."""
 from __future__ import annotations
 
@@ -31,21 +31,31 @@ def test_depth_loss_hand_computed():
 def test_model_loss_is_lm_plus_lambda_mtp_plus_balance(depth):
     cfg = tiny_cfg(f"model.mtp.depth={depth}", "model.moe.aux_loss_alpha=0.01").model
     model = Transformer(cfg).double().train()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():   # norms all different and not 1: a swapped or skipped norm changes the loss
+        for mod in model.mtp:
+            for norm in (mod.enorm, mod.hnorm, mod.norm):
+                norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g, dtype=torch.float64))
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = -100
     out = model(ids, labels=labels)
 
-    # step-by-step reference from the submodules (eq. 21–23): h'_i = M_k[RMSNorm(Emb(t_{i+k})); RMSNorm(h_i^{k−1})]
+    # reference from the raw weights (eq. 21–23), no MTP module code: h'_i = M_k[RMSNorm(Emb(t_{i+k})); RMSNorm(h_i^{k−1})]
+    # (enorm on the embedding, first; hnorm on the hidden state); only the main trunk and the block are reused
+    eps = cfg.norm_eps
     h = model.hidden(ids)
     V = cfg.vocab_size
-    lm = F.cross_entropy(model.head(model.norm(h)).reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    W_emb, W_head = model.embed.weight, model.head.weight
+    lm = F.cross_entropy(F.linear(_rms(h, model.norm.weight, eps), W_head).reshape(-1, V), labels.reshape(-1),
+                         ignore_index=-100)
     cos, sin = model.rope(0, ids.shape[1])
     depth_losses = []
     for k, mod in enumerate(model.mtp, start=1):
-        emb = model.embed(torch.cat([ids[:, k:], ids.new_zeros(2, k)], dim=1))
-        h = mod.block(mod.eh_proj(torch.cat([mod.enorm(emb), mod.hnorm(h)], dim=-1)), cos, sin)
-        logits = model.head(mod.norm(h))
+        emb = F.embedding(torch.cat([ids[:, k:], ids.new_zeros(2, k)], dim=1), W_emb)
+        x = torch.cat([_rms(emb, mod.enorm.weight, eps), _rms(h, mod.hnorm.weight, eps)], dim=-1)
+        h = mod.block(F.linear(x, mod.eh_proj.weight), cos, sin)
+        logits = F.linear(_rms(h, mod.norm.weight, eps), W_head)
         target = torch.cat([labels[:, k:], labels.new_full((2, k), -100)], dim=1)   # t_{i+1+k}
         ce = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), ignore_index=-100, reduction="sum")
         depth_losses.append(ce / ids.numel())
