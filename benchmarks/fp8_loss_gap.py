@@ -11,11 +11,11 @@ relative gap of the final smoothed loss (mean of the last 10% of steps); then th
 and whether the gap shrinks from the first (smaller) config to the second.
 
     python benchmarks/fp8_loss_gap.py --out runs/fp8_gap [--configs configs/small_moe.yaml configs/fp8_gap_512.yaml]
-        [--seeds 3] [--steps 200] [--baseline auto|bf16|fp32] [--jobs 2]
+        [--seeds 3] [--steps 200] [--baseline auto|bf16|fp32] [--jobs 2] [--summary]
     python benchmarks/fp8_loss_gap.py --quick --out /tmp/q      # smoke test: 2 tiny runs of 3 steps
 
 Resumable: every finished run (per-step losses, smoothed loss, seconds) goes into OUT/results.json as it
-finishes; a rerun with the same settings skips those. ``--jobs N`` trains N runs at once in worker
+finishes; a rerun with the same settings skips those (``--summary``: only print what is finished). ``--jobs N`` trains N runs at once in worker
 processes (one thread each unless OMP_NUM_THREADS says otherwise).
 
 Not built: switching one GEMM class (fprop/dgrad/wgrad × attention/dense/experts) to high precision —
@@ -59,20 +59,24 @@ def overrides_for(args, variant_seed: int, dtype: str) -> list[str]:
 def summarise(results: Results, configs: list[str], seeds: int, dtype: str, steps: int) -> list[dict]:
     rows = []
     for c in configs:
-        names = [(run_name(c, "base", s), run_name(c, "fp8", s)) for s in range(seeds)]
-        done = [(results.runs[b], results.runs[f]) for b, f in names if b in results.runs and f in results.runs]
+        names = [(s, run_name(c, "base", s), run_name(c, "fp8", s)) for s in range(seeds)]
+        paired = [(s, b, f) for s, b, f in names if b in results.runs and f in results.runs]
+        done = [(results.runs[b], results.runs[f]) for _, b, f in paired]
         if not done:
             continue
         gap = paired_gap([b["smoothed"] for b, _ in done], [f["smoothed"] for _, f in done])
         pair_s = sum(b["wall_s"] + f["wall_s"] for b, f in done) / len(done)
         label = os.path.relpath(c, REPO) if os.path.isabs(c) else c
         print(f"\n{label}: {len(done)} seed pair(s), {steps} steps, baseline {dtype}")
-        for s, ((b, f), g) in enumerate(zip(done, gap["gaps"])):
+        for (s, _, _), (b, f), g in zip(paired, done, gap["gaps"]):
             print(f"  seed {s}: {dtype} {b['smoothed']:.5f}  fp8 {f['smoothed']:.5f}  gap {100 * g:+.3f}%")
+        if gap["n"] == 1:
+            print(f"  one seed pair: gap {100 * gap['mean']:+.3f}%, no spread to give a 2σ")
+            continue
         print(f"  mean gap {100 * gap['mean']:+.3f}% ± {100 * gap['two_sigma']:.3f}% (paired 2σ); "
               f"per-seed sd {100 * gap['sd']:.3f}%")
         print(f"  {verdict(gap)}")
-        if gap["n"] > 1 and gap["two_sigma"] >= RESOLVE:
+        if gap["two_sigma"] >= RESOLVE:
             n = seeds_to_resolve(gap["sd"])
             print(f"  2σ ≤ {100 * RESOLVE:.2f}% needs ≈ {n} seeds at {steps} steps (σ ∝ 1/√seeds, this spread): "
                   f"≈ {n * pair_s / 3600:.1f} h of wall at this run's {pair_s:.0f} s per seed pair")
@@ -92,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke test: debug.yaml, 1 seed, 3 tiny steps")
+    ap.add_argument("--summary", action="store_true", help="print the finished runs' statistics; train nothing")
     args = ap.parse_args(argv)
     args.overrides = []
     if args.quick:
@@ -112,6 +117,8 @@ def main(argv=None) -> int:
         settings = {"steps": args.steps, "baseline": dtype, "overrides": args.overrides}
         results = Results(args.out, settings)
         todo = [(c, v, s) for c, v, s in plan(args.configs, args.seeds) if run_name(c, v, s) not in results.runs]
+        if args.summary:
+            todo = []
         print(f"runs: {len(todo)} to run, {len(results.runs)} already in {results.path}", flush=True)
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
         jobs = []
