@@ -24,9 +24,11 @@ The parts are the very ops of ``Block.forward`` and its autograd backward, and a
 each part's weight gradients in the same autograd pass (as ``torch.autograd.backward`` over the whole
 stage does), so results are bitwise those of the plain ``Pipeline`` on the same stages, overlapped or
 not (``overlap=False`` runs the same parts F then B). Other pieces (the embedding, dense Blocks, the
-head with its MTP modules, whose all-to-alls stay synchronous) run whole. On CPU the all-to-alls are
-gloo ``async_op`` collectives (``parallel.all_to_all``); on GPU the same yields are where a
-communication stream takes over. Two-hop dispatch runs its hops on a communication thread
+head with its MTP modules, whose all-to-alls stay synchronous) run whole. The all-to-alls are
+``async_op`` collectives (``parallel.all_to_all``); on CUDA each is issued, packed and unpacked on a
+communication stream (``parallel.comm_streams``: the comm stream waits on an event of the compute
+stream at launch, compute waits on an event recorded after the transfer; no host sync in between),
+on the CPU that seam is a no-op. Two-hop dispatch runs its hops on a communication thread
 (``parallel.two_hop_chunks``), so its second hop, chunk by chunk, progresses while the parts compute.
 
 ``parallel.overlap_pipeline.OverlapPipeline`` runs every pipeline stage this way.
@@ -43,6 +45,7 @@ from torch import nn
 from dsv3.block import Block
 from dsv3.moe import MoE
 from parallel.all_to_all import EPDispatcher
+from parallel.comm_streams import NO_STREAMS, CommStreams
 from parallel.schedules import Op
 from parallel.trace import Tracer
 from parallel.weight_grad import backward_input
@@ -117,8 +120,9 @@ def _part_grads(outputs: list, grads: list, inputs: list, params: list, sink: Op
     return out
 
 
-def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generator:
-    """``Block.forward`` through its MoE's steps (``MoE.forward``), cut at the all-to-alls."""
+def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer, streams: CommStreams) -> Generator:
+    """``Block.forward`` through its MoE's steps (``MoE.forward``), cut at the all-to-alls (each issued
+    and finished on ``streams``' communication stream)."""
     moe: MoE = block.ffn
     with tr.span("attn F"):
         h = block.attention(x, cos, sin)
@@ -127,7 +131,9 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generat
         flat = xn.reshape(B * T, D)
         weights, indices, scores = moe.route(flat)
         w = weights.to(flat.dtype)
-        handle = moe.dispatch(flat.detach(), indices, w.detach())
+        x_send, w_send = flat.detach(), w.detach()
+        with streams.comm(x_send, indices, w_send):
+            handle = moe.dispatch(x_send, indices, w_send)
         aux = moe.balance(scores, indices, B)
     flat_s = s = None
     if moe.shared_experts is not None:   # under this dispatch and the paired backward's combine-bwd
@@ -135,14 +141,16 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generat
             flat_s = flat.detach().requires_grad_()
             s = moe.shared_experts(flat_s)
     yield
-    recv = handle.wait()
+    recv = streams.finish(handle)
     with tr.span("mlp F"):
         rx, rw = recv.x.detach().requires_grad_(), recv.weight.detach().requires_grad_()
         recv = dataclasses.replace(recv, x=rx, weight=rw)
         y_rows = moe.run_experts(recv)
-        combine = moe.combine(y_rows.detach(), recv)
+        y_send = y_rows.detach()
+        with streams.comm(y_send):
+            combine = moe.combine(y_send, recv)
     yield
-    yc = combine.wait().detach().requires_grad_()
+    yc = streams.finish(combine).detach().requires_grad_()
     with tr.span("out F"):
         h_o = h.detach().requires_grad_()
         s_o = None if s is None else s.detach().requires_grad_()
@@ -152,28 +160,33 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer) -> Generat
                      flat_s=flat_s, s=s, h_o=h_o, yc=yc, s_o=s_o, aux_o=aux_o, out=out)
 
 
-def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: Optional[WSink]) -> Generator:
+def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: Optional[WSink],
+                  streams: CommStreams) -> Generator:
     moe: MoE = block.ffn
     disp: EPDispatcher = moe.dispatcher
     with tr.span("out B"):
         leaves = [t for t in (r["h_o"], r["yc"], r["s_o"], r["aux_o"]) if t is not None]
         g = dict(zip([id(t) for t in leaves], _part_grads([r["out"]], [g_out], leaves, [], sink, "out W")))
-        route = disp.combine_backward(r["hops"], g[id(r["yc"])])
+        g_yc = g[id(r["yc"])]
+        with streams.comm(g_yc):
+            route = disp.combine_backward(r["hops"], g_yc)
     yield
-    (g_rows,) = route.wait()
+    (g_rows,) = streams.finish(route)
     with tr.span("mlp B"):
         g_rx, g_rw = _part_grads([r["y_rows"]], [g_rows], [r["rx"], r["rw"]], params_of(moe.experts), sink, "mlp W")
         g_rx = torch.zeros_like(r["rx"]) if g_rx is None else g_rx
         g_rw = torch.zeros_like(r["rw"]) if g_rw is None else g_rw
         g_rw = g_rw.to(torch.promote_types(r["w"].dtype, torch.float32))   # as _DispatchAttach.backward sends it
-        route = disp.dispatch_backward(r["hops"], [g_rx.to(r["flat"].dtype).contiguous(), g_rw.contiguous()])
+        parts = [g_rx.to(r["flat"].dtype).contiguous(), g_rw.contiguous()]
+        with streams.comm(parts):
+            route = disp.dispatch_backward(r["hops"], parts)
     yield
     g_flat = None
     if r["s"] is not None:   # under this dispatch-bwd and the paired forward's combine
         with tr.span("shared B"):
             (g_flat,) = _part_grads([r["s"]], [g[id(r["s_o"])]], [r["flat_s"]], params_of(moe.shared_experts),
                                     sink, "shared W")
-    g_flat_d, g_w = route.wait()
+    g_flat_d, g_w = streams.finish(route)
     with tr.span("attn B"):
         g_flat = g_flat_d if g_flat is None else g_flat + g_flat_d
         outs, grads = [r["h"], r["flat"], r["w"]], [g[id(r["h_o"])], g_flat, g_w.to(r["w"].dtype)]
@@ -185,10 +198,12 @@ def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: 
     return g_x
 
 
-def stage_forward(stage: nn.Module, x: Optional[torch.Tensor], mb: dict, tr: Tracer) -> Generator:
+def stage_forward(stage: nn.Module, x: Optional[torch.Tensor], mb: dict, tr: Tracer,
+                  streams: CommStreams = NO_STREAMS) -> Generator:
     """Generator over a stage's forward on micro-batch ``mb``; returns (output, record for
     ``stage_backward``). A stage with ``begin_forward(mb) -> pieces`` / ``end_forward()`` (``DSV3Stage``)
-    runs piece by piece, each piece's input a fresh leaf; any other module runs whole."""
+    runs piece by piece, each piece's input a fresh leaf; any other module runs whole. ``streams``: where
+    the split Blocks' all-to-alls run (``parallel.comm_streams``)."""
     if hasattr(stage, "begin_forward"):
         pieces = stage.begin_forward(mb)
     else:
@@ -198,7 +213,7 @@ def stage_forward(stage: nn.Module, x: Optional[torch.Tensor], mb: dict, tr: Tra
         if i > 0:
             x = x.detach().requires_grad_()
         if _splits(p):
-            y, r = yield from _moe_forward(p.block, x, *p.rope, tr)
+            y, r = yield from _moe_forward(p.block, x, *p.rope, tr, streams)
         else:
             with tr.span(f"{p.name} F"):
                 y = p.fn(x)
@@ -210,13 +225,14 @@ def stage_forward(stage: nn.Module, x: Optional[torch.Tensor], mb: dict, tr: Tra
     return x, record
 
 
-def stage_backward(record: list, g: Optional[torch.Tensor], tr: Tracer, sink: Optional[WSink] = None) -> Generator:
+def stage_backward(record: list, g: Optional[torch.Tensor], tr: Tracer, sink: Optional[WSink] = None,
+                   streams: CommStreams = NO_STREAMS) -> Generator:
     """Generator over a stage's backward; returns the input's gradient (None on a first stage).
     ``sink`` None: a full B (weight gradients accumulated as it goes); else a Bi, each part's weight
     gradient handed to ``sink(name, closure)`` for the W op."""
     for p, r in reversed(record):
         if _splits(p):
-            g = yield from _moe_backward(p.block, r, g, tr, sink)
+            g = yield from _moe_backward(p.block, r, g, tr, sink, streams)
         else:
             with tr.span(f"{p.name} B"):
                 inputs = [] if r["x"] is None else [r["x"]]

@@ -9,7 +9,8 @@
 micro-batch's all-to-all is in flight while the other micro-batch computes (1F1B and ZB1P have no FB
 ops: see ``parallel.overlap.pair_1f1b`` for why pairing plain 1F1B's steady state does not pay).
 ``overlap=False`` runs the same parts F then B. Losses and gradients are bitwise those of the plain
-``Pipeline`` on the same stages either way.
+``Pipeline`` on the same stages either way. On CUDA the split Blocks' all-to-alls run on this device's
+communication stream (``parallel.comm_streams``; ``streams=`` substitutes another).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from parallel.comm_streams import CommStreams, comm_streams
 from parallel.overlap import drain, run_pair, stage_backward, stage_forward, use_link_model
 from parallel.pipeline import Pipeline
 from parallel.schedules import Op
@@ -39,9 +41,10 @@ class OverlapPipeline(Pipeline):
     (and the all-to-alls: ``trace``)."""
 
     def __init__(self, model, stages, kind, num_chunks, *, overlap: bool = True, tracer: Optional[Tracer] = None,
-                 **kw):
+                 streams: Optional[CommStreams] = None, **kw):
         super().__init__(model, stages, kind, num_chunks, **kw)
         self.overlap = overlap
+        self.streams = streams if streams is not None else comm_streams(self.device)
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
         self._records: dict[int, tuple] = {}   # id(stage output) -> (output, parts record)
 
@@ -57,7 +60,7 @@ class OverlapPipeline(Pipeline):
         return y
 
     def _chunk_forward(self, f: Op, x: Optional[torch.Tensor]):
-        return stage_forward(self._module(f.stage), x, self.mbs[f.mb], self.tracer)
+        return stage_forward(self._module(f.stage), x, self.mbs[f.mb], self.tracer, self.streams)
 
     def _forward(self, f: Op) -> None:
         x = self._input(f)
@@ -71,11 +74,11 @@ class OverlapPipeline(Pipeline):
         tr = self.tracer
         if b.kind == "B":
             with tr.context("B", b.mb):
-                dx = drain(stage_backward(record, g, tr))
+                dx = drain(stage_backward(record, g, tr, streams=self.streams))
         else:
             queued: list = []
             with tr.context("B", b.mb):
-                dx = drain(stage_backward(record, g, tr, lambda name, w: queued.append((name, w))))
+                dx = drain(stage_backward(record, g, tr, lambda name, w: queued.append((name, w)), self.streams))
 
             def weight(mb: int = b.mb) -> None:
                 with tr.context("W", mb):
@@ -90,8 +93,8 @@ class OverlapPipeline(Pipeline):
         x_f = self._input(f)
         _, y_b, g_b = self._take_backward(b)
         _, record = self._records.pop(id(y_b))
-        (y_f, f_record), dx = run_pair(self._chunk_forward(f, x_f), stage_backward(record, g_b, self.tracer),
-                                       self.tracer, f.mb, b.mb, self.overlap)
+        b_gen = stage_backward(record, g_b, self.tracer, streams=self.streams)
+        (y_f, f_record), dx = run_pair(self._chunk_forward(f, x_f), b_gen, self.tracer, f.mb, b.mb, self.overlap)
         self._after_forward(f, x_f, self._keep(y_f, f_record))
         self._after_backward(b, dx)
 
