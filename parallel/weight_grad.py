@@ -5,6 +5,10 @@ B runs only the graph nodes that lead to the stage's input. At every node of tha
 edge into a weight-only branch, a pre-hook keeps the gradient flowing into the node; W later
 restarts autograd from those nodes towards the weights alone. Nothing on the input path is
 recomputed and no module needs a special Linear: any ``nn.Module`` works.
+
+A parameter with a ``main_grad`` buffer (BF16 weights under ZeRO-1, ``parallel.zero``; Megatron's
+main_grad) gets W's gradient added into that FP32 buffer, as the post-accumulate-grad hook does for a
+full backward's: the micro-batches' BF16 pieces are summed in FP32, never in ``.grad``'s BF16.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def _reaching(nxt: dict[Node, list[Node]], targets: set[Node]) -> set[Node]:
 def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
                    inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
                    ) -> tuple[list[Optional[torch.Tensor]], Callable[[], None]]:
-    """B: returns the inputs' gradients and a closure W that adds the weight gradients to ``.grad``."""
+    """B: returns the inputs' gradients and a closure W that adds the weight gradients to ``.grad``
+    (or, where a parameter has one, to its FP32 ``main_grad``)."""
     grads = [torch.ones_like(o) if g is None else g for o, g in zip(outputs, grads)]
     out_edges = [get_gradient_edge(o) for o in outputs]
     nxt = _graph([e.node for e in out_edges])
@@ -93,7 +98,12 @@ def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[Optional[tor
                 continue
             owned = list({id(p): p for p in owned}.values())
             for p, g in zip(owned, torch.autograd.grad(edges, owned, gs, retain_graph=True, allow_unused=True)):
-                if g is not None:
+                if g is None:
+                    continue
+                main = getattr(p, "main_grad", None)
+                if main is not None:
+                    main.add_(g)   # FP32 += BF16 piece: the only rounding is the FP32 sum's
+                else:
                     p.grad = g if p.grad is None else p.grad.add_(g)
         starts.clear()  # drops the graph: W is the last use of this micro-batch's activations
 

@@ -20,8 +20,8 @@ The update is ``dsv3.optim.AdamW`` itself, run on the shards: the same elementwi
 taken from the FP32 values, then the parameters become BF16 and each gets an FP32 ``main_grad`` buffer;
 the hook adds every BF16 ``.grad`` into it (the micro-batch sum in FP32) and frees ``.grad``. The FP32
 main grads are reduce-scattered and the all-gather sends the master rounded to BF16 (half the bytes,
-the same values as rounding after the gather). A deferred weight gradient (W) left in ``.grad`` is
-added in when its bucket launches.
+the same values as rounding after the gather). A deferred weight gradient (W) is added straight into
+``main_grad`` by ``parallel.weight_grad`` (one left in ``.grad`` is added in when its bucket launches).
 """
 from __future__ import annotations
 

@@ -182,6 +182,50 @@ def test_main_grad_accumulates_bf16_grads_in_fp32():
     assert not torch.equal(bf16_sum.float(), fp32_sum)
 
 
+def test_deferred_weight_grads_accumulate_in_fp32_main_grad():
+    """The zero-bubble W step (``parallel.weight_grad``, DualPipe / ZB1P) with BF16 weights under ZeRO-1:
+    four micro-batches' B run first, then their W in order; each weight's FP32 main grad must equal the
+    FP32 sum, in the same order, of the BF16 pieces a plain backward of each micro-batch gives (the same
+    matmuls on the same operands: equal bitwise), ``.grad`` stays empty. The bound that tells it from a
+    BF16 sum: an FP32 sum of K pieces is within (K−1)·2⁻²⁴·Σ|g_k| of the exact (fp64) sum; a BF16 running
+    sum is not (its additions round at 2⁻⁸), with inputs whose magnitudes lie far apart."""
+    from dsv3.config import TrainConfig
+    from parallel.weight_grad import backward_input
+    from parallel.zero import Zero1
+    torch.manual_seed(0)
+    stage = nn.Sequential(nn.Linear(32, 48, bias=False), nn.Tanh(), nn.Linear(48, 32, bias=False))
+    named = {n: p for n, p in stage.named_parameters()}
+    Zero1(named, {"dense": (None, 1, 0), "expert": (None, 1, 0)}, TrainConfig(weights_dtype="bf16"),
+          expert_names=set(), ready_after={n: None for n in named}, copies={n: (None, 1) for n in named})
+    assert {p.dtype for p in named.values()} == {torch.bfloat16}
+    xs = [(torch.randn(16, 32) * 10.0 ** (k - 1)).to(torch.bfloat16) for k in range(4)]
+    pieces = []
+    for x in xs:   # the reference pieces: a plain backward of each micro-batch
+        pieces.append(torch.autograd.grad(stage(x).float().square().sum(), list(named.values())))
+    weights = []
+    for x in xs:   # B of every micro-batch, then their W (deferred, as a zero-bubble schedule runs them)
+        x = x.clone().requires_grad_()
+        _, w = backward_input([stage(x).float().square().sum()], [None], [x], list(named.values()))
+        weights.append(w)
+    for w in weights:
+        w()
+    K = len(xs)
+    for i, (n, p) in enumerate(named.items()):
+        assert p.grad is None, n
+        g = [pc[i] for pc in pieces]
+        assert all(t.dtype == torch.bfloat16 for t in g)
+        fp32_sum = torch.zeros(p.shape)
+        bf16_sum = torch.zeros(p.shape, dtype=torch.bfloat16)
+        for t in g:
+            fp32_sum += t
+            bf16_sum += t
+        assert torch.equal(p.main_grad, fp32_sum), n
+        exact = sum(t.double() for t in g)
+        bound = (K - 1) * 2.0 ** -24 * sum(t.double().abs() for t in g)
+        assert ((p.main_grad.double() - exact).abs() <= bound).all(), n
+        assert ((bf16_sum.double() - exact).abs() > bound).any(), n
+
+
 def test_bf16_weights_need_bf16_autocast():
     from dsv3.config import ConfigError, load_config
     from parallel.parallelize import ParallelModel
