@@ -2,7 +2,11 @@
 3,072 over the first 469B tokens).
 
     train.global_batch       sequences per optimizer step, over all data-parallel replicas
-    train.micro_batch_size   sequences per forward, in every layout
+    train.micro_batch_size   sequences per forward, in every layout; ``auto``: the largest that
+                             splits the replica's batch (global_batch / dp; with a ramp,
+                             gcd(global_batch, start_sequences) / dp) into a micro-batch count the
+                             schedule accepts (below) — without a pipeline, the whole replica batch
+                             in one forward
     micro-batches per replica per step (accumulation steps, or pipeline chunks)
                              = batch / (dp · micro_batch_size)
 
@@ -13,6 +17,9 @@ count. Without a ramp every step takes global_batch, which must split exactly.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from dsv3.errors import UserError
 
 
@@ -22,24 +29,54 @@ def fewest_chunks(pp: int, schedule: str) -> int:
     return 2 * pp if schedule in ("dualpipe", "dualpipev") else pp
 
 
+def _accepted(chunks: int, pp: int, schedule: str) -> bool:
+    return chunks >= fewest_chunks(pp, schedule) and not (schedule == "dualpipe" and pp > 1 and chunks % 2)
+
+
+def micro_batch_size(t, dp: int = 1, pp: int = 1, schedule: str = "1f1b") -> int:
+    """``train.micro_batch_size`` for this layout: the value itself, or for ``auto`` the rule above."""
+    if t.micro_batch_size != "auto":
+        return t.micro_batch_size
+    ramp = t.batch_ramp
+    batch = math.gcd(t.global_batch, ramp.start_sequences) if ramp and ramp.tokens > 0 and ramp.start_sequences else \
+        t.global_batch
+    fits = [m for m in range(batch // dp, 0, -1) if batch % (dp * m) == 0 and _accepted(batch // (dp * m), pp, schedule)]
+    if batch % dp or not fits:
+        what = "train.global_batch" if batch == t.global_batch else "gcd(train.global_batch, batch_ramp.start_sequences)"
+        even = "an even number of " if schedule == "dualpipe" and pp > 1 else ""
+        raise UserError(f"train.micro_batch_size=auto: {what}={batch} gives no micro-batch over dp={dp} with "
+                        f"{even}>= {fewest_chunks(pp, schedule)} micro-batches per replica ({schedule if pp > 1 else 'no pipeline'}, "
+                        f"pp={pp}); raise train.global_batch")
+    return fits[0]
+
+
+def resolved(cfg, dp: int, pp: int = 1, schedule: str = "1f1b"):
+    """``cfg`` with ``train.micro_batch_size`` a number for this layout (``auto`` resolved)."""
+    if cfg.train.micro_batch_size != "auto":
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                              micro_batch_size=micro_batch_size(cfg.train, dp, pp, schedule)))
+
+
 def check_layout(t, dp: int, pp: int = 1, schedule: str = "1f1b") -> int:
     """Micro-batches per replica of the full global batch; a layout that cannot split it is one line."""
-    unit = dp * t.micro_batch_size
+    mbs = micro_batch_size(t, dp, pp, schedule)
+    unit = dp * mbs
     if t.global_batch % unit:
         raise UserError(f"train.global_batch={t.global_batch} does not split over dp={dp} × "
-                        f"train.micro_batch_size={t.micro_batch_size}: make it a multiple of {unit}")
+                        f"train.micro_batch_size={mbs}: make it a multiple of {unit}")
     chunks, need = t.global_batch // unit, fewest_chunks(pp, schedule)
     if chunks < need or (schedule == "dualpipe" and pp > 1 and chunks % 2):
         even = "an even number of " if schedule == "dualpipe" else ""
         raise UserError(f"train.global_batch={t.global_batch} gives {chunks} micro-batches per pipeline "
-                        f"(dp={dp} × micro_batch_size={t.micro_batch_size}); {schedule} with pp={pp} needs {even}"
+                        f"(dp={dp} × micro_batch_size={mbs}); {schedule} with pp={pp} needs {even}"
                         f">= {need}: raise train.global_batch or lower train.micro_batch_size")
     return chunks
 
 
 def micro_batches_at(t, tokens: int, dp: int = 1, pp: int = 1, schedule: str = "1f1b") -> int:
     """Micro-batches per data-parallel replica for the step taken after ``tokens`` tokens (the rule above)."""
-    unit = dp * t.micro_batch_size
+    unit = dp * micro_batch_size(t, dp, pp, schedule)
     full = t.global_batch // unit
     ramp = t.batch_ramp
     if ramp is None or ramp.tokens <= 0 or tokens >= ramp.tokens:
