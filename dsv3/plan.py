@@ -10,10 +10,12 @@ recomputed GEMMs. ``--search`` lists the layouts that fit, cheapest first. Memor
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 
 from dsv3 import plan_sources as src
+from dsv3.batch import micro_batch_size
 from dsv3.config import Config, ConfigError, load_config
 from dsv3.errors import UserError
 from dsv3.hardware import GPU, GPUS, get_gpu
@@ -35,7 +37,7 @@ def remedies(cfg: Config) -> str:
     out = ["more pipeline stages (--pp)", "more expert parallelism (--ep)"]
     if not cfg.train.recompute:
         out.append("train.recompute=true")
-    if cfg.train.micro_batch_size > 1:
+    if cfg.train.micro_batch_size == "auto" or cfg.train.micro_batch_size > 1:
         out.append("a smaller train.micro_batch_size")
     elif cfg.data.seq_len > 1024:
         out.append("shorter micro-batches (train.micro_batch_size is 1: data.seq_len)")
@@ -103,7 +105,9 @@ def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int, global_bat
          micro_batch: int | None = None, maxvio: float = src.MAXVIO_DEFAULT.value,
          reserve_gib: float | None = None) -> Plan:
     g = get_gpu(gpu)
-    gb, mb = global_batch or cfg.train.global_batch, micro_batch or cfg.train.micro_batch_size
+    gb = global_batch or cfg.train.global_batch
+    mb = micro_batch or micro_batch_size(dataclasses.replace(cfg.train, global_batch=gb), dp, pp,
+                                         cfg.parallel.pp_schedule)   # train.micro_batch_size=auto: the trainer's rule
     check_layout(cfg, gpus, pp, ep, dp, mb, gb)
     kind = cfg.parallel.pp_schedule if pp > 1 else "1f1b"
     states = rank_state_bytes(cfg, pp, dp, ep, kind)
