@@ -24,8 +24,11 @@ Two kinds of finding, each with the ``file:line`` of the call in the audited cod
 
 Limits: on the CPU, ``.to("cpu")`` and ``device="cpu"`` cannot be told from ``.to(model_device)``
 and are taken as the model's device (write ``.cpu()`` for a host copy), and code that compares
-``t.device`` with the model's device before moving it sees equal devices. The comm thread of the
-two-hop all-to-all is tracked too (its closures run inside the mode); other threads are not.
+``t.device`` with the model's device before moving it sees equal devices. Likewise a function that
+branches on its input's device takes its CPU branch here: ``CPU_BRANCHES`` names those whose CPU branch
+mixes a host table with its input by design (a GPU run never takes it), and ops inside them are not
+reported as mixed. The comm thread of the two-hop all-to-all is tracked too (its closures run inside the
+mode); other threads are not.
 
     audit = DeviceAudit(torch.device("cpu"))
     with audit:
@@ -53,6 +56,12 @@ ENTRY_POINTS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sc
 _MIX_OK = {"copy_", "__setitem__", "__getitem__", "to", "cpu", "cuda", "__get__", "__set__", "index_put_",
            "__format__", "__repr__", "tolist", "item", "__bool__", "__float__", "__int__", "__len__"}
 _HERE = os.path.abspath(__file__)
+# (file under the repository, function): a CPU-only branch, guarded by ``x.device.type == "cpu"``
+CPU_BRANCHES = {
+    # E4M3 decode through a 256-entry table made at import (a host tensor when the module is first
+    # imported inside the audit); CUDA inputs take ``x.float()``
+    (os.path.join("triton_kernels", "quant_ref.py"), "fp8_to_float"),
+}
 
 
 def is_host(t: torch.Tensor) -> bool:
@@ -64,13 +73,24 @@ def _mark(t: torch.Tensor, host: bool) -> torch.Tensor:
     return t
 
 
-def _site() -> str:
-    """file:line of the innermost frame outside torch and this module (the audited call)."""
+def _frame():
+    """The innermost frame outside torch and this module (the audited call), or None."""
     for fr in reversed(traceback.extract_stack()[:-2]):
         f = os.path.abspath(fr.filename)
         if f != _HERE and f"{os.sep}torch{os.sep}" not in f and f"{os.sep}contextlib" not in f:
-            return f"{os.path.relpath(f)}:{fr.lineno} ({fr.name})"
-    return "?"
+            return fr
+    return None
+
+
+def _site(fr=None) -> str:
+    """file:line (function) of the audited call."""
+    fr = fr or _frame()
+    return f"{os.path.relpath(os.path.abspath(fr.filename))}:{fr.lineno} ({fr.name})" if fr else "?"
+
+
+def _cpu_branch(fr) -> bool:
+    return fr is not None and any(os.path.abspath(fr.filename).endswith(os.sep + f) and fr.name == fn
+                                  for f, fn in CPU_BRANCHES)
 
 
 def _tensors(x) -> list[torch.Tensor]:
@@ -119,7 +139,8 @@ class _Tracker(TorchFunctionMode):
         ins = _tensors((args, kwargs))
         host_in = [t for t in ins if is_host(t)]
         dev_in = [t for t in ins if not is_host(t)]
-        if host_in and dev_in and name not in _MIX_OK and any(t.dim() > 0 for t in host_in):
+        if host_in and dev_in and name not in _MIX_OK and any(t.dim() > 0 for t in host_in) \
+                and not _cpu_branch(_frame()):
             self.audit._find("mixed", f"{name} mixes host tensors {[tuple(t.shape) for t in host_in]} with "
                                       f"device tensors")
         out = func(*args, **kwargs)
@@ -134,12 +155,14 @@ class _Tracker(TorchFunctionMode):
 class DeviceAudit:
     """Context manager: while active, every torch.distributed entry point of ``ENTRY_POINTS`` is
     checked and the audited code's torch calls are tracked (see the module docstring). ``findings``:
-    list of (kind, site, detail); ``calls``: entry point → number of (outermost) calls."""
+    list of (kind, site, detail); ``calls``: entry point → number of (outermost) calls; ``call_sites``:
+    ``file:line (function)`` of each checked call → their number."""
 
     def __init__(self, expected: torch.device):
         self.expected = torch.device(expected)
         self.findings: list[tuple[str, str, str]] = []
         self.calls: collections.Counter = collections.Counter()
+        self.call_sites: collections.Counter = collections.Counter()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._saved: list = []
@@ -153,8 +176,10 @@ class DeviceAudit:
             self.findings.append((kind, _site(), detail))
 
     def _check(self, name: str, args, kwargs) -> None:
+        site = _site()
         with self._lock:
             self.calls[name] += 1
+            self.call_sites[site] += 1
         for t in _tensors((args, kwargs)):
             if is_host(t) or t.device != self.expected:
                 where = "the host" if is_host(t) else str(t.device)

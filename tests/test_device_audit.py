@@ -19,10 +19,19 @@ code read before the fix), and the audit must report that site: ZeRO's norm squa
 ``all_layer_loads`` of parallelize, the flat all-to-all's combine buffer, the two-hop relay's sum
 buffer (on the comm thread), the checkpoint's copy-sum buffer. Each control also asserts that the
 patched call was really made.
+
+The trainer itself: ``dsv3.train.train`` (set-up, ``parallelize()``, the loop ``_loop`` for TRAIN_STEPS steps,
+its stop agreement and histogram reductions, the final eval and sharded save) runs whole under the audit
+on the 4 ranks (ZeRO-1 × EP 2), with no finding; one more run reverts the loop's own device choices, each
+of which the audit must name at its site: the stop agreement's flag (``StopRequests.agreed``, all-reduced
+after every step: a host tensor in a collective) and the balance monitor's histograms (added to on the
+device every micro-batch).
+And the audit's known false positive is gone: ``fp8_to_float``'s host lookup table (``CPU_BRANCHES``).
 """
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import torch
@@ -48,6 +57,16 @@ REVERTS = {
                           "parallel/two_hop_chunks.py"),
     "ckpt_copy_sum": ("dualpipe_ep", "parallel.dist_checkpoint", "zeros", "_install", "load",
                       "parallel/dist_checkpoint.py"),
+}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_STEPS = 1
+TRAIN = ["model.n_layers=2", "train.loss_curve=false", "data.seq_len=16", "train.micro_batch_size=1", "train.global_batch=4", f"train.steps={TRAIN_STEPS}",
+         "train.warmup_steps=1", "train.sample_tokens=0", "train.eval_batches=1", "parallel.backend=gloo",
+         "parallel.ep=2", "parallel.dispatcher=flat", f"data.cache_dir={os.path.join(ROOT, '.cache', 'dsv3')}"]
+# the training loop's device choices, reverted: (module, factory, function, what the audit must name)
+LOOP_REVERTS = {
+    "stop_agreement": ("dsv3.stops", "tensor", "agreed", "dsv3/stops.py"),
+    "balance_histograms": ("dsv3.balance_metrics", "zeros", "__init__", "dsv3/balance_metrics.py"),
 }
 
 
@@ -139,6 +158,40 @@ def _worker(rank, world, tmp):
             finally:
                 mod.torch = saved
             out[revert] = dict(findings=audit.findings, hits=patched.hits)
+    out.update(_train_under_audit(tmp, device))
+    return out
+
+
+def _train_under_audit(tmp, device):
+    """``dsv3.train.train`` whole under the audit; then again with every ``LOOP_REVERTS`` entry reverted
+    (each in its own module, so each finding names its own site)."""
+    import importlib
+
+    from dsv3.config import load_config
+    from dsv3.train import train
+    from parallel.device_audit import DeviceAudit
+    from parallel.steps import ParallelSteps
+    out = {}
+    for name in ("train", "reverted"):
+        cfg = load_config(config_path("debug.yaml"), TRAIN + [f"train.out_dir={tmp}/{name}"])
+        audit, patched = DeviceAudit(device), {}
+        if name == "reverted":   # the save is audited in the clean run: skipped here (DCP is slow on 2 cores)
+            patched["save"] = (ParallelSteps, ParallelSteps.save, lambda *a: None)
+            ParallelSteps.save = patched["save"][2]
+            for revert, (module, factory, caller, _) in LOOP_REVERTS.items():
+                mod = importlib.import_module(module)
+                patched[revert] = (mod, mod.torch, _Reverted(factory, caller))
+                mod.torch = patched[revert][2]
+        try:
+            with audit:
+                losses = train(cfg)["losses"]
+        finally:
+            if "save" in patched:
+                ParallelSteps.save = patched.pop("save")[1]
+            for mod, saved, _ in patched.values():
+                mod.torch = saved
+        out[name] = dict(findings=audit.findings, call_sites=dict(audit.call_sites), losses=losses,
+                         hits={revert: p.hits for revert, (*_, p) in patched.items()})
     return out
 
 
@@ -169,6 +222,50 @@ def test_zero_ep_and_pipeline_paths_pass_the_audit(tmp_path_factory):
         assert torch.equal(after_save, after_load), rank
         assert res["unaudited_loss"] == res["zero_ep"]["loss"], (rank, res["unaudited_loss"], res["zero_ep"]["loss"])
     assert len({tuple(res["rng"][0].tolist()) for res in results}) == WORLD   # one stream per rank
+
+
+def test_the_trainer_passes_the_audit(tmp_path_factory):
+    """``train()`` through ``parallelize()``: every step ran, no finding, and the loop's own collectives were
+    among those checked — the stop agreement after each step, the histogram reduction of each step."""
+    results = _run(tmp_path_factory)
+    for rank, res in enumerate(results):
+        r = res["train"]
+        assert r["findings"] == [], (rank, r["findings"])
+        assert len(r["losses"]) == TRAIN_STEPS
+        called = r["call_sites"]
+        stops = sum(n for site, n in called.items() if site.startswith("dsv3/stops.py") and "(agreed)" in site)
+        reduces = sum(n for site, n in called.items() if site.startswith("dsv3/train.py") and "(all_reduce_)" in site)
+        assert stops == TRAIN_STEPS, called
+        assert reduces >= TRAIN_STEPS, called     # at least the histograms, once a step
+
+
+def test_reverting_a_loop_call_site_is_caught(tmp_path_factory):
+    results = _run(tmp_path_factory)
+    for rank, res in enumerate(results):
+        r = res["reverted"]
+        for revert, (*_, where) in LOOP_REVERTS.items():
+            assert r["hits"][revert] > 0, (revert, rank, "the reverted call never ran")
+            assert any(where in site for _, site, _ in r["findings"]), (revert, rank, r["findings"])
+        # the stop flag: a host tensor handed to the all-reduce itself
+        assert any(kind == "collective" and "dsv3/stops.py" in site for kind, site, _ in r["findings"]), r["findings"]
+
+
+def test_cpu_branch_lookup_table_is_not_a_finding(monkeypatch):
+    """``quant_ref.fp8_to_float`` decodes CPU inputs through a table made at import; imported inside an
+    audit the table is a host tensor, and its CPU branch (never taken on a GPU) mixed it with the device
+    input. The same op outside that function is still reported."""
+    from parallel.device_audit import DeviceAudit
+    from triton_kernels import quant_ref
+    x = (torch.randn(8, 16) * 100).to(quant_ref.FP8_DTYPE)   # made before the audit: the model's device
+    audit = DeviceAudit(torch.device("cpu"))
+    with audit:
+        table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(quant_ref.FP8_DTYPE).float()
+        monkeypatch.setattr(quant_ref, "_FP8_VALUES", table)
+        y = quant_ref.fp8_to_float(x)
+        assert audit.findings == []
+        torch.take(table, x.view(torch.uint8).long())
+    assert torch.equal(y, x.float())
+    assert [(kind, site.split(":")[0]) for kind, site, _ in audit.findings] == [("mixed", "tests/test_device_audit.py")]
 
 
 def test_reverting_a_fixed_call_site_is_caught(tmp_path_factory):
