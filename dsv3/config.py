@@ -17,7 +17,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -159,7 +159,7 @@ class BatchRamp:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
-    micro_batch_size: int = 8                # sequences per forward, in every layout
+    micro_batch_size: Union[int, Literal["auto"]] = 8   # sequences per forward, in every layout (auto: dsv3/batch.py)
     global_batch: int = 8                    # sequences per optimizer step over all data-parallel replicas (dsv3/batch.py)
     lr: float = 1e-3
     warmup_steps: int = 10
@@ -226,7 +226,14 @@ def _convert(tp, value, path: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, path)
+        if len(inner) == 1:
+            return _convert(inner[0], value, path)
+        for one in inner:   # e.g. int or 'auto': the first type that takes the value
+            try:
+                return _convert(one, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -389,7 +396,7 @@ _INT_AT_LEAST_1 = (  # sizes and counts; a 0 divides by zero or builds an empty 
     "model.mla.n_heads", "model.mla.q_lora_rank", "model.mla.kv_lora_rank", "model.mla.qk_nope_head_dim",
     "model.mla.qk_rope_head_dim", "model.mla.v_head_dim", "model.mla.rope_scaling.original_max_position_embeddings",
     "model.moe.n_routed_experts", "model.moe.moe_inter_dim", "model.moe.n_activated_experts", "model.moe.n_group",
-    "model.moe.topk_group", "fp8.block", "parallel.pp", "parallel.ep", "data.seq_len", "train.micro_batch_size",
+    "model.moe.topk_group", "fp8.block", "parallel.pp", "parallel.ep", "data.seq_len",
     "train.global_batch", "train.max_skipped_steps", "train.log_every", "train.eval_batches")
 _INT_AT_LEAST_0 = (  # 0 means off / none / automatic
     "model.n_dense_layers", "model.moe.n_shared_experts", "model.moe.bias_update_stop_tokens", "model.mtp.depth",
@@ -449,7 +456,9 @@ def _check_ranges(cfg: "Config") -> None:
         if seg.tokens < 0 or seg.lr < 0:
             raise ConfigError(f"train.lr_segments[{i}]: tokens and lr must be >= 0, "
                               f"got tokens={seg.tokens}, lr={seg.lr}")
-    ranges = ((cfg.model.mla.rope_theta > 1, f"model.mla.rope_theta must be > 1, got {cfg.model.mla.rope_theta}"),
+    mbs = cfg.train.micro_batch_size
+    ranges = ((mbs == "auto" or mbs >= 1, f"train.micro_batch_size must be >= 1 or auto, got {mbs}"),
+              (cfg.model.mla.rope_theta > 1, f"model.mla.rope_theta must be > 1, got {cfg.model.mla.rope_theta}"),
               (0 <= cfg.train.beta1 < 1, f"train.beta1 must be in [0, 1), got {cfg.train.beta1}"),
               (0 <= cfg.train.beta2 < 1, f"train.beta2 must be in [0, 1), got {cfg.train.beta2}"),
               (0.0 < cfg.data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}"),

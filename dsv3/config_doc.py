@@ -102,7 +102,10 @@ DOC: dict[str, str] = {
     "data.cache_dir": "folder for the trained tokenizer and the packed token files",
     # train
     "train.steps": "optimizer steps of the run",
-    "train.micro_batch_size": "sequences per forward pass, in every layout",
+    "train.micro_batch_size": "sequences per forward pass, in every layout; auto: the largest that splits the "
+                              "replica's batch (global_batch / dp; with a ramp, gcd(global_batch, start_sequences) / dp) "
+                              "into a micro-batch count the schedule accepts (1 forward without a pipeline, >= pp for "
+                              "1F1B / ZB1P, an even count >= 2·pp for DualPipe, >= 2·pp for DualPipeV)",
     "train.global_batch": "sequences per optimizer step over all data-parallel replicas",
     "train.lr": "peak learning rate, reached after warmup",
     "train.warmup_steps": "steps of linear warmup from 0 to lr",
@@ -110,7 +113,9 @@ DOC: dict[str, str] = {
     "train.lr_segments[].kind": "constant (hold lr for tokens), cosine (anneal to lr) or step (jump to lr)",
     "train.lr_segments[].tokens": "training tokens the segment lasts",
     "train.lr_segments[].lr": "learning rate the segment holds, anneals to or jumps to",
-    "train.batch_ramp": "global batch ramp (report §4.2); null = the full batch from step 1",
+    "train.batch_ramp": "global batch ramp (report §4.2); null = the full batch from step 1; each step's batch is "
+                        "rounded down to a multiple of dp × micro_batch_size, never below the schedule's fewest "
+                        "micro-batches (pp; 2·pp for DualPipe(V)), an even count under DualPipe",
     "train.batch_ramp.start_sequences": "global batch in sequences at the start of the ramp",
     "train.batch_ramp.tokens": "training tokens over which the batch grows linearly to global_batch",
     "train.weight_decay": "AdamW decoupled weight decay (report: 0.1)",
@@ -170,8 +175,9 @@ def type_name(tp) -> str:
     if origin is Literal:
         return " | ".join(str(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(type_name(a) for a in inner) + " or null"
+        args = typing.get_args(tp)
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(type_name(a) for a in inner) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"list of {type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import yaml
 
 from dsv3.balance_metrics import BalanceMonitor
+from dsv3.batch import resolved
 from dsv3.checkpoint import (latest_checkpoint, load_any_checkpoint, prune_checkpoints, remove_stale_partials,
                              save_checkpoint)
 from dsv3.config import Config, load_config, to_dict
@@ -274,17 +275,19 @@ def _stop_message(req: int, step: int, ckpt: str) -> str:
 
 def train(cfg: Config) -> dict:
     """Run training; returns final metrics (val_loss, val_unigram_entropy, val_maxvio per MoE layer,
-    losses per step). Raises Stopped after a graceful stop, Diverged, Interrupted, UserError."""
+    losses per step, the end sample's text). Raises Stopped after a graceful stop, Diverged, Interrupted, UserError."""
     start = time.monotonic()
-    t = cfg.train
     old_handlers = raise_on_signal()
     env = Dist(cfg.parallel.backend, cfg.parallel.timeout_s, cfg.parallel.force)
-    torch.manual_seed(t.seed)
+    pc = cfg.parallel
+    parallel = pc.force or (env.world > 1 and (pc.pp > 1 or pc.ep > 1 or pc.zero1))
+    torch.manual_seed(cfg.train.seed)
     lock = None
     try:
+        # train.micro_batch_size=auto becomes a number for this layout (dsv3/batch.py) before anything reads it
+        cfg = resolved(cfg, env.world // pc.pp, pc.pp, pc.pp_schedule) if parallel else resolved(cfg, env.world)
+        t = cfg.train
         lock, data = _open_run_dir(cfg, env)
-        parallel = cfg.parallel.force or (env.world > 1 and (cfg.parallel.pp > 1 or cfg.parallel.ep > 1
-                                                             or cfg.parallel.zero1))
         if t.weights_dtype == "bf16" and not parallel:   # BF16 weights live in ZeRO-1 (parallel/zero.py)
             raise UserError("train.weights_dtype=bf16 needs the ZeRO-1 path: more than one rank, or parallel.force=true")
         if parallel and t.init_from is None:
@@ -330,6 +333,9 @@ class LocalSteps:
 
     def evaluate(self, data: Dataset, cfg: Config, autocast, monitor) -> float:
         return evaluate(self.model, data, cfg, autocast, monitor)
+
+    def sample_text(self, data: Dataset, cfg: Config) -> str:
+        return sample_text(self.model, data, cfg)
 
     def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float], autocast,
                    may_step, monitor: BalanceMonitor) -> dict:
@@ -411,7 +417,6 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
         for _ in range(step):   # a resumed run: the schedule counts from step 1
             prof.step()
     sched = Schedule(cfg, steps.dp, cfg.parallel.pp if steps.pp > 1 else 1, cfg.parallel.pp_schedule)
-    model = steps.eval_model
     monitor = steps.balance_monitor()
     losses: list[float] = []
     saved_at, req = step, 0
@@ -469,8 +474,9 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
         domain = monitor.take_domain_loads()
         log.log(dict(step=step, val_loss=val, val_unigram_entropy=ent, **domain), advance=False)
         log.print(final_line(val, ent))
-        if model is not None:   # generation needs the whole model on a rank: not under a pipeline
-            log.print(f"sample: {sample_text(model, data, cfg)!r}")
+        if t.sample_tokens > 0:   # every rank decodes (the pipeline and the expert all-to-all need them all)
+            result["sample"] = steps.sample_text(data, cfg)
+            log.print(f"sample: {result['sample']!r}")
         result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
         log.close()
         if rank0 and t.loss_curve:

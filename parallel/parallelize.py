@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv3.batch import check_layout
+from dsv3.batch import check_layout, resolved
 from dsv3.config import Config, ConfigError
 from dsv3.runtime import choose_dtype
 from dsv3.model import Transformer
@@ -62,6 +62,7 @@ class ParallelModel:
         """``model`` may be built on the meta device (``device`` then says where this rank's part goes):
         only what this rank holds — its pipeline stages, its experts — is materialised, with the values
         the whole model gets (``dsv3.param_init``)."""
+        cfg = resolved(cfg, mesh.dp, cfg.parallel.pp, cfg.parallel.pp_schedule)   # train.micro_batch_size=auto
         bf16_weights = cfg.train.weights_dtype == "bf16"
         where = torch.device(device) if device is not None else next(model.parameters()).device
         if bf16_weights and choose_dtype(cfg.train.dtype, where)[0] != "bf16":
