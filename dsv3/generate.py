@@ -38,36 +38,50 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def limits(cfg, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], int, Optional[int]]:
+    """(prompt, positions the decode may fill, eos id or None) for a model config ``cfg``."""
+    prompt = [int(i) for i in prompt_ids]
+    if not prompt:
+        raise ValueError("generate needs at least one prompt token")
+    max_len = min(cfg.max_seq_len, len(prompt) + max(0, max_new_tokens))
+    if len(prompt) > max_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than model.max_seq_len={cfg.max_seq_len}")
+    return prompt, max_len, getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+
+
+def decode(next_logits, prompt: list[int], max_len: int, eos_id: Optional[int], temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0) -> list[int]:
+    """The decoding loop over ``next_logits(ids, start_pos)`` — the logits (V,) after the model has read
+    ``ids`` at positions start_pos… (its caches remember them): once with the prompt, then once per new
+    token. ``generate`` runs it on one model; ``parallel.pipeline_eval.pipeline_generate`` on a pipeline."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = next_logits(prompt, 0)
+    pos, out = len(prompt), []
+    while pos < max_len:
+        token = sample_next(logits, temperature, top_p, generator)
+        out.append(token)
+        if token == eos_id or pos + 1 >= max_len:
+            break
+        logits = next_logits([token], pos)
+        pos += 1
+    return out
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0) -> list[int]:
     """The new token ids (without the prompt). Stops at the tokenizer's ``eos_id`` when a tokenizer
     is given, and at ``model.cfg.max_seq_len`` positions. The model's train/eval mode is restored."""
-    prompt = [int(i) for i in prompt_ids]
-    if not prompt:
-        raise ValueError("generate needs at least one prompt token")
-    max_len = min(model.cfg.max_seq_len, len(prompt) + max(0, max_new_tokens))
-    if len(prompt) > max_len:
-        raise ValueError(f"the prompt has {len(prompt)} tokens, more than model.max_seq_len={model.cfg.max_seq_len}")
-    eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+    prompt, max_len, eos_id = limits(model.cfg, tokenizer, prompt_ids, max_new_tokens)
     device = model.embed.weight.device
-    generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
         caches = model.new_caches(1, max_len)
-        logits = model(torch.tensor([prompt], device=device), caches=caches, start_pos=0)[0, -1]
-        pos, out = len(prompt), []
-        while pos < max_len:
-            token = sample_next(logits, temperature, top_p, generator)
-            out.append(token)
-            if token == eos_id or pos + 1 >= max_len:
-                break
-            logits = model(torch.tensor([[token]], device=device), caches=caches, start_pos=pos)[0, -1]
-            pos += 1
+        return decode(lambda ids, pos: model(torch.tensor([ids], device=device), caches=caches, start_pos=pos)[0, -1],
+                      prompt, max_len, eos_id, temperature, top_p, seed)
     finally:
         model.train(was_training)
-    return out
 
 
 def _check_args(args) -> Optional[list[int]]:

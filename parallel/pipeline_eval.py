@@ -1,6 +1,7 @@
 """What the training loop records where a pipeline spreads the layers over ranks (pp > 1): the balance
 fields of every MoE layer, gathered from the ranks that hold it, and evaluation (validation loss,
-domain loads, ``val_maxvio``) by a forward-only pass through the stages.
+domain loads, ``val_maxvio``) by a forward-only pass through the stages, and the end-of-run sample
+(``pipeline_generate``: greedy or sampled decoding with the MLA cache through the same stages).
 
 Each layer's values are summed over all ranks (its holders fill them, the others give zeros) with the
 number of holders beside them: DualPipe keeps two copies of a stage, and every data-parallel replica one
@@ -91,10 +92,8 @@ class PipelineBalance:
     def evaluate(self, data, cfg, autocast) -> float:
         """Mean LM loss over the validation batches (every rank returns it); domain loads are counted
         by the holders' routers for ``take_domain_loads``."""
-        pipe, lay = self.pipe, self.pipe.layout
-        S, me = lay.num_model_stages, pipe.rank
-        owner = [min(r for r in range(pipe.num_ranks) if s in lay.model_stages_of(r)) for s in range(S)]
-        peer = [dist.get_global_rank(pipe.group, r) for r in range(pipe.num_ranks)]
+        pipe = self.pipe
+        S, me, owner, peer = _owners(pipe)
         mbs = cfg.train.micro_batch_size
         tags = data.val_batch_domains(mbs, cfg.train.eval_batches)
         stages = pipe.stage_module
@@ -148,6 +147,61 @@ class PipelineBalance:
         for j, d in enumerate(names):
             out[d] = [(row[j * self.E:(j + 1) * self.E] / self.pm.dp).round().long() for row in g]
         return self.globl.take_domain_loads(out)
+
+
+def _owners(pipe) -> tuple[int, int, list[int], list[int]]:
+    """(model stages, this pipeline rank, the lowest pipeline rank holding each stage, global rank of each
+    pipeline rank): the forward-only passes run each stage on its owner."""
+    lay = pipe.layout
+    S = lay.num_model_stages
+    owner = [min(r for r in range(pipe.num_ranks) if s in lay.model_stages_of(r)) for s in range(S)]
+    return S, pipe.rank, owner, [dist.get_global_rank(pipe.group, r) for r in range(pipe.num_ranks)]
+
+
+@torch.no_grad()
+def pipeline_generate(pm, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int = 0) -> list[int]:
+    """``dsv3.generate.generate`` through the pipeline: the same decoding loop and the same ops (embedding,
+    each Block with its compressed MLA cache, final norm and head), each stage run by its owner with the
+    hidden states handed on as in ``evaluate``; the last stage's logits of replica 0 are summed onto every
+    rank (the others add zeros: exact), so every rank draws the same token. Every rank calls it (the
+    pipeline and the expert all-to-all need them all); every rank returns the new ids."""
+    from dsv3.generate import decode, limits
+    from dsv3.mla import MLACache
+    pipe, mcfg = pm.pipe, pm.cfg.model
+    S, me, owner, peer = _owners(pipe)
+    stages = {s: pipe.stage_module[s] for s in range(S) if owner[s] == me}
+    prompt, max_len, eos_id = limits(mcfg, tokenizer, prompt_ids, max_new_tokens)
+    caches = {s: [MLACache(1, max_len, mcfg.mla, dtype=pipe.act_dtype, device=pipe.device) for _ in m.layers]
+              for s, m in stages.items()}
+
+    def next_logits(ids: list[int], pos: int) -> torch.Tensor:
+        tokens = torch.tensor([ids], device=pipe.device)
+        logits = torch.zeros(mcfg.vocab_size, dtype=pipe.act_dtype, device=pipe.device)
+        h: Optional[torch.Tensor] = None
+        for s, m in stages.items():
+            cos, sin = m.rope(pos, len(ids))
+            if s == 0:
+                h = m.embed(tokens)
+            elif owner[s - 1] != me:
+                h = torch.empty(1, len(ids), mcfg.dim, dtype=pipe.act_dtype, device=pipe.device)
+                dist.recv(h, src=peer[owner[s - 1]], group=pipe.group)
+            for layer, cache in zip(m.layers, caches[s]):
+                h = layer(h, cos, sin, cache, pos)
+            if s == S - 1:
+                if pm.dp_index == 0:
+                    logits += m.head(m.norm(h))[0, -1]
+            elif owner[s + 1] != me:
+                dist.send(h.to(pipe.act_dtype).contiguous(), dst=peer[owner[s + 1]], group=pipe.group)
+        return _all_reduce_on(logits, pipe.device)
+
+    for m in stages.values():
+        m.eval()
+    try:
+        return decode(next_logits, prompt, max_len, eos_id, temperature, top_p, seed)
+    finally:
+        for m in stages.values():
+            m.train()
 
 
 def _all_reduce_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:

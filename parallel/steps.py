@@ -22,7 +22,8 @@ class ParallelSteps:
         self.pm = parallelize(model, self.mesh, cfg, env.device)
         self.dp, self.dp_index, self.pp = self.pm.dp, self.pm.dp_index, pc.pp
         # without a pipeline every rank runs the whole (expert-sharded) model: eval, balance hooks and the
-        # end sample run on it, every rank together (the expert all-to-all needs them all)
+        # end sample run on it, every rank together (the expert all-to-all needs them all); with one, they
+        # run through the stages (parallel/pipeline_eval.py)
         self.eval_model = model if pc.pp == 1 else None
         overlap = getattr(self.pm.pipe, "overlap", False) if self.pm.pipe is not None else False
         sched = f"pp {pc.pp} {pc.pp_schedule}{' overlapped' if overlap else ''} × " if pc.pp > 1 else ""
@@ -42,6 +43,16 @@ class ParallelSteps:
             from dsv3.train import evaluate
             return evaluate(self.eval_model, data, cfg, autocast, monitor)
         return monitor.evaluate(data, cfg, autocast)
+
+    def sample_text(self, data, cfg) -> str:
+        """The end-of-run greedy sample (every rank takes part; rank 0 prints it)."""
+        from dsv3.train import sample_text
+        if self.pm.pipe is None:
+            return sample_text(self.eval_model, data, cfg)
+        from parallel.pipeline_eval import pipeline_generate
+        prompt = data.tokenizer.encode(cfg.train.sample_prompt)
+        ids = pipeline_generate(self.pm, data.tokenizer, prompt, cfg.train.sample_tokens)
+        return data.tokenizer.decode(prompt + ids)
 
     def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float], autocast,
                    may_step, monitor) -> dict:
