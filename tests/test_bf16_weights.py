@@ -10,6 +10,7 @@ summed in a different order over shards than over whole tensors (its own test: t
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -230,8 +231,9 @@ def test_bf16_weights_need_bf16_autocast():
     from dsv3.config import ConfigError, load_config
     from parallel.parallelize import ParallelModel
     cfg = load_config(config_path("debug.yaml"), ["train.dtype=fp32", "train.weights_dtype=bf16"])
+    mesh = types.SimpleNamespace(dp=1)   # refused before any group or model is touched
     with pytest.raises(ConfigError, match="train.weights_dtype=bf16 needs BF16 autocast"):
-        ParallelModel(None, None, cfg, torch.device("cpu"))
+        ParallelModel(None, mesh, cfg, torch.device("cpu"))
 
 
 def test_one_process_run_refuses_bf16_weights(capsys, tmp_path):
