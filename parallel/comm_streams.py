@@ -8,12 +8,14 @@ issue 17 D). ``parallel.overlap`` issues every dispatch / combine (and their bac
                                            #   compute stream waits on an event recorded after it
                                            #   (DeepEP's ``async_finish`` + ``current_stream_wait``)
 
-So the transfer, its packing and its unpacking / sums stay off the compute stream, and compute waits on
-the GPU for exactly the transfer it consumes: no host synchronisation in the seam. Memory across streams
-(the caching allocator reuses a freed block as soon as the stream it was allocated on is past it):
+So the transfer, its packing and its unpacking / sums stay off the compute stream (NCCL runs each
+collective on its own internal stream, ordered after the stream current at issue — here the comm stream —
+and ``work.wait()`` joins it back to the current one), and compute waits on the GPU for exactly the
+transfer it consumes: no host synchronisation in the seam. Memory across streams (the caching allocator
+reuses a freed block as soon as the stream it was allocated on is past it):
 - a compute tensor the comm stream reads is named in ``comm(*inputs)``: ``record_stream(comm)`` keeps its
-  block from being reused before the comm stream's use (a tensor the comm stream derives from it shares
-  its block);
+  block from being reused before the comm stream's use (views of it share the block; what the comm
+  stream computes from it is allocated on the comm stream);
 - every tensor ``finish`` returns (walked through lists and dataclasses: received rows, gate weights, the
   expert plan) gets ``record_stream(compute)``.
 The two-hop dispatch runs its hops on a communication thread (``parallel.two_hop_chunks``), whose
