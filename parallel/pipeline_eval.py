@@ -76,7 +76,7 @@ class PipelineBalance:
             s.balance_by_moe = {}
         n_micro = self.pipe.num_chunks
         rows = {n: torch.cat([m.gate.e_score_correction_bias.detach().double().cpu().reshape(-1),
-                              h.double(), torch.tensor([balance.get(n, 0.0) / n_micro], dtype=torch.float64)])
+                              h.double().cpu(), torch.tensor([balance.get(n, 0.0) / n_micro], dtype=torch.float64)])
                 for n, m, h in zip(self.held.names, self.held.moes, self.local.histograms)}
         g = self._gather(rows, self.E + self.G + 1)
         count = g[:, -1:].clamp_min(1.0)
