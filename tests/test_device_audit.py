@@ -9,8 +9,9 @@ would reject them. One launch of 4 gloo ranks runs, each under the audit:
 
 - ZeRO-1 × EP 2 (flat all-to-all) over DP 4: a training step and ``all_layer_loads``;
 - DualPipe PP 2 × DP 2 × EP 2 (the overlapped pipeline, two-hop all-to-all on its comm thread,
-  mirrored stages whose ZeRO shards are summed over the copies): a training step, ``all_layer_loads``
-  and a sharded checkpoint saved and loaded back (per-rank RNG state restored).
+  mirrored stages whose ZeRO shards are summed over the copies): a training step, ``all_layer_loads``,
+  the training loop's balance fields under a pipeline (``PipelineBalance.step_fields``, once a step) and
+  a sharded checkpoint saved and loaded back (per-rank RNG state restored).
 
 Clean runs must give no finding (and the audit must not change the numbers: the audited step's loss
 equals the unaudited one's bit for bit). Negative controls revert one fixed call site each, through
@@ -113,6 +114,7 @@ def _worker(rank, world, tmp):
 
     from parallel.device_audit import DeviceAudit
     from parallel.dist_checkpoint import load_sharded, save_sharded
+    from parallel.pipeline_eval import PipelineBalance
     out = {}
     for name, overrides in LAYOUTS.items():
         cfg, model, pm, rows = _build(overrides)
@@ -134,8 +136,11 @@ def _worker(rank, world, tmp):
         audit = DeviceAudit(device)
         meta = {}
         with audit:
+            monitor = PipelineBalance(pm) if name == "dualpipe_ep" else None   # the loop's monitor under PP
             stats = pm.train_step(rows, cfg.train.lr, model.mtp_weight)
-            actions("loads")
+            loads = actions("loads")
+            if monitor is not None:
+                out["balance_fields"] = sorted(monitor.step_fields(loads))   # the loop's per-step fields
             if name == "dualpipe_ep":   # DCP is slow on 2 cores: the checkpoint on one layout only
                 torch.rand(rank + 1)          # each rank's generator at its own place
                 path = actions("save")
@@ -216,6 +221,7 @@ def test_zero_ep_and_pipeline_paths_pass_the_audit(tmp_path_factory):
             for entry in ("reduce_scatter", "all_gather", "all_reduce", "all_to_all_single"):
                 assert calls.get(entry, 0) > 0, (rank, name, entry, calls)
         pipe = res["dualpipe_ep"]
+        assert {"bias", "groups_per_token", "maxvio_accum"} <= set(res["balance_fields"]), res["balance_fields"]
         assert pipe["calls"].get("isend", 0) + pipe["calls"].get("batch_isend_irecv", 0) > 0, pipe["calls"]
         assert pipe["calls"].get("all_gather_object", 0) > 0 and pipe["rng_restored"] is True, (rank, pipe)
         after_save, after_load = res["rng"]   # the sharded checkpoint restored this rank's own RNG stream
