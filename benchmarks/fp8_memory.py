@@ -5,19 +5,25 @@ divided by the token difference removes what does not grow with tokens (FP8 weig
 bounds). No optimizer, no data: one MoE layer of the config, random tokens, training mode.
 
     python benchmarks/fp8_memory.py [--config configs/small_moe.yaml] [--dtype bf16|fp32] [--tokens 1024 2048]
+                                    [--set model.moe.n_routed_experts=16 ...]
 
 Prints bytes per token before / after, their ratio, and the saving against the formula below.
 
 The formula (per routed row, i.e. per token copy sent to one of its k experts; I = moe_inter_dim,
 b = bytes per element in the autocast dtype, r = bytes of the gate weight the layer passes):
 
-    before  the unfused graph keeps gate and up (b·I each), silu(gate) and up·w (b·I each: the product's
-            two operands), the cast row weight (b) and the token-tiled FP8 copy of h = silu(gate)·up·w
-            that the down projection's wgrad reads (I bytes + one FP32 scale per 128 tokens of a channel)
+    before  the unfused graph keeps [gate | up] (2·b·I, the gate/up GEMM's one output), silu(gate) and
+            up·w (b·I each: the product's two operands), the cast row weight (b) and the token-tiled FP8
+            copy of h = silu(gate)·up·w that the down projection's wgrad reads (I bytes + one FP32 scale
+            per 128 tokens of a channel)
     after   gate and up in E4M3 (I bytes each + one FP32 scale per 1×128 tile) and the row weight (r);
             h is recomputed in the backward
 
     saving per row = 4·b·I + b + I·(1 + 4/128) − 2·(I + 4·ceil(I/128)) − r
+
+Both keep the one token-tiled FP8 copy of x that the gate/up GEMM over [w1; w3] reads for wgrad, and no
+FP8 weight copy (the parameters are re-quantised in the backward). "before" and "after" are the whole
+MoE layer's bytes per token (router, routed and shared experts, combine), the FFN half of a Block.
 
 The issue's shorthand (the [gate | up] input at 2·I elements in the autocast dtype against 1 byte plus
 a 4-byte scale per 128, and no SwiGLU output) is the 2·b·I − 2·I·(1 + 4/128) part of it; the other terms
@@ -95,12 +101,14 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=os.path.join(REPO, "configs", "small_moe.yaml"))
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--tokens", type=int, nargs=2, default=[1024, 2048])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. fewer routed experts so a 671B-wide layer fits in CPU memory")
     args = ap.parse_args(argv)
     if not 0 < args.tokens[0] < args.tokens[1]:
         print("fp8_memory: --tokens needs two counts 0 < n1 < n2", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.set)
     except UserError as e:
         print(f"fp8_memory: {e}", file=sys.stderr)
         return 2

@@ -146,8 +146,12 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.gmm = GROUPED_MM_IMPLS[impl]
-        # swiglu_down hook: (gate, up, row_weight, w2, offsets) -> y, the SwiGLU and down projection as
-        # one op; dsv3.precision sets the FP8 one that caches the SwiGLU input (report §3.3.3)
+        # gate_up hook: (x, w1, w3, offsets) -> [gate | up] (M, 2·inter), both projections on one FP8
+        # copy of x; swiglu_down hook: ([gate | up], row_weight, w2, offsets) -> y, the SwiGLU and down
+        # projection as one op that caches the SwiGLU input in FP8 (report §3.3.3). Both get the
+        # parameters themselves and cast them to x's dtype inside (so they can keep the parameter, not a
+        # copy, for the backward); dsv3.precision sets the FP8 ones.
+        self.gate_up: Optional[Callable] = None
         self.swiglu_down: Optional[Callable] = None
         self.recompute = False
 
@@ -165,11 +169,17 @@ class GroupedExperts(nn.Module):
         out_dtype, x = x_sorted.dtype, x_sorted
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             x = x.to(torch.get_autocast_dtype(x.device.type))    # the GEMM precision of every Linear
-        w2 = self.w2.to(x.dtype)
+        gu = self.gate_up(x, self.w1, self.w3, offsets) if self.gate_up is not None else None
         if self.swiglu_down is not None:        # it keeps no SwiGLU output: recompute would add nothing
-            gate, up = self.gmm(x, self.w1.to(x.dtype), offsets), self.gmm(x, self.w3.to(x.dtype), offsets)
-            return self.swiglu_down(gate, up, row_weight, w2, offsets).to(out_dtype)
-        if self.gmm in (grouped_mm_auto, grouped_mm_segments) and not (x.device.type == "cpu" and x.dtype == torch.float32):
+            if gu is None:
+                gu = torch.cat([self.gmm(x, self.w1.to(x.dtype), offsets), self.gmm(x, self.w3.to(x.dtype), offsets)], 1)
+            return self.swiglu_down(gu, row_weight, self.w2, offsets).to(out_dtype)
+        w2 = self.w2.to(x.dtype)
+        if gu is not None:                      # silu(gate) · (up · w), fp8_swiglu's order (same h)
+            gate, up = gu.chunk(2, dim=-1)
+            up = up * row_weight.unsqueeze(-1).to(up.dtype) if row_weight is not None else up
+            fn, args = _swiglu, (gate, up)
+        elif self.gmm in (grouped_mm_auto, grouped_mm_segments) and not (x.device.type == "cpu" and x.dtype == torch.float32):
             # gate and up as one grouped GEMM on [w1; w3] (one pass over x; dx summed inside the GEMM).
             # Not for FP32 on CPU, where concatenating the FP32 weights every step costs more than it
             # saves (benchmarks/bench_moe.py: 1.13× with it, 1.2× without)
@@ -221,4 +231,25 @@ def local_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     # index_select / index_add: their backwards are each other (plain x[idx] would backward via a
     # much slower accumulating index_put)
     y_sorted = experts(x.index_select(0, token), counts, weight)
-    return x.new_zeros(N, y_sorted.shape[-1]).index_add(0, token, y_sorted.to(x.dtype)).to(out_dtype)
+    return sum_rows(y_sorted.to(x.dtype), token, N).to(out_dtype)
+
+
+class _SumRows(torch.autograd.Function):
+    """out[n] = Σ_{i: index[i] = n} rows[i]; backward: grad.index_select(0, index). torch's index_add
+    keeps its whole source for the backward (the formula expands to the source's shape), here the k
+    expert output rows per token in the activation dtype; this keeps only the index."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return rows.new_zeros((n,) + rows.shape[1:]).index_add_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def sum_rows(rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """(M, ...) rows summed into n rows by ``index`` (M,) — the combine — keeping only the index for backward."""
+    return _SumRows.apply(rows, index, n)

@@ -28,6 +28,31 @@ def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+class _GateLinear(torch.autograd.Function):
+    """x · Wᵀ with both cast to ``dtype`` (≥ FP32: the gate stays in high precision, report §3.3),
+    keeping x and W in their own dtypes for the backward: a BF16 tensor widens to FP32 exactly, so the
+    gradients equal those of autograd through F.linear(x.float(), W.float()), which would keep the FP32
+    copies (twice the bytes of a BF16 x per token)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.dtype = dtype
+        return F.linear(x.to(dtype), w.to(dtype))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = g.mm(w.to(ctx.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = x.to(ctx.dtype).t().mm(g).t().to(w.dtype) if ctx.needs_input_grad[1] else None   # as mm's backward
+        return dx, dw, None
+
+
+def gate_linear(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, dim) × (E, dim) → (N, E) logits in ``dtype`` (see _GateLinear)."""
+    return _GateLinear.apply(x, w, dtype)
+
+
 class Gate(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
@@ -40,8 +65,7 @@ class Gate(nn.Module):
         """x: (N, dim) → gate weights (N, k) fp32, expert indices (N, k), unbiased scores s (N, E)."""
         c = self.cfg
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float() if x.dtype != torch.float64 else x, self.weight.to(
-                torch.float64 if x.dtype == torch.float64 else torch.float32))
+            logits = gate_linear(x, self.weight, torch.float64 if x.dtype == torch.float64 else torch.float32)
         scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores
         if c.topk_method == "noaux_tc":

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.config import ConfigError
+from dsv3.experts import sum_rows
 from dsv3.faults import PeerError, fault_point, first_line
 from parallel.link_model import LinkModel
 from parallel.placement import Placement
@@ -263,14 +264,16 @@ class EPDispatcher:
         return h
 
     def run_experts(self, recv: "Dispatched", experts) -> torch.Tensor:
-        """Grouped GEMM over the received rows, gate-weighted and summed per row: (R, dim)."""
+        """Grouped GEMM over the received rows, gate-weighted and summed per row: (R, dim). The gate
+        weight multiplies the SwiGLU output before the down-projection (as the one-process path does),
+        so its gradient comes from the experts' backward and no expert output row is kept for it; the
+        per-row sum keeps only the row index (``sum_rows``)."""
         ep: ExpertPlan = recv.expert_plan
         R, dim = recv.x.shape
         if ep.rows.numel() == 0:  # nothing for this rank (torch._grouped_mm's backward rejects M = 0)
             return recv.x.new_zeros(R, dim) + 0 * recv.x.sum() + 0 * recv.weight.sum()
-        y = experts(recv.x[ep.rows], ep.tokens_per_expert)
-        y = y * recv.weight[ep.rows, ep.choices].unsqueeze(1).to(y.dtype)
-        return torch.zeros(R, dim, dtype=y.dtype, device=y.device).index_add(0, ep.rows, y)
+        y = experts(recv.x.index_select(0, ep.rows), ep.tokens_per_expert, recv.weight[ep.rows, ep.choices])
+        return sum_rows(y, ep.rows, R)
 
     def combine(self, y_rows: torch.Tensor, recv: "Dispatched") -> "CombineHandle":
         return CombineHandle(self, recv.hops, y_rows)

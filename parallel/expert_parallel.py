@@ -43,7 +43,9 @@ def shard_experts(experts: GroupedExperts, logical_ids: list[int]) -> GroupedExp
                 tag_parameter(w, src.init_name, src.init_kind, src.init_std,
                               experts=[src.init_experts[i] for i in logical_ids])
             setattr(local, name, w)
-    local.gmm, local.recompute = experts.gmm, experts.recompute  # keep the grouped-GEMM hook (FP8 too)
+    # keep the grouped-GEMM hooks (FP8: gate/up on one FP8 copy, the SwiGLU-input cache) and recompute
+    local.gmm, local.gate_up, local.swiglu_down = experts.gmm, experts.gate_up, experts.swiglu_down
+    local.recompute = experts.recompute
     for p in local.parameters():
         p.expert_parallel = True
     return local

@@ -17,7 +17,7 @@ from dsv3.experts import GroupedExperts
 from dsv3.moe import MoE
 from dsv3.precision import apply_fp8
 from triton_kernels.fp8_swiglu import fp8_swiglu_down
-from triton_kernels.grouped_gemm import fp8_grouped_mm
+from triton_kernels.grouped_gemm import fp8_gate_up, fp8_grouped_mm
 from triton_kernels.quant_ref import act_dequant_ref, act_quant_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,20 +42,28 @@ class _FP8RoundTrip(torch.autograd.Function):
         return g
 
 
+def _experts_data(E, D, inter, M, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ws = tuple(torch.randn(s, generator=g) * 0.05 for s in ((E, inter, D), (E, D, inter), (E, inter, D)))
+    return ws, torch.randn(M, D, generator=g), torch.rand(M, generator=g), torch.randn(M, D, generator=g)
+
+
+def _rel(got, want):
+    return ((got - want).norm() / want.norm()).item()
+
+
 def test_forward_unchanged_and_gradients_are_the_swiglu_at_fp8_inputs():
     E, D, inter = 4, 160, 200                                # ragged 128-tiles on both widths
-    g = torch.Generator().manual_seed(0)
-    w1, w2, w3 = (torch.randn(s, generator=g) * 0.05 for s in ((E, inter, D), (E, D, inter), (E, inter, D)))
-    x, row_weight = torch.randn(300, D, generator=g), torch.rand(300, generator=g)
+    (w1, w2, w3), x, row_weight, dy = _experts_data(E, D, inter, 300)
     counts = torch.tensor([100, 0, 150, 50])
     offsets = counts.cumsum(0).to(torch.int32)
-    dy = torch.randn(300, D, generator=g)
 
     experts = GroupedExperts(E, D, inter)
     with torch.no_grad():
         for p, w in zip((experts.w1, experts.w2, experts.w3), (w1, w2, w3)):
             p.copy_(w)
     experts.gmm = functools.partial(fp8_grouped_mm, backend="torch")
+    experts.gate_up = functools.partial(fp8_gate_up, backend="torch")
     out = {}
     for cached in (False, True):
         experts.swiglu_down = functools.partial(fp8_swiglu_down, backend="torch") if cached else None
@@ -67,7 +75,8 @@ def test_forward_unchanged_and_gradients_are_the_swiglu_at_fp8_inputs():
                        experts.w3.grad.clone())
     assert torch.equal(out[True][0], out[False][0])           # the same h, quantised the same way
 
-    # reference: autograd through SwiGLU evaluated at the FP8-rounded gate and up, same FP8 GEMMs
+    # reference: autograd through SwiGLU evaluated at the FP8-rounded gate and up, the same FP8 GEMMs (w1
+    # and w3 separately: the fused gate/up GEMM pads each to 128 rows, inter = 200, so no block is shared)
     mm = functools.partial(fp8_grouped_mm, backend="torch")
     xx, rw = x.clone().requires_grad_(), row_weight.clone().requires_grad_()
     ws = [w.clone().requires_grad_() for w in (w1, w2, w3)]
@@ -76,8 +85,35 @@ def test_forward_unchanged_and_gradients_are_the_swiglu_at_fp8_inputs():
     ref = (xx.grad, rw.grad, ws[0].grad, ws[1].grad, ws[2].grad)
     for name, got, want in zip(("x", "row_weight", "w1", "w2", "w3"), out[True][1:], ref):
         # the same FP32 operations on the same numbers: differences only from summation order
-        rel = ((got - want).norm() / want.norm()).item()
-        assert rel < 2.0 ** -20, (name, rel)
+        assert _rel(got, want) < 2.0 ** -20, (name, _rel(got, want))
+
+
+@pytest.mark.parametrize("inter", [256, 200])
+def test_gate_up_is_the_two_projections_on_one_fp8_copy(inter):
+    """[gate | up] equals the separate w1 and w3 FP8 GEMMs bit for bit (the same FP8 x, the same 128×128
+    weight blocks: a ragged inter is padded to 128 rows per weight); the gradients are theirs up to FP32
+    summation order (dx sums both projections inside one GEMM of K = 2·inter instead of adding two)."""
+    E, D = 3, 160
+    (w1, _, w3), x, _, _ = _experts_data(E, D, inter, 200, seed=1)
+    offsets = torch.tensor([70, 70, 200], dtype=torch.int32)
+    dgu = torch.randn(200, 2 * inter, generator=torch.Generator().manual_seed(2))
+    got, want = {}, {}
+    for fused, res in ((True, got), (False, want)):
+        xx, a, b = (t.clone().requires_grad_() for t in (x, w1, w3))
+        if fused:
+            gu = fp8_gate_up(xx, a, b, offsets, backend="torch")
+        else:
+            gu = torch.cat([fp8_grouped_mm(xx, w, offsets, backend="torch") for w in (a, b)], 1)
+        gu.backward(dgu)
+        res.update(gu=gu.detach(), x=xx.grad, w1=a.grad, w3=b.grad)
+    assert torch.equal(got["gu"], want["gu"])
+    for name in ("x", "w1", "w3"):
+        assert _rel(got[name], want[name]) < 2.0 ** -20, (name, _rel(got[name], want[name]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # the training precision: BF16 GEMMs
+        xb = x.bfloat16()
+        fused = fp8_gate_up(xb, w1, w3, offsets, backend="torch")
+        split = torch.cat([fp8_grouped_mm(xb, w.bfloat16(), offsets, backend="torch") for w in (w1, w3)], 1)
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused, split)
 
 
 def test_switch_sets_the_hook():
@@ -94,9 +130,9 @@ def test_saved_bytes_saving_equals_the_formula(dtype):
     cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"))
     k, I = cfg.model.moe.n_activated_experts, cfg.model.moe.moe_inter_dim
     b = torch.empty(0, dtype=dtype).element_size()
-    # per routed row: gate, up, silu(gate), up·w (b·I each), the cast row weight (b) and h's token-tiled
-    # FP8 copy (I bytes + 4 per 128) are no longer kept; gate and up in E4M3 (I bytes + 4 per 1×128
-    # tile each) and the FP32 row weight (4) are
+    # per routed row: [gate | up], silu(gate), up·w (b·I each), the cast row weight (b) and h's token-tiled
+    # FP8 copy (I bytes + 4 per 128) are no longer kept; gate and up in E4M3 (I bytes + 4 per 1×128 tile
+    # each) and the FP32 row weight (4) are
     per_row = (4 * b * I + b + I + 4 * I / 128) - (2 * (I + 4 * math.ceil(I / 128)) + 4)
     r = bench.measure(cfg, dtype, (128, 256))
     assert abs(r["saving"] / (k * per_row) - 1) <= 0.05, (r, k * per_row)

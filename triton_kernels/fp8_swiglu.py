@@ -1,15 +1,19 @@
 """The routed experts' SwiGLU and down projection as one FP8 op that caches the SwiGLU input in FP8
 and recomputes the SwiGLU output in the backward (DeepSeek-V3 report §3.3.3, "Low-precision storage").
 
-    forward   h = silu(gate) · up · w_row          (gate, up: the gate/up GEMM outputs, (M, inter))
+    forward   h = silu(gate) · up · w_row          ([gate | up]: the gate/up GEMM's output, (M, 2·inter))
               y = h · w2[g]ᵀ per expert g          (FP8 grouped GEMM, as fp8_grouped_mm)
-    saved     gate, up in E4M3 with 1×128 scales, the row weights, w2's FP8 copy — not h, not gate/up
+    saved     gate and up in E4M3 with 1×128 scales (one tensor), the row weights, and w2 itself (the
+              parameter, re-quantised in the backward; a non-leaf w2: its FP8 copy) — not h, not gate/up
               in the autocast dtype, not the token-tiled FP8 copy of h that wgrad reads
     backward  gate, up dequantised; h recomputed from them; dw2 = dyᵀ h, dh = dy · w2 (FP8 GEMMs);
-              dgate, dup through the SwiGLU derivative at the dequantised inputs
+              dgate, dup through the SwiGLU derivative at the dequantised inputs; the row weight's
+              gradient ⟨dh, silu(gate)·up⟩ (the routing weight multiplies h before the down-projection,
+              so no expert output row is kept for it)
 
 The forward output equals the uncached path's bit for bit (same h, same quantisation of h); only the
 backward sees the FP8 rounding of gate and up (relative ≤ 2^-4 per element, E4M3's 3 mantissa bits).
+gate and up keep their own 1×128 tiles (one quantisation of [gate | up] when inter is a multiple of 128).
 GroupedExperts.swiglu_down is the hook (dsv3.precision sets it under fp8.cache_swiglu_fp8).
 """
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 
 import triton_kernels
 from triton_kernels.backend import fp8_ops, resolve_backend
-from triton_kernels.quant_ref import act_dequant_ref
+from triton_kernels.quant_ref import BLOCK, act_dequant_ref
 
 
 def _swiglu(gate, up, row_weight):
@@ -29,53 +33,68 @@ def _swiglu(gate, up, row_weight):
     return a, up_w, a * up_w
 
 
+def _quant_halves(ops, gu):
+    """gate and up (the halves of gu) in E4M3 with their own 1×128 tiles, as one (M, 2·inter) FP8 tensor and
+    (M, 2·⌈inter/128⌉) scales: one quantisation of gu when inter is a multiple of 128 (the tiles coincide)."""
+    inter = gu.shape[1] // 2
+    if inter % BLOCK == 0:
+        return ops.act_quant(gu)
+    parts = [ops.act_quant(h.contiguous()) for h in (gu[:, :inter], gu[:, inter:])]
+    q = torch.cat([p[0].view(torch.uint8) for p in parts], dim=1).view(parts[0][0].dtype)  # autocast: no float8 cat
+    return q, torch.cat([p[1] for p in parts], dim=1)
+
+
 class _FP8SwiGLUDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, row_weight, w2, offsets, backend):
+    def forward(ctx, gu, row_weight, w2, offsets, backend):
         ops = fp8_ops(backend)
-        _, _, h = _swiglu(gate, up, row_weight)
+        inter = gu.shape[1] // 2
+        _, _, h = _swiglu(gu[:, :inter], gu[:, inter:], row_weight)
         h_fp8, h_s = ops.act_quant(h)
-        w_fp8, w_s = ops.weight_quant(w2)
+        w_fp8, w_s = ops.weight_quant(w2.to(gu.dtype))       # in the compute dtype, as every expert GEMM
         y = ops.grouped_gemm(h_fp8, h_s, w_fp8, w_s, offsets, out_dtype=h.dtype)
         triton_kernels.counters["fp8_grouped_mm.fprop"] += 1
-        gate_fp8, gate_s = ops.act_quant(gate)
-        up_fp8, up_s = ops.act_quant(up)
-        ctx.save_for_backward(gate_fp8, gate_s, up_fp8, up_s, row_weight, w_fp8, w_s, offsets)
-        ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, gate.dtype, w2.dtype
+        gu_fp8, gu_s = _quant_halves(ops, gu)
+        ctx.save_for_backward(gu_fp8, gu_s, row_weight, offsets, *((w2, None) if w2.is_leaf else (w_fp8, w_s)))
+        ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, gu.dtype, w2.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        gate_fp8, gate_s, up_fp8, up_s, row_weight, w_fp8, w_s, offsets = ctx.saved_tensors
+        gu_fp8, gu_s, row_weight, offsets, w_fp8, w_s = ctx.saved_tensors
         ops = ctx.ops
-        gate = act_dequant_ref(gate_fp8, gate_s, dtype=ctx.x_dtype)
-        up = act_dequant_ref(up_fp8, up_s, dtype=ctx.x_dtype)
+        if w_s is None:                                       # the parameter: the same quantisation again
+            w_fp8, w_s = ops.weight_quant(w_fp8.to(ctx.x_dtype))
+        inter, nb = gu_fp8.shape[1] // 2, gu_s.shape[1] // 2
+        gate = act_dequant_ref(gu_fp8[:, :inter], gu_s[:, :nb], dtype=ctx.x_dtype)
+        up = act_dequant_ref(gu_fp8[:, inter:], gu_s[:, nb:], dtype=ctx.x_dtype)
         a, up_w, h = _swiglu(gate, up, row_weight)          # the SwiGLU output, recomputed
         dw2 = None
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[2]:
             dy_t, dy_t_s = ops.act_quant_t(dy, offsets)
             h_t, h_t_s = ops.act_quant_t(h, offsets)
-            dw2 = ops.grouped_wgrad(dy_t, dy_t_s, h_t, h_t_s, offsets).to(ctx.w_dtype)
+            # in the compute dtype first: the gradient the cast weight got before, bit for bit
+            dw2 = ops.grouped_wgrad(dy_t, dy_t_s, h_t, h_t_s, offsets).to(ctx.x_dtype).to(ctx.w_dtype)
             triton_kernels.counters["fp8_grouped_mm.wgrad"] += 1
         dy_fp8, dy_s = ops.act_quant(dy)
         w_t = w_fp8.transpose(1, 2).contiguous()             # a 128×128 block is a block either way round
         dh = ops.grouped_gemm(dy_fp8, dy_s, w_t, w_s.transpose(1, 2), offsets, out_dtype=ctx.x_dtype)
         triton_kernels.counters["fp8_grouped_mm.dgrad"] += 1
         d_row_weight = None
-        if row_weight is not None and ctx.needs_input_grad[2]:
+        if row_weight is not None and ctx.needs_input_grad[1]:
             d_row_weight = (dh * a * up).sum(-1).to(row_weight.dtype)
         d_up_w = dh * a
         d_up = d_up_w if row_weight is None else d_up_w * row_weight.unsqueeze(-1).to(d_up_w.dtype)
         d_gate = torch.ops.aten.silu_backward(dh * up_w, gate)
-        return d_gate, d_up, d_row_weight, dw2, None, None
+        return torch.cat([d_gate, d_up], dim=1), d_row_weight, dw2, None, None
 
 
-def fp8_swiglu_down(gate: torch.Tensor, up: torch.Tensor, row_weight: torch.Tensor | None, w2: torch.Tensor,
+def fp8_swiglu_down(gu: torch.Tensor, row_weight: torch.Tensor | None, w2: torch.Tensor,
                     offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """(M, inter) gate and up of rows sorted by expert, w2 (E, dim, inter) -> (M, dim): the down
-    projection of silu(gate) · up · row_weight, with the SwiGLU input cached in FP8 (see module doc)."""
-    if gate.shape != up.shape or gate.dim() != 2 or w2.dim() != 3 or w2.shape[2] != gate.shape[1]:
-        raise ValueError(f"fp8_swiglu_down: need gate = up (M, inter) and w2 (E, dim, inter), got "
-                         f"{tuple(gate.shape)}, {tuple(up.shape)}, {tuple(w2.shape)}")
-    backend = resolve_backend(backend, gate.device)
-    return _FP8SwiGLUDown.apply(gate, up, row_weight, w2, offsets.to(torch.int32), backend)
+    """(M, 2·inter) [gate | up] of rows sorted by expert, w2 (E, dim, inter) (cast to gu's dtype inside)
+    -> (M, dim): the down projection of silu(gate) · up · row_weight, with [gate | up] cached in FP8."""
+    if gu.dim() != 2 or w2.dim() != 3 or gu.shape[1] != 2 * w2.shape[2]:
+        raise ValueError(f"fp8_swiglu_down: need [gate | up] (M, 2·inter) and w2 (E, dim, inter), got "
+                         f"{tuple(gu.shape)}, {tuple(w2.shape)}")
+    backend = resolve_backend(backend, gu.device)
+    return _FP8SwiGLUDown.apply(gu, row_weight, w2, offsets.to(torch.int32), backend)
