@@ -29,7 +29,7 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
     ``fp8.backend=te``: the Linears through Transformer Engine on ``device`` (triton_kernels/te_backend.py)."""
     from triton_kernels.fp8_linear import fp8_linear
     from triton_kernels.fp8_swiglu import fp8_swiglu_down
-    from triton_kernels.grouped_gemm import fp8_grouped_mm
+    from triton_kernels.grouped_gemm import fp8_gate_up, fp8_grouped_mm
 
     if cfg.backend == "te":   # TE Linears; routed experts on the Triton grouped GEMM; caches refused by check_te
         import torch
@@ -55,6 +55,8 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
                 counts["fp8_linear"] += 1
         elif isinstance(module, GroupedExperts):
             module.gmm = grouped
+            # gate and up on one FP8 copy of x: one grouped GEMM over [w1; w3] (issue 20, memory)
+            module.gate_up = functools.partial(fp8_gate_up, backend=grouped.keywords["backend"])
             if cfg.cache_swiglu_fp8:
                 module.swiglu_down = functools.partial(fp8_swiglu_down, backend=cfg.backend)
             counts["fp8_grouped"] += 1
