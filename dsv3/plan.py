@@ -111,7 +111,7 @@ def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int, global_bat
     check_layout(cfg, gpus, pp, ep, dp, mb, gb)
     kind = cfg.parallel.pp_schedule if pp > 1 else "1f1b"
     states = rank_state_bytes(cfg, pp, dp, ep, kind)
-    acts = rank_activation_bytes(cfg, pp, kind, mb, ActDtypes.for_training(cfg), ep)
+    acts = rank_activation_bytes(cfg, pp, kind, mb, ActDtypes.for_training(cfg))
     r = max(range(pp), key=lambda i: states[i]["params"] + states[i]["grads"] + states[i]["optimizer"] + acts[i])
     reserve = (sum(RESERVE.values()) + FRAGMENTATION * g.hbm_gib if reserve_gib is None else reserve_gib) * GIB
     ctx = Ctx(cfg, g, pp, dp, ep, mb, gb, maxvio)

@@ -129,16 +129,7 @@ class ActDtypes:
                          not (device == "cpu" and cast == 4.0), device == "cpu")
 
 
-def fp8_weight_bytes(m: ModelConfig, layer_id: int, ep: int = 1) -> float:
-    """The FP8 copy (+ 128×128 scales) of one Block's routed-expert weights that every forward saves for
-    its backward (triton_kernels.grouped_gemm / fp8_swiglu): one per micro-batch in flight. The FP8
-    Linears keep the parameter itself and re-quantise it in backward (triton_kernels.fp8_linear)."""
-    n = sum(c // ep for _, c, x in block_params(m, layer_id) if x)
-    return n * (1 + 4 / 128 ** 2)
-
-
-def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes, micro_batch: int = 1,
-                           seq_len: int = 4096, ep: int = 1) -> float:
+def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> float:
     """Bytes autograd keeps per token for one Block with recomputation on (norm outputs, MLA's norms,
     up-projections, RoPE and attention core, and SwiGLU outputs recomputed; their inputs kept). Each
     term is one saved tensor."""
@@ -155,21 +146,26 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes, micro_b
     b += a.n_heads * a.v_head_dim * (2 + 4 / 128 if dt.wo_e5m6 else L)   # attention output: wo input
     # the RoPE cos / sin that RoPE and the checkpoint keep are views of the model's one table (a buffer): none
     b += d * R                                              # h: ffn_norm's recompute input
-    if dt.fp8:
-        b += fp8_weight_bytes(m, layer_id, ep) / (micro_batch * seq_len)
+    # no FP8 weight copies: FP8 Linears and the routed experts' GEMMs keep the parameter itself and
+    # re-quantise it in the backward (triton_kernels/fp8_linear.py, grouped_gemm.py, fp8_swiglu.py)
     if layer_id < m.n_dense_layers:                         # normed h; gate, up (recompute inputs); w2 input
         return b + shared_in * d * L + m.inter_dim * (2 * R + L)
     k, E, I = e.n_activated_experts, e.n_routed_experts, e.moe_inter_dim
-    b += d * 4                                              # the gate's FP32 input (the normed h itself in FP32)
+    b += d * R                                              # the gate's input, the normed h (cast to FP32 inside)
     b += E * 4 + E * 8 + 4 + k * 4                          # sigmoid scores, top-k sort indices, weight sum, weights
     if e.n_group > 1 and e.topk_method != "greedy":
         b += e.n_group * (2 * 8 + 8 + 1)                    # group top-2 indices, group sort, dropped mask
     b += 2 * k * 8 + k * 4                                  # sorted order, source token, gate weight of each row
-    if dt.swiglu_fp8:                                       # FP8 x for w1 and for w3; FP8 gate and up
-        b += 2 * k * d * L + 2 * k * I * L
+    if dt.fp8:                                              # one token-tiled FP8 x for the GEMM over [w1; w3]
+        b += k * d * L
+        if dt.swiglu_fp8:                                   # gate and up in E4M3 + one FP32 scale per 1×128
+            b += 2 * k * (I + 4 * math.ceil(I / 128))
+        else:                                               # [gate | up], up·w (checkpoint inputs), w, w2's FP8 input
+            b += k * (3 * I * C + C + I * L)
     else:                                                   # x once; [gate|up] (+ unweighted up on CPU FP32); w2 input
         b += k * d * C + k * I * ((2 if dt.packed_swiglu else 3) * C + L)
-    b += k * d * C                                          # the experts' output rows (index_add's source)
+    # the combine (experts.sum_rows) keeps only its row index, and the gate weight multiplies h before the
+    # down-projection: no expert output row is kept
     if e.n_shared_experts:
         Is = e.n_shared_experts * I
         b += (shared_in * d * L if dt.fp8 else (d * C if C != R or dt.packed_swiglu else 0))
@@ -187,24 +183,21 @@ def head_activation_bytes(m: ModelConfig, dt: ActDtypes) -> float:
     return head + m.mtp.depth * mtp
 
 
-def stage_activation_bytes(m: ModelConfig, lo: int, hi: int, last: bool, dt: ActDtypes, mb: int, seq: int,
-                           ep: int = 1) -> float:
+def stage_activation_bytes(m: ModelConfig, lo: int, hi: int, last: bool, dt: ActDtypes) -> float:
     """Per token of one micro-batch through model stage [lo, hi) (+ head and MTP blocks on the last)."""
-    total = sum(layer_activation_bytes(m, i, dt, mb, seq, ep) for i in range(lo, hi))
+    total = sum(layer_activation_bytes(m, i, dt) for i in range(lo, hi))
     if last:
-        total += head_activation_bytes(m, dt) + sum(layer_activation_bytes(m, m.n_layers + k, dt, mb, seq, ep)
+        total += head_activation_bytes(m, dt) + sum(layer_activation_bytes(m, m.n_layers + k, dt)
                                                     for k in range(m.mtp.depth))
     return total
 
 
-def rank_activation_bytes(cfg: Config, pp: int, schedule: str, micro_batch: int, dt: ActDtypes,
-                          ep: int = 1) -> list[float]:
+def rank_activation_bytes(cfg: Config, pp: int, schedule: str, micro_batch: int, dt: ActDtypes) -> list[float]:
     """Peak activation bytes per pipeline rank: Σ over its stages of in-flight micro-batches × tokens × per-token bytes."""
     m = cfg.model
     n_stages, held = rank_stages(schedule, pp)
     bounds = stage_bounds(m.n_layers, n_stages)
     tokens = micro_batch * cfg.data.seq_len
     return [sum(in_flight(schedule, pp, n_stages, s) * tokens
-                * stage_activation_bytes(m, bounds[s], bounds[s + 1], s == n_stages - 1, dt, micro_batch,
-                                         cfg.data.seq_len, ep)
+                * stage_activation_bytes(m, bounds[s], bounds[s + 1], s == n_stages - 1, dt)
                 for s in stages) for stages in held]
