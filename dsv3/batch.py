@@ -38,15 +38,17 @@ def micro_batch_size(t, dp: int = 1, pp: int = 1, schedule: str = "1f1b") -> int
     if t.micro_batch_size != "auto":
         return t.micro_batch_size
     ramp = t.batch_ramp
-    batch = math.gcd(t.global_batch, ramp.start_sequences) if ramp and ramp.tokens > 0 and ramp.start_sequences else \
-        t.global_batch
-    fits = [m for m in range(batch // dp, 0, -1) if batch % (dp * m) == 0 and _accepted(batch // (dp * m), pp, schedule)]
+    batch = t.global_batch
+    if ramp is not None and ramp.tokens > 0 and ramp.start_sequences:
+        batch = math.gcd(batch, ramp.start_sequences)
+    fits = [m for m in range(batch // dp, 0, -1)
+            if batch % (dp * m) == 0 and _accepted(batch // (dp * m), pp, schedule)]
     if batch % dp or not fits:
         what = "train.global_batch" if batch == t.global_batch else "gcd(train.global_batch, batch_ramp.start_sequences)"
         even = "an even number of " if schedule == "dualpipe" and pp > 1 else ""
         raise UserError(f"train.micro_batch_size=auto: {what}={batch} gives no micro-batch over dp={dp} with "
-                        f"{even}>= {fewest_chunks(pp, schedule)} micro-batches per replica ({schedule if pp > 1 else 'no pipeline'}, "
-                        f"pp={pp}); raise train.global_batch")
+                        f"{even}>= {fewest_chunks(pp, schedule)} micro-batches per replica "
+                        f"({schedule if pp > 1 else 'no pipeline'}, pp={pp}); raise train.global_batch")
     return fits[0]
 
 
@@ -54,8 +56,8 @@ def resolved(cfg, dp: int, pp: int = 1, schedule: str = "1f1b"):
     """``cfg`` with ``train.micro_batch_size`` a number for this layout (``auto`` resolved)."""
     if cfg.train.micro_batch_size != "auto":
         return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                              micro_batch_size=micro_batch_size(cfg.train, dp, pp, schedule)))
+    mbs = micro_batch_size(cfg.train, dp, pp, schedule)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=mbs))
 
 
 def check_layout(t, dp: int, pp: int = 1, schedule: str = "1f1b") -> int:
