@@ -106,8 +106,13 @@ def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int, global_bat
          reserve_gib: float | None = None) -> Plan:
     g = get_gpu(gpu)
     gb = global_batch or cfg.train.global_batch
-    mb = micro_batch or micro_batch_size(dataclasses.replace(cfg.train, global_batch=gb), dp, pp,
-                                         cfg.parallel.pp_schedule)   # train.micro_batch_size=auto: the trainer's rule
+    mb = micro_batch or cfg.train.micro_batch_size
+    if mb == "auto":   # the trainer's rule for this layout (dsv3/batch.py), once the layout itself is valid
+        check_layout(cfg, gpus, pp, ep, dp, 1, gb)
+        try:
+            mb = micro_batch_size(dataclasses.replace(cfg.train, global_batch=gb), dp, pp, cfg.parallel.pp_schedule)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
     check_layout(cfg, gpus, pp, ep, dp, mb, gb)
     kind = cfg.parallel.pp_schedule if pp > 1 else "1f1b"
     states = rank_state_bytes(cfg, pp, dp, ep, kind)
