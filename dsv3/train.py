@@ -285,7 +285,11 @@ def train(cfg: Config) -> dict:
     lock = None
     try:
         # train.micro_batch_size=auto becomes a number for this layout (dsv3/batch.py) before anything reads it
-        cfg = resolved(cfg, env.world // pc.pp, pc.pp, pc.pp_schedule) if parallel else resolved(cfg, env.world)
+        # (a world that pp does not divide is refused by parallel/mesh.py, which names the numbers)
+        if not parallel:
+            cfg = resolved(cfg, env.world)
+        elif env.world % pc.pp == 0:
+            cfg = resolved(cfg, env.world // pc.pp, pc.pp, pc.pp_schedule)
         t = cfg.train
         lock, data = _open_run_dir(cfg, env)
         if t.weights_dtype == "bf16" and not parallel:   # BF16 weights live in ZeRO-1 (parallel/zero.py)
