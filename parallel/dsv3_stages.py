@@ -55,7 +55,7 @@ class DSV3Stage(nn.Module):
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.mtp_weight = model.mtp_weight
         self.loss_parts = dict(lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
-        self.balance_by_moe: dict[int, float] = {}
+        self.balance_by_moe: dict[int, torch.Tensor] = {}
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -82,15 +82,16 @@ class DSV3Stage(nn.Module):
     def _head(self, h: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         lm_loss = self.lm_loss(h, labels)
         mtp_loss = self.mtp_loss(h, ids, labels)
-        self.loss_parts["lm_loss"] += float(lm_loss.detach())
-        self.loss_parts["mtp_loss"] += float(mtp_loss.detach())
+        self.loss_parts["lm_loss"] = self.loss_parts["lm_loss"] + lm_loss.detach().double()   # no host sync:
+        self.loss_parts["mtp_loss"] = self.loss_parts["mtp_loss"] + mtp_loss.detach().double()   # read once a step
         return lm_loss + self.mtp_weight * mtp_loss
 
     def end_forward(self) -> None:
         """Adds this forward's balance losses to the step's record (``take_loss_parts``), in all and per
         MoE layer (``balance_by_moe``, keyed by the layer object's id, for the balance fields)."""
-        values = {id(m): float(m.last_balance_loss) for m in self.moe_layers() if m.last_balance_loss is not None}
-        self.loss_parts["balance_loss"] += sum(values.values())
+        values = {id(m): m.last_balance_loss.detach().double() for m in self.moe_layers()
+                  if m.last_balance_loss is not None}   # device tensors: the step reads them once
+        self.loss_parts["balance_loss"] = self.loss_parts["balance_loss"] + sum(values.values())
         for k, v in values.items():
             self.balance_by_moe[k] = self.balance_by_moe.get(k, 0.0) + v
 
@@ -133,9 +134,10 @@ def set_aux_loss_scale(pipe, scale: float) -> None:
             moe.aux_loss_scale = scale
 
 
-def take_loss_parts(pipe) -> dict[str, float]:
+def take_loss_parts(pipe) -> dict[str, float | torch.Tensor]:
     """LM, MTP and balance loss summed over this rank's stage copies and the micro-batches since the
-    last call (each micro-batch's LM/MTP parts appear once, on its last stage); resets them."""
+    last call (each micro-batch's LM/MTP parts appear once, on its last stage); resets them. A part is
+    a 0-d fp64 device tensor where a micro-batch added to it (no host sync per micro-batch), else 0.0."""
     out = dict(lm_loss=0.0, mtp_loss=0.0, balance_loss=0.0)
     for s in stage_modules(pipe):
         for k in out:

@@ -142,9 +142,12 @@ class ParallelModel:
             set_mtp_weight(self.pipe, mtp_weight)
             with autocast():
                 losses = self.pipe.step(dsv3_microbatches(rows, C))
-            sums[0] = sum(float(l) for l in losses if l is not None)
+            done = [l.detach().double() for l in losses if l is not None]   # device tensors: no sync per micro-batch
+            if done:
+                sums[0] = torch.stack(done).sum()
             parts = take_loss_parts(self.pipe)
-            sums[1:] = torch.tensor([parts["lm_loss"], parts["mtp_loss"], parts["balance_loss"]], dtype=torch.float64)
+            for i, k in enumerate(("lm_loss", "mtp_loss", "balance_loss"), start=1):
+                sums[i] = parts[k]
         else:
             C = rows.shape[0] // self.cfg.train.micro_batch_size
             self.model.mtp_weight = mtp_weight
@@ -156,8 +159,8 @@ class ParallelModel:
                 out.loss.backward()
                 if on_micro is not None:   # the balance monitor's per-layer loss (one replica's micro-batches)
                     on_micro(C)
-                sums += torch.tensor([float(out.lm_loss + mtp_weight * out.mtp_loss), float(out.lm_loss),
-                                      float(out.mtp_loss), float(out.balance_loss)], dtype=torch.float64, device=device)
+                sums += torch.stack([out.lm_loss + mtp_weight * out.mtp_loss, out.lm_loss, out.mtp_loss,
+                                     out.balance_loss.detach()]).double()   # on the device: read once a step
         divisor = C * self.dp
         dist.all_reduce(sums)
         sums /= divisor

@@ -76,7 +76,7 @@ class PipelineBalance:
             s.balance_by_moe = {}
         n_micro = self.pipe.num_chunks
         rows = {n: torch.cat([m.gate.e_score_correction_bias.detach().double().cpu().reshape(-1),
-                              h.double().cpu(), torch.tensor([balance.get(n, 0.0) / n_micro], dtype=torch.float64)])
+                              h.double().cpu(), torch.as_tensor(balance.get(n, 0.0), dtype=torch.float64).cpu().reshape(1) / n_micro])
                 for n, m, h in zip(self.held.names, self.held.moes, self.local.histograms)}
         g = self._gather(rows, self.E + self.G + 1)
         count = g[:, -1:].clamp_min(1.0)
@@ -118,7 +118,7 @@ class PipelineBalance:
                         y = stages[s](x, mb)
                     if s == S - 1:
                         if self.pm.dp_index == 0:   # one replica's sum: the others are the same
-                            lm = stages[s].loss_parts["lm_loss"]
+                            lm = float(stages[s].loss_parts["lm_loss"])
                             total += torch.tensor([lm * batch.shape[0], batch.shape[0]], dtype=torch.float64)
                     elif owner[s + 1] != me:
                         dist.send(y.to(pipe.act_dtype).contiguous(), dst=peer[owner[s + 1]], group=pipe.group)
