@@ -172,7 +172,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: BF16 on CUDA and CPUs with native BF16, else FP32 (dsv3/runtime.py)
     bf16_moments: bool = False
-    weights_dtype: Literal["fp32", "bf16"] = "fp32"   # bf16: BF16 compute weights, FP32 main grads and ZeRO-1 master (parallel/zero.py)
+    weights_dtype: Literal["auto", "fp32", "bf16"] = "auto"   # bf16: BF16 compute weights, FP32 main grads and ZeRO-1 master (parallel/zero.py); auto: bf16 on CUDA under BF16 autocast
     recompute: bool = False
     seed: int = 0
     out_dir: str = "runs/debug"

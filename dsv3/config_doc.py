@@ -129,7 +129,7 @@ DOC: dict[str, str] = {
     "train.wandb": "W&B project name: the TensorBoard scalars are logged there too (needs the [wandb] extra)",
     "train.loss_curve": "write RUN/loss_curve.png (train and validation loss, LR) at the end of the run",
     "train.bf16_moments": "keep AdamW moments in BF16 (report §3.3.3)",
-    "train.weights_dtype": "compute weights under ZeRO-1: fp32, or bf16 (BF16 parameters, FP32 main-grad buffers, FP32 master shard rounded back each step; needs BF16 autocast; report §3.3)",
+    "train.weights_dtype": "compute weights under ZeRO-1: fp32, or bf16 (BF16 parameters, FP32 main-grad buffers, FP32 master shard rounded back each step; needs BF16 autocast; report §3.3), or auto: bf16 on CUDA under BF16 autocast (as dsv3.plan assumes), fp32 on a CPU and in one process",
     "train.recompute": "recompute RMSNorm, MLA up-projections with the attention core, and SwiGLU in backward (report §3.2.3)",
     "train.seed": "seed of the initialisation and the sampler's order",
     "train.out_dir": "run folder: checkpoints, metrics.jsonl, TensorBoard, the copied tokenizer",

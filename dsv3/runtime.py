@@ -7,6 +7,11 @@ dtype (``train.dtype``):
   bf16  BF16 autocast everywhere (a one-line warning where the CPU has no native BF16).
   fp32  FP32 everywhere (the tests that compare numbers pin it).
 
+Compute weights under ZeRO-1 (``train.weights_dtype``, ``with_weights_dtype``): auto is BF16 where the
+run is on CUDA under BF16 autocast (what ``dsv3.plan`` and the report §3.3 assume: BF16 weights, FP32
+main grads and master), FP32 elsewhere — on a CPU the FP32 weights keep the parallel layouts' numbers
+equal to one process's.
+
 Peak (``peak_flops``): on a GPU the dense tensor-core peak of ``dsv3.hardware`` for the compute dtype
 (``MFU n/a (<name>)`` for a GPU not in the table, unless ``train.peak_tflops`` is set); on a CPU
 threads × FLOP per cycle of the widest FMA path the CPU has for that dtype × clock — a computed ceiling,
@@ -14,6 +19,7 @@ never a timed matmul, and never clamped, so an MFU above 100% would show the des
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,6 +97,14 @@ def choose_dtype(setting: str, device: torch.device, cpu: Optional[CpuInfo] = No
         return "bf16", ("train.dtype=bf16 — warning: this CPU has no native BF16 GEMMs, BF16 is emulated and "
                         "~16x slower than FP32; train.dtype=auto picks FP32 here")
     return setting, f"train.dtype={setting}"
+
+
+def with_weights_dtype(cfg, device: torch.device):
+    """``cfg`` with ``train.weights_dtype`` "fp32" or "bf16" for a ZeRO-1 run on ``device`` (``auto`` resolved)."""
+    if cfg.train.weights_dtype != "auto":
+        return cfg
+    bf16 = device.type == "cuda" and choose_dtype(cfg.train.dtype, device)[0] == "bf16"
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weights_dtype="bf16" if bf16 else "fp32"))
 
 
 def cpu_peak_flops(cpu: CpuInfo, dtype: str) -> tuple[float, str]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from dsv3.config import Config, load_config
 from dsv3.errors import UserError
+from dsv3.runtime import with_weights_dtype
 from dsv3.model import Transformer
 from parallel.dsv3_stages import dsv3_stages
 from parallel.expert_parallel import shard_experts
@@ -56,7 +57,7 @@ def rank_bytes(cfg: Config, pp: int, dp: int, ep: int, schedule: str) -> list[di
                 params[id(p)] = p                       # a tensor shared between held stages counts once
         n_expert = sum(p.numel() for p in params.values() if getattr(p, "expert_parallel", False))
         n_params = sum(p.numel() for p in params.values())
-        bf16 = cfg.train.weights_dtype == "bf16"
+        bf16 = with_weights_dtype(cfg, torch.device("cuda")).train.weights_dtype == "bf16"   # a GPU cluster's ranks
         weight = sum(p.numel() * (2 if bf16 else p.element_size()) for p in params.values())
         grads = sum(p.numel() * max(p.element_size(), 4) for p in params.values())
         shard = sum(math.ceil(p.numel() / (expert_world if getattr(p, "expert_parallel", False) else dense_world))

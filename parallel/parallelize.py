@@ -24,7 +24,7 @@ from torch import nn
 
 from dsv3.batch import check_layout, resolved
 from dsv3.config import Config, ConfigError
-from dsv3.runtime import choose_dtype
+from dsv3.runtime import choose_dtype, with_weights_dtype
 from dsv3.model import Transformer
 from dsv3.param_init import materialize_, materialize_own_buffers_
 from parallel.dsv3_stages import (dsv3_microbatches, dsv3_stages, set_aux_loss_scale, set_mtp_weight,
@@ -63,8 +63,9 @@ class ParallelModel:
         only what this rank holds — its pipeline stages, its experts — is materialised, with the values
         the whole model gets (``dsv3.param_init``)."""
         cfg = resolved(cfg, mesh.dp, cfg.parallel.pp, cfg.parallel.pp_schedule)   # train.micro_batch_size=auto
-        bf16_weights = cfg.train.weights_dtype == "bf16"
         where = torch.device(device) if device is not None else next(model.parameters()).device
+        cfg = with_weights_dtype(cfg, where)   # train.weights_dtype=auto: BF16 on CUDA under BF16 autocast
+        bf16_weights = cfg.train.weights_dtype == "bf16"
         if bf16_weights and choose_dtype(cfg.train.dtype, where)[0] != "bf16":
             raise ConfigError("train.weights_dtype=bf16 needs BF16 autocast: set train.dtype=bf16 "
                               f"(train.dtype={cfg.train.dtype} runs FP32 here)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsv3 import runtime
-from dsv3.runtime import CpuInfo, choose_dtype, cpu_peak_flops, peak_flops
+from dsv3.runtime import CpuInfo, choose_dtype, cpu_peak_flops, peak_flops, with_weights_dtype
 
 EPYC_AVX2 = CpuInfo(threads=2, flags=frozenset({"avx2", "fma", "sse4_2"}), ghz=2.45, name="AMD EPYC (AVX2)")
 XEON_AMX = CpuInfo(threads=2, flags=frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}), ghz=2.1)
@@ -121,3 +121,21 @@ def test_wandb_gets_tensorboards_scalars_and_profiler_writes_trace(tmp_path, mon
     for label in ("device ", "dtype    fp32: train.dtype=fp32", "fp8      off", "layout   world 1: PP 1 x DP 1",
                   "run      " + out + " (fresh start)", "MFU      of "):
         assert label in head, label
+
+
+def test_auto_weights_dtype_is_bf16_only_on_cuda_under_bf16_autocast(monkeypatch):
+    """``train.weights_dtype: auto`` (issue 17 C): BF16 compute weights where the planner assumes them (CUDA,
+    BF16 autocast), FP32 on every CPU — even one with native BF16 — and under FP32 autocast; set values stay."""
+    from dsv3.config import load_config
+    monkeypatch.setattr(runtime, "detect_cpu", lambda: XEON_AMX)   # native BF16: auto autocast is BF16 here
+    cfg = lambda *o: load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "small_moe.yaml"),
+                                 list(o))
+    got = lambda c, dev: with_weights_dtype(c, torch.device(dev)).train.weights_dtype
+    assert cfg().train.weights_dtype == "auto"
+    assert got(cfg("train.dtype=auto"), "cuda") == "bf16"
+    assert got(cfg("train.dtype=bf16"), "cuda") == "bf16"
+    assert got(cfg("train.dtype=fp32"), "cuda") == "fp32"
+    assert got(cfg("train.dtype=auto"), "cpu") == "fp32"
+    assert got(cfg("train.dtype=bf16"), "cpu") == "fp32"
+    assert got(cfg("train.dtype=fp32", "train.weights_dtype=bf16"), "cpu") == "bf16"
+    assert got(cfg("train.dtype=bf16", "train.weights_dtype=fp32"), "cuda") == "fp32"
