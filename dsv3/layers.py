@@ -1,11 +1,12 @@
 """Small building blocks shared by the model: RMSNorm, the hookable Linear, the SwiGLU MLP.
 
 ``Linear.impl`` is the `linear_impl` hook: a callable (x, weight) -> x @ weight.T. The default is
-``F.linear``; dsv3.precision swaps in the FP8 kernel for every Linear whose ``fp8_exempt`` is False.
+``F.linear``; dsv3.precision swaps in the FP8 kernel for every Linear whose ``fp8_exempt`` is False,
+and ``MLP.swiglu_down`` under fp8.cache_swiglu_fp8.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -132,9 +133,16 @@ class MLP(nn.Module):
         self.w2 = Linear(inter_dim, dim)  # down_proj
         self.w3 = Linear(dim, inter_dim)  # up_proj
         self.recompute = False
+        # swiglu_down hook: ([gate | up], w2) -> y, the SwiGLU and w2 as one op that caches [gate | up]
+        # in FP8 and recomputes the SwiGLU output in the backward (report §3.3.3); dsv3.precision sets it
+        self.swiglu_down: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = packed_linear(x, self.w1, self.w3)
+        if self.swiglu_down is not None:        # it keeps no SwiGLU output: recompute would add nothing
+            if gu is None:
+                gu = torch.cat([self.w1(x), self.w3(x)], dim=-1)
+            return self.swiglu_down(gu, self.w2.weight)
         fn, args = (swiglu_packed, (gu,)) if gu is not None else (swiglu, (self.w1(x), self.w3(x)))
         if self.recompute and torch.is_grad_enabled():
             # report §3.2.3: keep only SwiGLU's inputs, recompute its output in backward

@@ -114,7 +114,7 @@ class ActDtypes:
     attn: float
     fp8: bool
     wo_e5m6: bool             # wo's input kept in E5M6 (stored as 16 bits) + one FP32 scale per 128
-    swiglu_fp8: bool          # routed experts keep FP8 gate/up and recompute SwiGLU
+    swiglu_fp8: bool          # experts and MLPs keep FP8 gate/up and recompute SwiGLU
     packed_swiglu: bool
     pad_v: bool
 
@@ -127,6 +127,15 @@ class ActDtypes:
         return ActDtypes(resid, cast, FP8_ROW if f8.enabled else cast, 4.0 if device == "cpu" else cast, f8.enabled,
                          f8.enabled and f8.cache_wo_e5m6, f8.enabled and f8.cache_swiglu_fp8,
                          not (device == "cpu" and cast == 4.0), device == "cpu")
+
+
+def _mlp_swiglu_bytes(inter: int, dt: ActDtypes) -> float:
+    """An MLP's SwiGLU and w2 per token: gate and up in E4M3 with one FP32 scale per 1×128 tile each
+    (fp8.cache_swiglu_fp8: MLP.swiglu_down, the output recomputed), else gate, up (the recompute's inputs)
+    and w2's input."""
+    if dt.swiglu_fp8:
+        return 2 * (inter + 4 * math.ceil(inter / 128))
+    return inter * (2 * dt.resid + dt.linear_in)
 
 
 def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> float:
@@ -148,8 +157,8 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> floa
     b += d * R                                              # h: ffn_norm's recompute input
     # no FP8 weight copies: FP8 Linears and the routed experts' GEMMs keep the parameter itself and
     # re-quantise it in the backward (triton_kernels/fp8_linear.py, grouped_gemm.py, fp8_swiglu.py)
-    if layer_id < m.n_dense_layers:                         # normed h; gate, up (recompute inputs); w2 input
-        return b + shared_in * d * L + m.inter_dim * (2 * R + L)
+    if layer_id < m.n_dense_layers:                         # normed h; the SwiGLU's input and w2's
+        return b + shared_in * d * L + _mlp_swiglu_bytes(m.inter_dim, dt)
     k, E, I = e.n_activated_experts, e.n_routed_experts, e.moe_inter_dim
     b += d * R                                              # the gate's input, the normed h (cast to FP32 inside)
     b += E * 4 + E * 8 + 4 + k * 4                          # sigmoid scores, top-k sort indices, weight sum, weights
@@ -169,7 +178,7 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> floa
     if e.n_shared_experts:
         Is = e.n_shared_experts * I
         b += (shared_in * d * L if dt.fp8 else (d * C if C != R or dt.packed_swiglu else 0))
-        b += Is * (2 * R + L)
+        b += _mlp_swiglu_bytes(Is, dt)
     return b + 4                                            # the balance loss's score sums
 
 

@@ -6,8 +6,8 @@ never import the kernels: ``Linear.impl`` (linear_impl) and ``GroupedExperts.gmm
 
 Low-precision storage (report §3.3.3): with ``fp8.cache_wo_e5m6`` the input of MLA's output
 projection ``wo`` is cached in E5M6 (triton_kernels.e5m6_ref); with ``fp8.cache_swiglu_fp8`` the
-routed experts cache their SwiGLU input in FP8 and recompute its output in the backward
-(``GroupedExperts.swiglu_down`` = triton_kernels.fp8_swiglu).
+routed experts, the dense FFNs and the shared experts cache their SwiGLU input in FP8 and recompute
+its output in the backward (``GroupedExperts.swiglu_down`` / ``MLP.swiglu_down`` = triton_kernels.fp8_swiglu).
 
 On CPU the kernels' torch fake-quant reference runs (backend "auto"); on a GPU the Triton kernels.
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 from dsv3.config import FP8Config
 from dsv3.experts import GroupedExperts
-from dsv3.layers import Linear
+from dsv3.layers import MLP, Linear
 from dsv3.mla import MLA
 
 
@@ -28,7 +28,7 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
     {"fp8_linear": n, "exempt_linear": n, "fp8_grouped": n} of modules switched or kept.
     ``fp8.backend=te``: the Linears through Transformer Engine on ``device`` (triton_kernels/te_backend.py)."""
     from triton_kernels.fp8_linear import fp8_linear
-    from triton_kernels.fp8_swiglu import fp8_swiglu_down
+    from triton_kernels.fp8_swiglu import fp8_swiglu_down, fp8_swiglu_linear
     from triton_kernels.grouped_gemm import fp8_gate_up, fp8_grouped_mm
 
     if cfg.backend == "te":   # TE Linears; routed experts on the Triton grouped GEMM; caches refused by check_te
@@ -60,4 +60,6 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
             if cfg.cache_swiglu_fp8:
                 module.swiglu_down = functools.partial(fp8_swiglu_down, backend=cfg.backend)
             counts["fp8_grouped"] += 1
+        elif isinstance(module, MLP) and cfg.cache_swiglu_fp8:      # dense FFNs, shared experts
+            module.swiglu_down = functools.partial(fp8_swiglu_linear, backend=cfg.backend)
     return counts

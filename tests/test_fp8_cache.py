@@ -14,9 +14,11 @@ import torch
 
 from dsv3.config import FP8Config, load_config
 from dsv3.experts import GroupedExperts
+from dsv3.layers import MLP
 from dsv3.moe import MoE
 from dsv3.precision import apply_fp8
-from triton_kernels.fp8_swiglu import fp8_swiglu_down
+from triton_kernels.fp8_linear import fp8_linear
+from triton_kernels.fp8_swiglu import fp8_swiglu_down, fp8_swiglu_linear
 from triton_kernels.grouped_gemm import fp8_gate_up, fp8_grouped_mm
 from triton_kernels.quant_ref import act_dequant_ref, act_quant_ref
 
@@ -88,6 +90,41 @@ def test_forward_unchanged_and_gradients_are_the_swiglu_at_fp8_inputs():
         assert _rel(got, want) < 2.0 ** -20, (name, _rel(got, want))
 
 
+def test_mlp_forward_unchanged_and_gradients_are_the_swiglu_at_fp8_inputs():
+    """The dense FFN / shared expert (MLP.swiglu_down = fp8_swiglu_linear): the output equals the FP8
+    Linears' path bit for bit; the gradients are autograd's through SwiGLU at the FP8-rounded gate and up
+    with the same FP8 GEMMs (the same FP32 operations: summation order only)."""
+    D, inter = 160, 200                                       # ragged 128-tiles on both widths
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(s, generator=g) * 0.05 for s in ((inter, D), (D, inter), (inter, D))]
+    x, dy = torch.randn(1, 130, D, generator=g), torch.randn(1, 130, D, generator=g)
+    mlp = MLP(D, inter)
+    with torch.no_grad():
+        for lin, w in zip((mlp.w1, mlp.w2, mlp.w3), ws):
+            lin.weight.copy_(w)
+            lin.impl = functools.partial(fp8_linear, backend="torch")
+    out = {}
+    for cached in (False, True):
+        mlp.swiglu_down = functools.partial(fp8_swiglu_linear, backend="torch") if cached else None
+        mlp.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = mlp(xx)
+        y.backward(dy)
+        out[cached] = (y.detach(), xx.grad, *(lin.weight.grad.clone() for lin in (mlp.w1, mlp.w2, mlp.w3)))
+    lin = functools.partial(fp8_linear, backend="torch")
+    with torch.no_grad():                        # h from the halves of one [gate | up], as the op takes it
+        gu = torch.cat([lin(x, ws[0]), lin(x, ws[2])], dim=-1)
+        assert torch.equal(out[True][0], lin(torch.nn.functional.silu(gu[..., :inter]) * gu[..., inter:], ws[1]))
+    # against the uncached MLP's separate gate and up: CPU silu on a ragged strided half may differ from
+    # one on a contiguous tensor in the last bit, then in an FP8 rounding of h
+    assert _rel(out[True][0], out[False][0]) < 2.0 ** -4
+    xx, w = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in ws]
+    gate, up = _FP8RoundTrip.apply(lin(xx, w[0])), _FP8RoundTrip.apply(lin(xx, w[2]))
+    lin(torch.nn.functional.silu(gate) * up, w[1]).backward(dy)
+    for name, got, want in zip(("x", "w1", "w2", "w3"), out[True][1:], (xx.grad, w[0].grad, w[1].grad, w[2].grad)):
+        assert _rel(got, want) < 2.0 ** -20, (name, _rel(got, want))
+
+
 @pytest.mark.parametrize("inter", [256, 200])
 def test_gate_up_is_the_two_projections_on_one_fp8_copy(inter):
     """[gate | up] equals the separate w1 and w3 FP8 GEMMs bit for bit (the same FP8 x, the same 128×128
@@ -122,6 +159,7 @@ def test_switch_sets_the_hook():
         moe = MoE(cfg.model.dim, cfg.model.moe)
         apply_fp8(moe, FP8Config(enabled=True, backend="torch", cache_swiglu_fp8=on))
         assert (moe.experts.swiglu_down is not None) == on
+        assert (moe.shared_experts.swiglu_down is not None) == on     # the shared expert: an MLP
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -134,6 +172,10 @@ def test_saved_bytes_saving_equals_the_formula(dtype):
     # FP8 copy (I bytes + 4 per 128) are no longer kept; gate and up in E4M3 (I bytes + 4 per 1×128 tile
     # each) and the FP32 row weight (4) are
     per_row = (4 * b * I + b + I + 4 * I / 128) - (2 * (I + 4 * math.ceil(I / 128)) + 4)
+    # per token, the shared expert (an MLP, Is wide; its FP8 Linears output the input's FP32): gate,
+    # silu(gate), up (4·Is each) and h's token-tiled FP8 copy are no longer kept; gate and up in E4M3 are
+    Is = cfg.model.moe.n_shared_experts * I
+    shared = (3 * 4 * Is + Is + 4 * Is / 128) - 2 * (Is + 4 * math.ceil(Is / 128))
     r = bench.measure(cfg, dtype, (128, 256))
-    assert abs(r["saving"] / (k * per_row) - 1) <= 0.05, (r, k * per_row)
+    assert abs(r["saving"] / (k * per_row + shared) - 1) <= 0.05, (r, k * per_row + shared)
     assert r["after"] < r["before"]

@@ -14,7 +14,9 @@ and recomputes the SwiGLU output in the backward (DeepSeek-V3 report §3.3.3, "L
 The forward output equals the uncached path's bit for bit (same h, same quantisation of h); only the
 backward sees the FP8 rounding of gate and up (relative ≤ 2^-4 per element, E4M3's 3 mantissa bits).
 gate and up keep their own 1×128 tiles (one quantisation of [gate | up] when inter is a multiple of 128).
-GroupedExperts.swiglu_down is the hook (dsv3.precision sets it under fp8.cache_swiglu_fp8).
+GroupedExperts.swiglu_down is the hook (dsv3.precision sets it under fp8.cache_swiglu_fp8); the dense FFN
+and the shared experts (dsv3.layers.MLP.swiglu_down) get the same through ``fp8_swiglu_linear``: one
+group, fp8_linear's GEMMs (issue 20, memory).
 """
 from __future__ import annotations
 
@@ -44,6 +46,23 @@ def _quant_halves(ops, gu):
     return q, torch.cat([p[1] for p in parts], dim=1)
 
 
+def _swiglu_backward(dh, gate, up, a, up_w, row_weight, row_weight_grad: bool):
+    """[dgate | dup] and the row weight's gradient ⟨dh, silu(gate)·up⟩ from dh, at the given gate and up."""
+    d_row_weight = None
+    if row_weight is not None and row_weight_grad:
+        d_row_weight = (dh * a * up).sum(-1).to(row_weight.dtype)
+    d_up_w = dh * a
+    d_up = d_up_w if row_weight is None else d_up_w * row_weight.unsqueeze(-1).to(d_up_w.dtype)
+    d_gate = torch.ops.aten.silu_backward(dh * up_w, gate)
+    return torch.cat([d_gate, d_up], dim=1), d_row_weight
+
+
+def _dequant_halves(gu_fp8, gu_s, dtype):
+    inter, nb = gu_fp8.shape[1] // 2, gu_s.shape[1] // 2
+    return (act_dequant_ref(gu_fp8[:, :inter], gu_s[:, :nb], dtype=dtype),
+            act_dequant_ref(gu_fp8[:, inter:], gu_s[:, nb:], dtype=dtype))
+
+
 class _FP8SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gu, row_weight, w2, offsets, backend):
@@ -65,9 +84,7 @@ class _FP8SwiGLUDown(torch.autograd.Function):
         ops = ctx.ops
         if w_s is None:                                       # the parameter: the same quantisation again
             w_fp8, w_s = ops.weight_quant(w_fp8.to(ctx.x_dtype))
-        inter, nb = gu_fp8.shape[1] // 2, gu_s.shape[1] // 2
-        gate = act_dequant_ref(gu_fp8[:, :inter], gu_s[:, :nb], dtype=ctx.x_dtype)
-        up = act_dequant_ref(gu_fp8[:, inter:], gu_s[:, nb:], dtype=ctx.x_dtype)
+        gate, up = _dequant_halves(gu_fp8, gu_s, ctx.x_dtype)
         a, up_w, h = _swiglu(gate, up, row_weight)          # the SwiGLU output, recomputed
         dw2 = None
         if ctx.needs_input_grad[2]:
@@ -80,13 +97,8 @@ class _FP8SwiGLUDown(torch.autograd.Function):
         w_t = w_fp8.transpose(1, 2).contiguous()             # a 128×128 block is a block either way round
         dh = ops.grouped_gemm(dy_fp8, dy_s, w_t, w_s.transpose(1, 2), offsets, out_dtype=ctx.x_dtype)
         triton_kernels.counters["fp8_grouped_mm.dgrad"] += 1
-        d_row_weight = None
-        if row_weight is not None and ctx.needs_input_grad[1]:
-            d_row_weight = (dh * a * up).sum(-1).to(row_weight.dtype)
-        d_up_w = dh * a
-        d_up = d_up_w if row_weight is None else d_up_w * row_weight.unsqueeze(-1).to(d_up_w.dtype)
-        d_gate = torch.ops.aten.silu_backward(dh * up_w, gate)
-        return torch.cat([d_gate, d_up], dim=1), d_row_weight, dw2, None, None
+        dgu, d_row_weight = _swiglu_backward(dh, gate, up, a, up_w, row_weight, ctx.needs_input_grad[1])
+        return dgu, d_row_weight, dw2, None, None
 
 
 def fp8_swiglu_down(gu: torch.Tensor, row_weight: torch.Tensor | None, w2: torch.Tensor,
@@ -98,3 +110,53 @@ def fp8_swiglu_down(gu: torch.Tensor, row_weight: torch.Tensor | None, w2: torch
                          f"{tuple(gu.shape)}, {tuple(w2.shape)}")
     backend = resolve_backend(backend, gu.device)
     return _FP8SwiGLUDown.apply(gu, row_weight, w2, offsets.to(torch.int32), backend)
+
+
+class _FP8SwiGLULinear(torch.autograd.Function):
+    """The dense FFN's (and shared experts') SwiGLU and w2 as one op: the forward is fp8_linear's on
+    h = silu(gate) · up (same quantisation, same GEMM: the same output bit for bit); the backward is
+    fp8_linear's dgrad / wgrad on h recomputed from the E4M3 [gate | up]."""
+
+    @staticmethod
+    def forward(ctx, gu, w2, backend):                       # gu (M, 2·inter), w2 (dim, inter)
+        ops = fp8_ops(backend)
+        inter = gu.shape[1] // 2
+        _, _, h = _swiglu(gu[:, :inter], gu[:, inter:], None)
+        h_fp8, h_s = ops.act_quant(h)
+        w_fp8, w_s = ops.weight_quant(w2)
+        y = ops.gemm(h_fp8, h_s, w_fp8, w_s, out_dtype=h.dtype)
+        triton_kernels.counters["fp8_linear.fprop"] += 1
+        gu_fp8, gu_s = _quant_halves(ops, gu)
+        ctx.save_for_backward(gu_fp8, gu_s, *((w2, None) if w2.is_leaf else (w_fp8, w_s)))
+        ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, gu.dtype, w2.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gu_fp8, gu_s, w_fp8, w_s = ctx.saved_tensors
+        ops = ctx.ops
+        if w_s is None:                                       # the parameter: the same quantisation again
+            w_fp8, w_s = ops.weight_quant(w_fp8)
+        gate, up = _dequant_halves(gu_fp8, gu_s, ctx.x_dtype)
+        a, up_w, h = _swiglu(gate, up, None)                 # the SwiGLU output, recomputed
+        dw2 = None
+        if ctx.needs_input_grad[1]:
+            dy_t, dy_t_s = ops.act_quant_t(dy)
+            h_t, h_t_s = ops.act_quant_t(h)
+            dw2 = ops.gemm(dy_t, dy_t_s, h_t, h_t_s, out_dtype=torch.float32).to(ctx.w_dtype)
+            triton_kernels.counters["fp8_linear.wgrad"] += 1
+        dy_fp8, dy_s = ops.act_quant(dy)
+        dh = ops.gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), out_dtype=ctx.x_dtype)
+        triton_kernels.counters["fp8_linear.dgrad"] += 1
+        return _swiglu_backward(dh, gate, up, a, up_w, None, False)[0], dw2, None
+
+
+def fp8_swiglu_linear(gu: torch.Tensor, w2: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """(..., 2·inter) [gate | up], w2 (dim, inter) -> (..., dim): fp8_linear(silu(gate) · up, w2) with
+    [gate | up] cached in FP8 and the SwiGLU output recomputed in the backward (the MLP's swiglu_down)."""
+    if w2.dim() != 2 or gu.shape[-1] != 2 * w2.shape[1]:
+        raise ValueError(f"fp8_swiglu_linear: need [gate | up] (..., 2·inter) and w2 (dim, inter), got "
+                         f"{tuple(gu.shape)}, {tuple(w2.shape)}")
+    backend = resolve_backend(backend, gu.device)
+    y = _FP8SwiGLULinear.apply(gu.reshape(-1, gu.shape[-1]), w2, backend)
+    return y.view(*gu.shape[:-1], w2.shape[0])
