@@ -65,7 +65,7 @@ def summarise(results: Results, configs: list[str], seeds: int, dtype: str, step
         if not done:
             continue
         gap = paired_gap([b["smoothed"] for b, _ in done], [f["smoothed"] for _, f in done])
-        pair_s = sum(b["wall_s"] + f["wall_s"] for b, f in done) / len(done)
+        pair_cpu = sum(b["cpu_s"] + f["cpu_s"] for b, f in done) / len(done)   # one thread per run
         label = os.path.relpath(c, REPO) if os.path.isabs(c) else c
         print(f"\n{label}: {len(done)} seed pair(s), {steps} steps, baseline {dtype}")
         for (s, _, _), (b, f), g in zip(paired, done, gap["gaps"]):
@@ -79,7 +79,7 @@ def summarise(results: Results, configs: list[str], seeds: int, dtype: str, step
         if gap["two_sigma"] >= RESOLVE:
             n = seeds_to_resolve(gap["sd"])
             print(f"  2σ ≤ {100 * RESOLVE:.2f}% needs ≈ {n} seeds at {steps} steps (σ ∝ 1/√seeds, this spread): "
-                  f"≈ {n * pair_s / 3600:.1f} h of wall at this run's {pair_s:.0f} s per seed pair")
+                  f"≈ {n * pair_cpu / 3600:.1f} core-hours at this study's {pair_cpu:.0f} CPU s per seed pair")
         rows.append(gap)
     if len(rows) == 2:
         print("\n" + trend(*rows))
