@@ -37,7 +37,17 @@ class Block(nn.Module):
         """RMSNorm(h), what the FFN / MoE sees; the block's output is h + ffn(ffn_input(h))."""
         return self._norm(self.ffn_norm, h)
 
+    def ffn_source(self, h: torch.Tensor) -> Optional[tuple]:
+        """With the norms recomputed: (ffn_norm, h), from which the MoE gate recomputes its input in the
+        backward instead of keeping it (h is kept for the norm's recompute anyway; ffn_norm's output
+        dtype does not depend on autocast, so the recompute is bit for bit); else None."""
+        if self.recompute_norms and torch.is_grad_enabled() and not self.ffn_norm.autocast_output:
+            return self.ffn_norm, h
+        return None
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[MLACache] = None, start_pos: int = 0) -> torch.Tensor:
         h = self.attention(x, cos, sin, cache, start_pos)
+        if isinstance(self.ffn, MoE):
+            return h + self.ffn(self.ffn_input(h), self.ffn_source(h))
         return h + self.ffn(self.ffn_input(h))

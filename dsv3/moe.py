@@ -28,29 +28,38 @@ def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+XFrom = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]
+
+
 class _GateLinear(torch.autograd.Function):
     """x · Wᵀ with both cast to ``dtype`` (≥ FP32: the gate stays in high precision, report §3.3),
     keeping x and W in their own dtypes for the backward: a BF16 tensor widens to FP32 exactly, so the
     gradients equal those of autograd through F.linear(x.float(), W.float()), which would keep the FP32
-    copies (twice the bytes of a BF16 x per token)."""
+    copies (twice the bytes of a BF16 x per token). With ``x_from = (fn, src)``, fn(src) reproducing x
+    bit for bit (the block's ffn_norm and its input, which its recompute keeps anyway), src is kept and x
+    recomputed in the backward (report §3.2.3; issue 20, memory): the same gradients."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, x_from: Optional[XFrom]) -> torch.Tensor:
+        ctx.fn, ctx.x_shape = (None, None) if x_from is None else (x_from[0], x.shape)
+        ctx.save_for_backward(x if x_from is None else x_from[1], w)
         ctx.dtype = dtype
         return F.linear(x.to(dtype), w.to(dtype))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
+        if ctx.fn is not None:
+            with torch.no_grad():
+                x = ctx.fn(x).reshape(ctx.x_shape)
         dx = g.mm(w.to(ctx.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = x.to(ctx.dtype).t().mm(g).t().to(w.dtype) if ctx.needs_input_grad[1] else None   # as mm's backward
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def gate_linear(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def gate_linear(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, x_from: Optional[XFrom] = None) -> torch.Tensor:
     """(N, dim) × (E, dim) → (N, E) logits in ``dtype`` (see _GateLinear)."""
-    return _GateLinear.apply(x, w, dtype)
+    return _GateLinear.apply(x, w, dtype, x_from)
 
 
 class Gate(nn.Module):
@@ -61,11 +70,12 @@ class Gate(nn.Module):
         # per-expert routing bias b (aux-loss-free balancing); FP32, updated by update_bias only
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (N, dim) → gate weights (N, k) fp32, expert indices (N, k), unbiased scores s (N, E)."""
+    def forward(self, x: torch.Tensor, x_from: Optional[XFrom] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, dim) → gate weights (N, k) fp32, expert indices (N, k), unbiased scores s (N, E).
+        ``x_from``: (fn, src) with fn(src) = x, to recompute x in the backward instead of keeping it."""
         c = self.cfg
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = gate_linear(x, self.weight, torch.float64 if x.dtype == torch.float64 else torch.float32)
+            logits = gate_linear(x, self.weight, torch.float64 if x.dtype == torch.float64 else torch.float32, x_from)
         scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores
         if c.topk_method == "noaux_tc":
@@ -181,9 +191,10 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.last_balance_loss: Optional[torch.Tensor] = None
 
-    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The gate on (N, dim) tokens; in training also adds the step's per-expert loads."""
-        weights, indices, scores = self.gate(flat)
+    def route(self, flat: torch.Tensor, x_from: Optional[XFrom] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate on (N, dim) tokens (``x_from``: see Gate.forward); in training also adds the step's
+        per-expert loads."""
+        weights, indices, scores = self.gate(flat, x_from)
         if self.training:
             with torch.no_grad():
                 counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
@@ -231,10 +242,10 @@ class MoE(nn.Module):
             y = AuxLossScaler.apply(y, aux, self.aux_loss_scale)
         return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_from: Optional[XFrom] = None) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        weights, indices, scores = self.route(flat)
+        weights, indices, scores = self.route(flat, x_from)
         recv = self.dispatch(flat, indices, weights.to(flat.dtype)).wait()
         routed = self.combine(self.run_experts(recv), recv).wait()
         shared = self.shared_experts(flat) if self.shared_experts is not None else None

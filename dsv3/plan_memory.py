@@ -160,7 +160,7 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> floa
     if layer_id < m.n_dense_layers:                         # normed h; the SwiGLU's input and w2's
         return b + shared_in * d * L + _mlp_swiglu_bytes(m.inter_dim, dt)
     k, E, I = e.n_activated_experts, e.n_routed_experts, e.moe_inter_dim
-    b += d * R                                              # the gate's input, the normed h (cast to FP32 inside)
+    # the gate's input (the normed h): recomputed from h in its backward (Block.ffn_source), not kept
     b += E * 4 + E * 8 + 4 + k * 4                          # sigmoid scores, top-k sort indices, weight sum, weights
     if e.n_group > 1 and e.topk_method != "greedy":
         b += e.n_group * (2 * 8 + 8 + 1)                    # group top-2 indices, group sort, dropped mask
@@ -177,7 +177,7 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> floa
     # down-projection: no expert output row is kept
     if e.n_shared_experts:
         Is = e.n_shared_experts * I
-        b += (shared_in * d * L if dt.fp8 else (d * C if C != R or dt.packed_swiglu else 0))
+        b += shared_in * d * L if dt.fp8 else d * C        # FP8 copies of the normed h, or it (or its cast)
         b += _mlp_swiglu_bytes(Is, dt)
     return b + 4                                            # the balance loss's score sums
 

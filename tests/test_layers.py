@@ -88,3 +88,49 @@ def test_packed_swiglu_equals_autograd_formula():
     (torch.nn.functional.silu(a2[:, :5]) * a2[:, 5:] * b2[:, None]).backward(dy)
     torch.testing.assert_close(a.grad, a2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_gate_recomputes_its_input_from_the_norm():
+    """Norms recomputed (report §3.2.3): the MoE block's gate keeps h (which the ffn_norm checkpoint keeps
+    anyway) and recomputes its normed input in the backward: the gradients equal those of the gate keeping
+    its input bit for bit, and exactly the normed input's B·T·dim·4 bytes fewer are saved."""
+    import os
+    from dsv3.block import Block
+    from dsv3.config import load_config
+    from dsv3.rope import rope_cos_sin
+
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug.yaml"),
+                      ["model.moe.n_shared_experts=0"])       # FP32 shared-expert Linears would keep the normed h
+    m = cfg.model
+    block = Block(m.n_dense_layers, m)                       # an MoE block
+    block.recompute_norms = True
+    for p in block.parameters():                             # the experts and gate start uninitialised
+        torch.nn.init.normal_(p, std=0.05)
+    cos, sin = rope_cos_sin(m.mla, 16)
+    x = torch.randn(2, 16, m.dim)
+    dy = torch.randn(2, 16, m.dim)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()} | {t.untyped_storage().data_ptr() for t in (cos, sin)}
+    grads, saved = {}, {}
+    for recompute_gate in (False, True):
+        block.zero_grad()
+        xx = x.clone().requires_grad_()
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if recompute_gate:
+                y = block(xx, cos, sin)
+            else:                                            # Block.forward with the gate keeping its input
+                h = block.attention(xx, cos, sin)
+                y = h + block.ffn(block.ffn_input(h))
+        y.backward(dy)
+        grads[recompute_gate] = [xx.grad] + [p.grad.clone() for p in block.parameters() if p.grad is not None]
+        saved[recompute_gate] = sum(seen.values())
+    assert len(grads[True]) == len(grads[False]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+    assert saved[False] - saved[True] == 2 * 16 * m.dim * 4
