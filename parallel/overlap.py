@@ -129,7 +129,7 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer, streams: C
         xn = block.ffn_input(h)
         B, T, D = xn.shape
         flat = xn.reshape(B * T, D)
-        weights, indices, scores = moe.route(flat)
+        weights, indices, scores = moe.route(flat, block.ffn_source(h))
         w = weights.to(flat.dtype)
         x_send, w_send = flat.detach(), w.detach()
         with streams.comm(x_send, indices, w_send):
