@@ -63,6 +63,9 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.fp8_exempt = fp8_exempt  # report §3.3: embedding, head, gate, eh_proj stay BF16/FP32
         self.impl = F.linear
+        # shared_impl hook: (x, [weights]) -> x · [W_1; …]ᵀ (…, ΣN) for Linears that share an input and
+        # the same hook object (the FP8 one quantises x once and keeps one FP8 copy; dsv3.precision sets it)
+        self.shared_impl: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.impl(x, self.weight)
@@ -70,8 +73,12 @@ class Linear(nn.Linear):
 
 def packed_linear(x: torch.Tensor, *linears: Linear) -> Optional[torch.Tensor]:
     """The Linears that share input ``x`` as one GEMM on their concatenated weights, outputs side by side
-    on the last dim; None when some Linear has a swapped ``impl`` (FP8), which must run on its own, and
-    on CPU outside autocast (measured slower there: benchmarks/README.md)."""
+    on the last dim — through their common ``shared_impl`` when they have one (FP8: one quantisation of
+    x); None when some Linear has a swapped ``impl`` and no common ``shared_impl``, and on CPU outside
+    autocast (measured slower there: benchmarks/README.md)."""
+    hook = linears[0].shared_impl
+    if hook is not None and all(lin.shared_impl is hook for lin in linears):
+        return hook(x, [lin.weight for lin in linears])
     if any(lin.impl is not F.linear for lin in linears):
         return None
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
@@ -82,7 +89,8 @@ def packed_linear(x: torch.Tensor, *linears: Linear) -> Optional[torch.Tensor]:
 
 def shared_input_linears(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
     """``[lin(x) for lin in linears]``, as one GEMM where packed_linear can (one input cast and one GEMM
-    per pass instead of one per Linear; the input gradient is summed inside the GEMM in FP32)."""
+    per pass instead of one per Linear; the input gradient is summed inside the GEMM in FP32), or one
+    FP8 quantisation of x for all of them (``shared_impl``)."""
     y = packed_linear(x, *linears) if len(linears) > 1 else None
     if y is None:
         return [lin(x) for lin in linears]

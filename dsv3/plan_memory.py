@@ -115,6 +115,7 @@ class ActDtypes:
     fp8: bool
     wo_e5m6: bool             # wo's input kept in E5M6 (stored as 16 bits) + one FP32 scale per 128
     swiglu_fp8: bool          # experts and MLPs keep FP8 gate/up and recompute SwiGLU
+    fp8_per_linear: bool      # fp8.backend=te: each FP8 Linear quantises (and keeps) its own copy of a shared input
     packed_swiglu: bool
     pad_v: bool
 
@@ -126,6 +127,7 @@ class ActDtypes:
         f8 = cfg.fp8
         return ActDtypes(resid, cast, FP8_ROW if f8.enabled else cast, 4.0 if device == "cpu" else cast, f8.enabled,
                          f8.enabled and f8.cache_wo_e5m6, f8.enabled and f8.cache_swiglu_fp8,
+                         f8.enabled and f8.backend == "te",
                          not (device == "cpu" and cast == 4.0), device == "cpu")
 
 
@@ -145,7 +147,7 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> floa
     a, e, d = m.mla, m.moe, m.dim
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
     R, C, L, A = dt.resid, dt.cast, dt.linear_in, dt.attn
-    shared_in = 2 if dt.fp8 else 1                          # FP8 Linears quantise a shared input each
+    shared_in = 2 if dt.fp8_per_linear else 1               # FP8 Linears sharing x keep one copy (shared_impl)
     b = d * R                                               # block input (attn_norm's recompute input)
     # MLA (dsv3/mla.py, recompute on): one checkpoint from the down-projections' outputs to the core's
     # output keeps c_Q (or q without q compression) and wkv_a's output [c_KV | k_rope], both un-normed

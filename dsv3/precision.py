@@ -27,10 +27,11 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
     """Route every non-exempt Linear and every routed-expert GEMM through FP8. Returns the counts
     {"fp8_linear": n, "exempt_linear": n, "fp8_grouped": n} of modules switched or kept.
     ``fp8.backend=te``: the Linears through Transformer Engine on ``device`` (triton_kernels/te_backend.py)."""
-    from triton_kernels.fp8_linear import fp8_linear
+    from triton_kernels.fp8_linear import fp8_linear, fp8_linear_shared
     from triton_kernels.fp8_swiglu import fp8_swiglu_down, fp8_swiglu_linear
     from triton_kernels.grouped_gemm import fp8_gate_up, fp8_grouped_mm
 
+    wo_inputs: set = set()     # Linears whose input is cached in E5M6: each quantises its own
     if cfg.backend == "te":   # TE Linears; routed experts on the Triton grouped GEMM; caches refused by check_te
         import torch
         from triton_kernels.te_backend import TELinearImpl, check_te
@@ -45,6 +46,8 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
         linear_for = lambda module: (functools.partial(linear, input_cache="e5m6")  # noqa: E731
                                      if id(module) in wo_inputs else linear)
         grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend)
+    # Linears sharing an input (MLA's wq_a / wkv_a, an MLP's w1 / w3) quantise it once (issue 20, memory)
+    shared = None if cfg.backend == "te" else functools.partial(fp8_linear_shared, backend=cfg.backend)
     counts = {"fp8_linear": 0, "exempt_linear": 0, "fp8_grouped": 0}
     for module in model.modules():
         if isinstance(module, Linear):
@@ -52,6 +55,7 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
                 counts["exempt_linear"] += 1
             else:
                 module.impl = linear_for(module)
+                module.shared_impl = None if id(module) in wo_inputs else shared
                 counts["fp8_linear"] += 1
         elif isinstance(module, GroupedExperts):
             module.gmm = grouped

@@ -172,10 +172,11 @@ def test_saved_bytes_saving_equals_the_formula(dtype):
     # FP8 copy (I bytes + 4 per 128) are no longer kept; gate and up in E4M3 (I bytes + 4 per 1×128 tile
     # each) and the FP32 row weight (4) are
     per_row = (4 * b * I + b + I + 4 * I / 128) - (2 * (I + 4 * math.ceil(I / 128)) + 4)
-    # per token, the shared expert (an MLP, Is wide; its FP8 Linears output the input's FP32): gate,
-    # silu(gate), up (4·Is each) and h's token-tiled FP8 copy are no longer kept; gate and up in E4M3 are
+    # per token, the shared expert (an MLP, Is wide; its FP8 Linears output the input's FP32): [gate | up]
+    # (the packed SwiGLU's input, 2·4·Is) and h's token-tiled FP8 copy are no longer kept; gate and up in
+    # E4M3 are
     Is = cfg.model.moe.n_shared_experts * I
-    shared = (3 * 4 * Is + Is + 4 * Is / 128) - 2 * (Is + 4 * math.ceil(Is / 128))
+    shared = (2 * 4 * Is + Is + 4 * Is / 128) - 2 * (Is + 4 * math.ceil(Is / 128))
     r = bench.measure(cfg, dtype, (128, 256))
     assert abs(r["saving"] / (k * per_row + shared) - 1) <= 0.05, (r, k * per_row + shared)
     assert r["after"] < r["before"]

@@ -134,3 +134,37 @@ def test_moe_gate_recomputes_its_input_from_the_norm():
     assert len(grads[True]) == len(grads[False]) > 10
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
     assert saved[False] - saved[True] == 2 * 16 * m.dim * 4
+
+
+def test_fp8_shared_input_linears_quantise_x_once():
+    """FP8 Linears sharing x (MLA's wq_a / wkv_a, an MLP's w1 / w3) through shared_impl: the outputs and
+    every gradient equal separate fp8_linear calls bit for bit (the same GEMMs; dx the same two dgrads
+    added), and x's token-tiled FP8 copy is kept once: exactly one copy's bytes fewer are saved."""
+    import functools
+    from dsv3.layers import Linear, shared_input_linears
+    from triton_kernels.fp8_linear import fp8_linear, fp8_linear_shared
+    g = torch.Generator().manual_seed(1)
+    lins = [Linear(160, 200), Linear(160, 72)]                       # ragged 128-tiles
+    x, dys = torch.randn(1, 130, 160, generator=g), [torch.randn(1, 130, n, generator=g) for n in (200, 72)]
+    got = {}
+    for shared in (False, True):
+        for lin in lins:
+            lin.weight.grad = None
+            lin.impl = functools.partial(fp8_linear, backend="torch")
+            lin.shared_impl = functools.partial(fp8_linear_shared, backend="torch") if shared else None
+        if shared:                                                   # one hook object across the Linears
+            lins[1].shared_impl = lins[0].shared_impl
+        xx, seen = x.clone().requires_grad_(), {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ys = shared_input_linears(xx, *lins)
+        torch.autograd.backward(ys, dys)
+        got[shared] = ([y.detach() for y in ys] + [xx.grad] + [lin.weight.grad for lin in lins],
+                       sum(seen.values()) - sum(lin.weight.untyped_storage().nbytes() for lin in lins))
+    assert all(torch.equal(a, b) for a, b in zip(got[True][0], got[False][0]))
+    # x's token-tiled copy: 160 channels × 130 tokens in E4M3 + one FP32 scale per channel per 128 tokens
+    one_copy = 160 * 130 + 4 * 160 * 2
+    assert got[False][1] == 2 * one_copy and got[True][1] == one_copy

@@ -97,6 +97,62 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+class _FP8SharedLinear(torch.autograd.Function):
+    """x · [W_1; …; W_n]ᵀ for Linears that share x (MLA's wq_a / wkv_a, an MLP's w1 / w3): x quantised
+    once for the fprop and its token-tiled FP8 copy kept once for every wgrad (issue 20, memory); each
+    GEMM as fp8_linear's (same numbers: outputs bit for bit, dx the sum of the n dgrads in x's dtype, as
+    autograd adds them for separate Linears)."""
+
+    @staticmethod
+    def forward(ctx, x, backend, *weights):                   # x (M, K), weights (N_i, K)
+        ops = fp8_ops(backend)
+        x_fp8, x_s = ops.act_quant(x)
+        ys, kept = [], []
+        for w in weights:
+            w_fp8, w_s = ops.weight_quant(w)
+            ys.append(ops.gemm(x_fp8, x_s, w_fp8, w_s, out_dtype=x.dtype))
+            triton_kernels.counters["fp8_linear.fprop"] += 1
+            kept += (w, None) if w.is_leaf else (w_fp8, w_s)
+        x_t, x_t_s = ops.act_quant_t(x) if any(ctx.needs_input_grad[2:]) else (None, None)
+        ctx.save_for_backward(x_t, x_t_s, *kept)
+        ctx.ops, ctx.x_dtype, ctx.w_dtypes = ops, x.dtype, [w.dtype for w in weights]
+        ctx.widths = [w.shape[0] for w in weights]
+        return torch.cat(ys, dim=1)
+
+    @staticmethod
+    def backward(ctx, dy):                                    # dy (M, ΣN_i)
+        x_t, x_t_s, *kept = ctx.saved_tensors
+        ops, dx, dws = ctx.ops, None, []
+        for i, dy_i in enumerate(dy.split(ctx.widths, dim=1)):
+            dy_i = dy_i.contiguous()
+            w_fp8, w_s = kept[2 * i], kept[2 * i + 1]
+            if ctx.needs_input_grad[0]:
+                if w_s is None:
+                    w_fp8, w_s = ops.weight_quant(w_fp8)
+                dy_fp8, dy_s = ops.act_quant(dy_i)
+                dx_i = ops.gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), out_dtype=ctx.x_dtype)
+                dx = dx_i if dx is None else dx + dx_i
+                triton_kernels.counters["fp8_linear.dgrad"] += 1
+            dw = None
+            if ctx.needs_input_grad[2 + i]:
+                dy_t, dy_t_s = ops.act_quant_t(dy_i)
+                dw = ops.gemm(dy_t, dy_t_s, x_t, x_t_s, out_dtype=torch.float32).to(ctx.w_dtypes[i])
+                triton_kernels.counters["fp8_linear.wgrad"] += 1
+            dws.append(dw)
+        return (dx, None, *dws)
+
+
+def fp8_linear_shared(x: torch.Tensor, weights: list[torch.Tensor], backend: str = "auto") -> torch.Tensor:
+    """x (..., K) @ [W_1; …; W_n]ᵀ -> (..., ΣN_i), the outputs side by side: fp8_linear on each weight,
+    with x quantised once and one FP8 copy of it kept for the backward (the ``shared_linear_impl`` hook)."""
+    if any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
+        raise ValueError(f"fp8_linear_shared: x (..., K) and weights (N_i, K) expected, got x {tuple(x.shape)}, "
+                         f"weights {[tuple(w.shape) for w in weights]}")
+    backend = resolve_backend(backend, x.device)
+    y = _FP8SharedLinear.apply(x.reshape(-1, x.shape[-1]), backend, *weights)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class FP8Linear(nn.Module):
     """A bias-free Linear whose three GEMMs run in FP8; the FP32 master weight is the parameter."""
 
