@@ -92,10 +92,10 @@ def measure(cfg, dtype: torch.dtype, tokens: tuple[int, int]) -> dict:
     k, I = cfg.model.moe.n_activated_experts, cfg.model.moe.moe_inter_dim
     b = torch.empty(0, dtype=dtype).element_size()
     # the gate weights reach the experts in the residual stream's dtype (FP32 here)
-    # + the shared experts (an MLP, same cache; gate and up come out of its FP8 Linears in x's FP32):
-    # gate, silu(gate), up and h's FP8 copy before, gate and up in E4M3 after, per token
+    # + the shared experts (an MLP, same cache; [gate | up] comes out of its FP8 Linears in x's FP32):
+    # [gate | up] and h's FP8 copy before, gate and up in E4M3 after, per token
     Is = cfg.model.moe.n_shared_experts * I
-    shared = saving_per_row(Is, 4, row_weight_bytes=0) - 4 * Is - 4 if Is else 0.0
+    shared = saving_per_row(Is, 4, row_weight_bytes=0) - 2 * 4 * Is - 4 if Is else 0.0
     return {"before": before, "after": after, "ratio": after / before, "saving": before - after,
             "formula": k * saving_per_row(I, b, row_weight_bytes=4) + shared}
 
