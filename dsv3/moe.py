@@ -24,8 +24,9 @@ from dsv3.layers import MLP
 
 
 def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest along the last dim; equal values go to the lower index."""
-    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+    """Indices of the k largest along the last dim; equal values go to the lower index. Their own
+    storage: a kept index does not hold the whole sort's (…, n) indices alive."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
 
 
 XFrom = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]
@@ -70,18 +71,14 @@ class Gate(nn.Module):
         # per-expert routing bias b (aux-loss-free balancing); FP32, updated by update_bias only
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, x_from: Optional[XFrom] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (N, dim) → gate weights (N, k) fp32, expert indices (N, k), unbiased scores s (N, E).
-        ``x_from``: (fn, src) with fn(src) = x, to recompute x in the backward instead of keeping it."""
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Steps 2–4 of the module docstring: the (N, k) chosen experts."""
         c = self.cfg
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = gate_linear(x, self.weight, torch.float64 if x.dtype == torch.float64 else torch.float32, x_from)
-        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores
         if c.topk_method == "noaux_tc":
             choice = scores + self.e_score_correction_bias.to(scores.dtype)
         if c.n_group > 1 and c.topk_method != "greedy":
-            grouped = choice.view(x.shape[0], c.n_group, c.n_routed_experts // c.n_group)  # N may be 0
+            grouped = choice.view(scores.shape[0], c.n_group, c.n_routed_experts // c.n_group)  # N may be 0
             if c.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:
@@ -89,7 +86,17 @@ class Gate(nn.Module):
             keep = stable_topk(group_scores, c.topk_group)
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = stable_topk(choice, c.n_activated_experts)
+        return stable_topk(choice, c.n_activated_experts)
+
+    def forward(self, x: torch.Tensor, x_from: Optional[XFrom] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, dim) → gate weights (N, k) fp32, expert indices (N, k), unbiased scores s (N, E).
+        ``x_from``: (fn, src) with fn(src) = x, to recompute x in the backward instead of keeping it."""
+        c = self.cfg
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = gate_linear(x, self.weight, torch.float64 if x.dtype == torch.float64 else torch.float32, x_from)
+        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():   # the selection yields indices only: no gradient, nothing kept for a backward
+            indices = self._select(scores)
         weights = scores.gather(1, indices)
         # the official V3 gate normalises even a single choice; V2 only when top_k > 1
         if c.norm_topk_prob and (c.topk_method == "noaux_tc" or c.n_activated_experts > 1):
@@ -241,6 +248,23 @@ class MoE(nn.Module):
         if aux is not None and torch.is_grad_enabled():
             y = AuxLossScaler.apply(y, aux, self.aux_loss_scale)
         return y
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Steps 2–4 of the module docstring: the (N, k) chosen experts."""
+        c = self.cfg
+        choice = scores
+        if c.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias.to(scores.dtype)
+        if c.n_group > 1 and c.topk_method != "greedy":
+            grouped = choice.view(scores.shape[0], c.n_group, c.n_routed_experts // c.n_group)  # N may be 0
+            if c.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = stable_topk(group_scores, c.topk_group)
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        return stable_topk(choice, c.n_activated_experts)
 
     def forward(self, x: torch.Tensor, x_from: Optional[XFrom] = None) -> torch.Tensor:
         B, T, D = x.shape

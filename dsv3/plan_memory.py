@@ -163,9 +163,8 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> floa
         return b + shared_in * d * L + _mlp_swiglu_bytes(m.inter_dim, dt)
     k, E, I = e.n_activated_experts, e.n_routed_experts, e.moe_inter_dim
     # the gate's input (the normed h): recomputed from h in its backward (Block.ffn_source), not kept
-    b += E * 4 + E * 8 + 4 + k * 4                          # sigmoid scores, top-k sort indices, weight sum, weights
-    if e.n_group > 1 and e.topk_method != "greedy":
-        b += e.n_group * (2 * 8 + 8 + 1)                    # group top-2 indices, group sort, dropped mask
+    b += E * 4 + k * 8 + 4 + k * 4                          # sigmoid scores, chosen experts, weight sum, weights
+    # the selection (bias, group limit, top-k sorts) runs without autograd: it keeps nothing (Gate._select)
     b += 2 * k * 8 + k * 4                                  # sorted order, source token, gate weight of each row
     if dt.fp8:                                              # one token-tiled FP8 x for the GEMM over [w1; w3]
         b += k * d * L
