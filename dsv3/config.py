@@ -108,7 +108,7 @@ class FP8Config:
     dispatch: bool = True                    # MoE dispatch in FP8 with power-of-2 scales
     grad_dispatch: bool = True               # EP backward: the gradient before the down-projection in FP8, pow2 scales (report §3.3.3)
     cache_wo_e5m6: bool = True               # wo's input cached in E5M6, power-of-2 scales (report §3.3.3)
-    cache_swiglu_fp8: bool = True            # MoE SwiGLU input cached in FP8, output recomputed (report §3.3.3)
+    cache_swiglu_fp8: bool = True            # SwiGLU input (routed and shared experts, dense FFN) cached in FP8, output recomputed (report §3.3.3)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ DOC: dict[str, str] = {
     "fp8.dispatch": "send MoE dispatch activations in FP8 with power-of-2 scales (needs fp8.enabled)",
     "fp8.grad_dispatch": "expert-parallel backward: send the gradient before the MoE down-projection (combine's backward) in FP8 with power-of-2 scales; combine stays BF16 (report §3.3.3, needs fp8.enabled)",
     "fp8.cache_wo_e5m6": "cache the attention output projection's input in E5M6 with power-of-2 scales (report §3.3.3)",
-    "fp8.cache_swiglu_fp8": "cache the MoE SwiGLU input in FP8 and recompute its output in backward (report §3.3.3)",
+    "fp8.cache_swiglu_fp8": "cache the SwiGLU input in FP8 and recompute its output in backward — routed and shared experts and the dense FFN (report §3.3.3)",
     # parallel
     "parallel.pp": "pipeline-parallel ranks",
     "parallel.pp_schedule": "pipeline schedule: 1f1b, zb1p (zero bubble), dualpipe (even pp) or dualpipev",
