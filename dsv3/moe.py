@@ -249,23 +249,6 @@ class MoE(nn.Module):
             y = AuxLossScaler.apply(y, aux, self.aux_loss_scale)
         return y
 
-    def _select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Steps 2–4 of the module docstring: the (N, k) chosen experts."""
-        c = self.cfg
-        choice = scores
-        if c.topk_method == "noaux_tc":
-            choice = scores + self.e_score_correction_bias.to(scores.dtype)
-        if c.n_group > 1 and c.topk_method != "greedy":
-            grouped = choice.view(scores.shape[0], c.n_group, c.n_routed_experts // c.n_group)  # N may be 0
-            if c.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_scores = grouped.amax(dim=-1)
-            keep = stable_topk(group_scores, c.topk_group)
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        return stable_topk(choice, c.n_activated_experts)
-
     def forward(self, x: torch.Tensor, x_from: Optional[XFrom] = None) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
