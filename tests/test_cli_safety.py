@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 
 import pytest
@@ -164,7 +165,17 @@ def test_marked_output_is_replaced_only_with_overwrite(world, capsys):
 
 
 def test_ctrl_c_is_one_line_and_keeps_the_old_output(world, capsys, monkeypatch):
-    """A real SIGINT after the first shard (DSV3_FAULT): exit 130, the earlier export intact, no temp left."""
+    """A real SIGINT after the first shard (DSV3_FAULT): exit 130, the earlier export intact, no temp left.
+    Python's own SIGINT handler is installed for the test, as in a terminal: a test process started in the
+    background by a non-interactive shell inherits SIGINT ignored (POSIX), and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_cases(world, capsys, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_cases(world, capsys, monkeypatch):
     out = world["export"]
     old = snapshot(out)
     listing = sorted(os.listdir(world["base"]))
