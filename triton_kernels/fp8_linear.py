@@ -37,6 +37,34 @@ def e5m6_ops(backend: str) -> SimpleNamespace:
                            wgrad=e5m6_ref.e5m6_wgrad_ref)
 
 
+def kept_weight(weight, w_fp8, w_s) -> tuple:
+    """What a backward keeps of a weight: a leaf (the parameter) as itself, re-quantised by ``dgrad`` —
+    no FP8 copy per micro-batch in flight, bit-identical (the same quantisation of the same weight); a
+    non-leaf weight its FP8 copy and scales."""
+    return (weight, None) if weight.is_leaf else (w_fp8, w_s)
+
+
+def dgrad(ops, dy, w_fp8, w_s, x_dtype):
+    """dx = dy · W in FP8 (1×128 dy tiles, W's 128×128 blocks); ``w_s`` None: ``w_fp8`` is the weight itself
+    (``kept_weight``), quantised here."""
+    if w_s is None:
+        w_fp8, w_s = ops.weight_quant(w_fp8)
+    dy_fp8, dy_s = ops.act_quant(dy)
+    # a 128×128 block is a block either way round: Wᵀ reuses W's FP8 copy and scales; the copy makes the
+    # contraction dim contiguous (K-major), as the tensor cores read it
+    dx = ops.gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), out_dtype=x_dtype)
+    triton_kernels.counters["fp8_linear.dgrad"] += 1
+    return dx
+
+
+def wgrad(ops, dy, x_t, x_t_s, w_dtype):
+    """dW = dyᵀ · x in FP8 from the token-tiled copies of dy and x, accumulated in FP32."""
+    dy_t, dy_t_s = ops.act_quant_t(dy)
+    dw = ops.gemm(dy_t, dy_t_s, x_t, x_t_s, out_dtype=torch.float32).to(w_dtype)
+    triton_kernels.counters["fp8_linear.wgrad"] += 1
+    return dw
+
+
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, backend, input_cache):  # x (M, K), weight (N, K)
@@ -52,9 +80,7 @@ class _FP8Linear(torch.autograd.Function):
             x_t, x_t_s = ctx.e5m6.quant(x)      # (M, K) with 1×128 tiles: re-tiled in backward
         else:
             x_t, x_t_s = ops.act_quant_t(x)
-        # a leaf weight (the parameter) is kept as itself and re-quantised for dgrad: no FP8 copy per
-        # micro-batch in flight (bit-identical: the same quantisation of the same weight)
-        ctx.save_for_backward(x_t, x_t_s, *((weight, None) if weight.is_leaf else (w_fp8, w_s)))
+        ctx.save_for_backward(x_t, x_t_s, *kept_weight(weight, w_fp8, w_s))
         ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, x.dtype, weight.dtype
         return y
 
@@ -63,20 +89,14 @@ class _FP8Linear(torch.autograd.Function):
         x_t, x_t_s, w_fp8, w_s = ctx.saved_tensors
         ops, dx, dw = ctx.ops, None, None
         if ctx.needs_input_grad[0]:
-            if w_s is None:
-                w_fp8, w_s = ops.weight_quant(w_fp8)
-            dy_fp8, dy_s = ops.act_quant(dy)
-            # a 128×128 block is a block either way round: Wᵀ reuses W's FP8 copy and scales; the
-            # copy makes the contraction dim contiguous (K-major), as the tensor cores read it
-            dx = ops.gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), out_dtype=ctx.x_dtype)
-            triton_kernels.counters["fp8_linear.dgrad"] += 1
+            dx = dgrad(ops, dy, w_fp8, w_s, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dy_t, dy_t_s = ops.act_quant_t(dy)
             if ctx.e5m6 is not None:
+                dy_t, dy_t_s = ops.act_quant_t(dy)
                 dw = ctx.e5m6.wgrad(dy_t, dy_t_s, *ctx.e5m6.retile(x_t, x_t_s)).to(ctx.w_dtype)
+                triton_kernels.counters["fp8_linear.wgrad"] += 1
             else:
-                dw = ops.gemm(dy_t, dy_t_s, x_t, x_t_s, out_dtype=torch.float32).to(ctx.w_dtype)
-            triton_kernels.counters["fp8_linear.wgrad"] += 1
+                dw = wgrad(ops, dy, x_t, x_t_s, ctx.w_dtype)
         return dx, dw, None, None
 
 
@@ -112,7 +132,7 @@ class _FP8SharedLinear(torch.autograd.Function):
             w_fp8, w_s = ops.weight_quant(w)
             ys.append(ops.gemm(x_fp8, x_s, w_fp8, w_s, out_dtype=x.dtype))
             triton_kernels.counters["fp8_linear.fprop"] += 1
-            kept += (w, None) if w.is_leaf else (w_fp8, w_s)
+            kept += kept_weight(w, w_fp8, w_s)
         x_t, x_t_s = ops.act_quant_t(x) if any(ctx.needs_input_grad[2:]) else (None, None)
         ctx.save_for_backward(x_t, x_t_s, *kept)
         ctx.ops, ctx.x_dtype, ctx.w_dtypes = ops, x.dtype, [w.dtype for w in weights]
@@ -125,20 +145,10 @@ class _FP8SharedLinear(torch.autograd.Function):
         ops, dx, dws = ctx.ops, None, []
         for i, dy_i in enumerate(dy.split(ctx.widths, dim=1)):
             dy_i = dy_i.contiguous()
-            w_fp8, w_s = kept[2 * i], kept[2 * i + 1]
             if ctx.needs_input_grad[0]:
-                if w_s is None:
-                    w_fp8, w_s = ops.weight_quant(w_fp8)
-                dy_fp8, dy_s = ops.act_quant(dy_i)
-                dx_i = ops.gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), out_dtype=ctx.x_dtype)
+                dx_i = dgrad(ops, dy_i, kept[2 * i], kept[2 * i + 1], ctx.x_dtype)
                 dx = dx_i if dx is None else dx + dx_i
-                triton_kernels.counters["fp8_linear.dgrad"] += 1
-            dw = None
-            if ctx.needs_input_grad[2 + i]:
-                dy_t, dy_t_s = ops.act_quant_t(dy_i)
-                dw = ops.gemm(dy_t, dy_t_s, x_t, x_t_s, out_dtype=torch.float32).to(ctx.w_dtypes[i])
-                triton_kernels.counters["fp8_linear.wgrad"] += 1
-            dws.append(dw)
+            dws.append(wgrad(ops, dy_i, x_t, x_t_s, ctx.w_dtypes[i]) if ctx.needs_input_grad[2 + i] else None)
         return (dx, None, *dws)
 
 

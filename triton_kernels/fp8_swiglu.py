@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import triton_kernels
 from triton_kernels.backend import fp8_ops, resolve_backend
+from triton_kernels.fp8_linear import dgrad, kept_weight, wgrad
 from triton_kernels.quant_ref import BLOCK, act_dequant_ref
 
 
@@ -74,7 +75,7 @@ class _FP8SwiGLUDown(torch.autograd.Function):
         y = ops.grouped_gemm(h_fp8, h_s, w_fp8, w_s, offsets, out_dtype=h.dtype)
         triton_kernels.counters["fp8_grouped_mm.fprop"] += 1
         gu_fp8, gu_s = _quant_halves(ops, gu)
-        ctx.save_for_backward(gu_fp8, gu_s, row_weight, offsets, *((w2, None) if w2.is_leaf else (w_fp8, w_s)))
+        ctx.save_for_backward(gu_fp8, gu_s, row_weight, offsets, *kept_weight(w2, w_fp8, w_s))
         ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, gu.dtype, w2.dtype
         return y
 
@@ -127,7 +128,7 @@ class _FP8SwiGLULinear(torch.autograd.Function):
         y = ops.gemm(h_fp8, h_s, w_fp8, w_s, out_dtype=h.dtype)
         triton_kernels.counters["fp8_linear.fprop"] += 1
         gu_fp8, gu_s = _quant_halves(ops, gu)
-        ctx.save_for_backward(gu_fp8, gu_s, *((w2, None) if w2.is_leaf else (w_fp8, w_s)))
+        ctx.save_for_backward(gu_fp8, gu_s, *kept_weight(w2, w_fp8, w_s))
         ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, gu.dtype, w2.dtype
         return y
 
@@ -135,19 +136,12 @@ class _FP8SwiGLULinear(torch.autograd.Function):
     def backward(ctx, dy):
         gu_fp8, gu_s, w_fp8, w_s = ctx.saved_tensors
         ops = ctx.ops
-        if w_s is None:                                       # the parameter: the same quantisation again
-            w_fp8, w_s = ops.weight_quant(w_fp8)
         gate, up = _dequant_halves(gu_fp8, gu_s, ctx.x_dtype)
         a, up_w, h = _swiglu(gate, up, None)                 # the SwiGLU output, recomputed
         dw2 = None
         if ctx.needs_input_grad[1]:
-            dy_t, dy_t_s = ops.act_quant_t(dy)
-            h_t, h_t_s = ops.act_quant_t(h)
-            dw2 = ops.gemm(dy_t, dy_t_s, h_t, h_t_s, out_dtype=torch.float32).to(ctx.w_dtype)
-            triton_kernels.counters["fp8_linear.wgrad"] += 1
-        dy_fp8, dy_s = ops.act_quant(dy)
-        dh = ops.gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), out_dtype=ctx.x_dtype)
-        triton_kernels.counters["fp8_linear.dgrad"] += 1
+            dw2 = wgrad(ops, dy, *ops.act_quant_t(h), ctx.w_dtype)
+        dh = dgrad(ops, dy, w_fp8, w_s, ctx.x_dtype)
         return _swiglu_backward(dh, gate, up, a, up_w, None, False)[0], dw2, None
 
 
