@@ -7,5 +7,5 @@
 #   STEPS=400 SEEDS=3 OUT=runs/abl bash benchmarks/ablate_small_moe.sh train.micro_batch_size=8
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/env.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-exec "$PY" -m dsv3.ablate --config configs/small_moe.yaml --steps "${STEPS:-400}" --seeds "${SEEDS:-3}" \
+exec "$PY" -m dsv3.tools.ablate --config configs/small_moe.yaml --steps "${STEPS:-400}" --seeds "${SEEDS:-3}" \
   --out "${OUT:-runs/ablate_small_moe}" --baseline aux_seq "$@"

@@ -2,7 +2,7 @@
 with its IB and NVLink hops pipelined in chunks (report §3.2.1; parallel/two_hop_chunks.py).
 
 1. Traffic model for DeepSeek-V3's routing shape (256 experts, top-8, 8 groups, 4 kept) on 8 nodes × 8 GPUs
-   (EP64, 4 experts per GPU, one group = one node), from real router outputs (dsv3.moe.Gate on random
+   (EP64, 4 experts per GPU, one group = one node), from real router outputs (dsv3.model.moe.Gate on random
    hidden states with a random gate weight): inter-node copies and bytes per token, counted with the
    routing plans the dispatcher uses, and the modelled dispatch time per GPU at IB 50 GB/s, NVLink 160 GB/s.
 2. Measured dispatch + combine on 8 gloo processes standing in for 4 nodes × 2 GPUs (256 experts, top-8,
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dsv3.config import MoEConfig, ParallelConfig  # noqa: E402
-from dsv3.moe import Gate  # noqa: E402
+from dsv3.model.moe import Gate  # noqa: E402
 from parallel.launch_utils import run_ranks  # noqa: E402
 from parallel.routing_plan import Topology, cluster_plan, plan_flat, plan_inter, plan_intra, mask_choices  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""One MoE layer, forward + backward: ours (dsv3.moe.MoE, grouped GEMM) against transformers'
+"""One MoE layer, forward + backward: ours (dsv3.model.moe.MoE, grouped GEMM) against transformers'
 DeepseekV3MoE with its two experts backends ("eager": a Python loop over hit experts; "grouped_mm":
 torch grouped GEMM), same weights, same tokens, the small_moe shape (configs/small_moe.yaml).
 
@@ -9,7 +9,7 @@ Prints the time per step of each (best and median of interleaved iterations), ch
 agree, the roofline share of each (FLOP/s over this CPU's matmul rate on ours' own GEMM list:
 benchmarks/roofline.py), and last the ratio of the faster transformers backend's time to ours (> 1 = ours
 faster; target ≥ 1.2) with the CPU's ISA as its kernels run (an AVX2 emulation is named as such).
-``--dtype auto`` (default) follows the trainer's rule (dsv3.runtime.choose_dtype).
+``--dtype auto`` (default) follows the trainer's rule (dsv3.training.runtime.choose_dtype).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import time
 import torch
 
 from dsv3.config import load_config
-from dsv3.moe import MoE
-from dsv3.runtime import choose_dtype
+from dsv3.model.moe import MoE
+from dsv3.training.runtime import choose_dtype
 from roofline import bench_cpu, isa_label, roofline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

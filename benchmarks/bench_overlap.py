@@ -43,7 +43,7 @@ def _overrides(args) -> list[str]:
 def _rank(rank, world, args):
     import torch.distributed as dist
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.dsv3_stages import dsv3_microbatches
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize

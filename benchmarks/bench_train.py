@@ -5,10 +5,10 @@ off, same tokens, same optimizer settings. The small_moe shape (configs/small_mo
     python benchmarks/bench_train.py [--config configs/small_moe.yaml | configs/hf_tiny.yaml] [--steps 8]
         [--threads N] [--dtype auto|bf16|fp32] [--clock wall|cpu] [--profile]
 
-Each side trains as its stack does: ours is dsv3.model.Transformer with dsv3.optim's AdamW (torch's
+Each side trains as its stack does: ours is dsv3.model.transformer.Transformer with dsv3.training.optim's AdamW (torch's
 fused kernel), transformers' model with torch.optim.AdamW(fused=True) (the transformers Trainer's
 default optimizer on torch ≥ 2.8), both with weight decay on matrices only. ``--dtype auto`` (default)
-is the trainer's rule (dsv3.runtime.choose_dtype): BF16 where the CPU has native BF16 GEMMs, FP32
+is the trainer's rule (dsv3.training.runtime.choose_dtype): BF16 where the CPU has native BF16 GEMMs, FP32
 elsewhere; ``bf16`` runs both under torch.autocast(bfloat16) with FP32 master weights (the Trainer's
 ``bf16=True``); ``fp32`` runs both in FP32. transformers runs with its faster settings: sdpa attention
 and the grouped_mm experts backend.
@@ -38,9 +38,9 @@ from contextlib import nullcontext
 import torch
 
 from dsv3.config import load_config
-from dsv3.model import Transformer
-from dsv3.optim import build_optimizer
-from dsv3.runtime import choose_dtype
+from dsv3.model.transformer import Transformer
+from dsv3.training.optim import build_optimizer
+from dsv3.training.runtime import choose_dtype
 from roofline import bench_cpu, isa_label, profile_breakdown, roofline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--experts", default="grouped_mm", choices=["grouped_mm", "eager"], help="transformers experts backend")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="auto: BF16 where the CPU has native BF16 GEMMs, else FP32 (dsv3.runtime.choose_dtype)")
+                    help="auto: BF16 where the CPU has native BF16 GEMMs, else FP32 (dsv3.training.runtime.choose_dtype)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (1 thread)")
     ap.add_argument("--profile", action="store_true", help="also a torch.profiler breakdown of one step of each")
     args = ap.parse_args()

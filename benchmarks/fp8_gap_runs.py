@@ -3,7 +3,7 @@ one training run with the report's FP8 recipe or the high-precision baseline, th
 of finished runs, and the paired statistics (report §3.3: FP8 within 0.25% relative of BF16).
 
 The recipe in one process: FP8 GEMMs (fprop, dgrad, wgrad), ``wo``'s input cached in E5M6, the MoE
-SwiGLU input cached in FP8 (both by ``fp8.enabled`` through ``dsv3.precision.apply_fp8``), and the two
+SwiGLU input cached in FP8 (both by ``fp8.enabled`` through ``dsv3.training.precision.apply_fp8``), and the two
 low-precision all-to-alls an expert-parallel run would do, emulated where they happen: the dispatched
 tokens quantised and dequantised with power-of-2 1×128 scales (``fp8.dispatch``; the backward passes
 straight through, as dispatch's backward sends BF16), and the gradient of the routed output — what
@@ -73,7 +73,7 @@ def trend(small: dict, large: dict) -> str:
 
 def ep_emulation(dispatch: bool, grad: bool, counts: dict):
     """A one-process ``MoE.dispatcher``: local dispatch with the expert all-to-alls' FP8 round trips."""
-    from dsv3.experts import local_dispatch
+    from dsv3.model.experts import local_dispatch
     from parallel.a2a_rows import fp8_round_trip, quantise_grad
 
     def dispatcher(x, indices, weights, experts):
@@ -92,8 +92,8 @@ def ep_emulation(dispatch: bool, grad: bool, counts: dict):
 @contextlib.contextmanager
 def recipe_emulation(counts: dict):
     """While open, ``train`` under ``fp8.enabled`` also installs ``ep_emulation`` on every MoE layer
-    (train imports ``dsv3.precision.apply_fp8`` at call time; the wrapper is restored on exit)."""
-    import dsv3.precision as precision
+    (train imports ``dsv3.training.precision.apply_fp8`` at call time; the wrapper is restored on exit)."""
+    import dsv3.training.precision as precision
     original = precision.apply_fp8
 
     def apply_fp8(model, cfg, device=None):

@@ -2,7 +2,7 @@
 stays below 0.25% of BF16's; issue 19 item 4).
 
 For each config and seed, two runs share the seed (initial weights and data order): the baseline in
-BF16 autocast where the CPU has native BF16 GEMMs, else FP32 (dsv3.runtime.choose_dtype; printed), and
+BF16 autocast where the CPU has native BF16 GEMMs, else FP32 (dsv3.training.runtime.choose_dtype; printed), and
 the report's FP8 recipe in the same autocast dtype — FP8 GEMMs, wo's input cached in E5M6, the SwiGLU
 input cached in FP8, and the FP8 dispatch and FP8 gradient before the down-projection emulated by
 quantise-dequantise at the points the all-to-alls apply them (benchmarks/fp8_gap_runs.py). Per seed the
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         return 2
     from dsv3.errors import UserError
     import torch
-    from dsv3.runtime import choose_dtype
+    from dsv3.training.runtime import choose_dtype
     dtype, why = choose_dtype(args.baseline, torch.device("cpu"))
     print(f"baseline: {dtype} ({why}); FP8 recipe: FP8 GEMMs, E5M6 wo cache, FP8 SwiGLU cache, FP8 dispatch and "
           f"FP8 gradient before the down-projection (emulated in one process), other parts {dtype}", flush=True)

@@ -42,8 +42,8 @@ import torch
 
 from dsv3.config import load_config
 from dsv3.errors import UserError
-from dsv3.moe import MoE
-from dsv3.precision import apply_fp8
+from dsv3.model.moe import MoE
+from dsv3.training.precision import apply_fp8
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

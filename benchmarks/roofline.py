@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsv3.runtime import CpuInfo, detect_cpu
+from dsv3.training.runtime import CpuInfo, detect_cpu
 
 _aten = torch.ops.aten
 _NARROW = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")

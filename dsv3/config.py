@@ -159,8 +159,8 @@ class BatchRamp:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
-    micro_batch_size: Union[int, Literal["auto"]] = 8   # sequences per forward, in every layout (auto: dsv3/batch.py)
-    global_batch: int = 8                    # sequences per optimizer step over all data-parallel replicas (dsv3/batch.py)
+    micro_batch_size: Union[int, Literal["auto"]] = 8   # sequences per forward, in every layout (auto: dsv3/data/batch.py)
+    global_batch: int = 8                    # sequences per optimizer step over all data-parallel replicas (dsv3/data/batch.py)
     lr: float = 1e-3
     warmup_steps: int = 10
     lr_segments: list[LRSegment] = field(default_factory=list)
@@ -170,7 +170,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: BF16 on CUDA and CPUs with native BF16, else FP32 (dsv3/runtime.py)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: BF16 on CUDA and CPUs with native BF16, else FP32 (dsv3/training/runtime.py)
     bf16_moments: bool = False
     weights_dtype: Literal["auto", "fp32", "bf16"] = "auto"   # bf16: BF16 compute weights, FP32 main grads and ZeRO-1 master (parallel/zero.py); auto: bf16 on CUDA under BF16 autocast
     recompute: bool = False
@@ -476,8 +476,8 @@ def _check_ranges(cfg: "Config") -> None:
 
 def _layout_checks(cfg: "Config") -> list[tuple[bool, str]]:
     """What parallel/ needs of pp, its schedule and the global batch, checkable without the world size
-    (the batch split is checked again with the real dp at start: dsv3/batch.py ``check_layout``)."""
-    from dsv3.batch import check_layout
+    (the batch split is checked again with the real dp at start: dsv3/data/batch.py ``check_layout``)."""
+    from dsv3.data.batch import check_layout
     pc, t = cfg.parallel, cfg.train
     try:
         check_layout(t, 1, pc.pp, pc.pp_schedule)   # dp = 1 gives the most micro-batches a layout can have
@@ -564,7 +564,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    from dsv3.params import count_params, format_counts
+    from dsv3.model.params import count_params, format_counts
     print(format_counts(count_params(cfg.model)))
     return 0
 

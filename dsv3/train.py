@@ -19,23 +19,23 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dsv3.balance_metrics import BalanceMonitor
-from dsv3.batch import resolved
-from dsv3.checkpoint import (latest_checkpoint, load_any_checkpoint, prune_checkpoints, remove_stale_partials,
+from dsv3.training.balance_metrics import BalanceMonitor
+from dsv3.data.batch import resolved
+from dsv3.checkpoint.store import (latest_checkpoint, load_any_checkpoint, prune_checkpoints, remove_stale_partials,
                              save_checkpoint)
 from dsv3.config import Config, load_config, to_dict
-from dsv3.data import Dataset, prepare_data
+from dsv3.data.dataset import Dataset, prepare_data
 from dsv3.errors import CheckpointError, UserError
-from dsv3.faults import PeerError, fault_point, first_line, set_step
-from dsv3.lr_schedule import Schedule
-from dsv3.model import Transformer
-from dsv3.moe import max_violation
-from dsv3.optim import build_optimizer, clip_grad_norm
-from dsv3.params import count_params
-from dsv3.run_dir import RunLock, clear_for_fresh_run, has_checkpoints, truncate_metrics
-from dsv3.runtime import choose_dtype, gpu_speed_defaults, peak_flops, region
-from dsv3.stops import Interrupted, StopRequests, exit_code, raise_on_signal, restore
-from dsv3.train_log import StepLogger, final_line, step_line
+from dsv3.training.faults import PeerError, fault_point, first_line, set_step
+from dsv3.training.lr_schedule import Schedule
+from dsv3.model.transformer import Transformer
+from dsv3.model.moe import max_violation
+from dsv3.training.optim import build_optimizer, clip_grad_norm
+from dsv3.model.params import count_params
+from dsv3.checkpoint.run_dir import RunLock, clear_for_fresh_run, has_checkpoints, truncate_metrics
+from dsv3.training.runtime import choose_dtype, gpu_speed_defaults, peak_flops, region
+from dsv3.training.stops import Interrupted, StopRequests, exit_code, raise_on_signal, restore
+from dsv3.training.train_log import StepLogger, final_line, step_line
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug.yaml")
 
@@ -188,7 +188,7 @@ def evaluate(model: Transformer, data: Dataset, cfg: Config, autocast,
 
 
 def sample_text(model: Transformer, data: Dataset, cfg: Config) -> str:
-    from dsv3.generate import generate
+    from dsv3.tools.generate import generate
     prompt = data.tokenizer.encode(cfg.train.sample_prompt)
     ids = generate(model, data.tokenizer, prompt, max_new_tokens=cfg.train.sample_tokens, temperature=0.0)
     return data.tokenizer.decode(prompt + ids)
@@ -268,7 +268,7 @@ class StepGuard:
 
 
 def _stop_message(req: int, step: int, ckpt: str) -> str:
-    from dsv3.stops import NAMES
+    from dsv3.training.stops import NAMES
     return (f"stopped by {NAMES[req]} after step {step}; checkpoint {ckpt} written; "
             f"continue with train.resume=auto")
 
@@ -284,7 +284,7 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     lock = None
     try:
-        # train.micro_batch_size=auto becomes a number for this layout (dsv3/batch.py) before anything reads it
+        # train.micro_batch_size=auto becomes a number for this layout (dsv3/data/batch.py) before anything reads it
         # (a world that pp does not divide is refused by parallel/mesh.py, which names the numbers)
         if not parallel:
             cfg = resolved(cfg, env.world)
@@ -301,10 +301,10 @@ def train(cfg: Config) -> dict:
         else:
             model = Transformer(cfg.model, seed=t.seed).to(env.device)
         if cfg.fp8.enabled:
-            from dsv3.precision import apply_fp8
+            from dsv3.training.precision import apply_fp8
             apply_fp8(model, cfg.fp8, env.device)
         if t.init_from is not None:   # a resumed checkpoint (train.resume) overwrites these weights later
-            from dsv3.init_from import init_from
+            from dsv3.checkpoint.init_from import init_from
             info = init_from(t.init_from, model)
             if env.rank == 0:
                 print(f"initialised from {info['checkpoint']} ({info['kind']}); fresh optimizer at step 0", flush=True)
@@ -484,7 +484,7 @@ def _loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_handle
         result.update(val_loss=val, val_unigram_entropy=ent, val_maxvio=domain.get("val_maxvio"))
         log.close()
         if rank0 and t.loss_curve:
-            from dsv3.plots import loss_curve
+            from dsv3.tools.plots import loss_curve
             loss_curve(os.path.join(t.out_dir, "metrics.jsonl"))
         return result
     finally:
@@ -534,7 +534,7 @@ def train_parallel(cfg: Config, env: Dist, data: Dataset, model: Transformer, st
     except Exception as e:  # noqa: BLE001 - only peer failures are rewritten
         if not _is_peer_failure(e):
             raise
-        from dsv3.faults import current_step
+        from dsv3.training.faults import current_step
         raise RankFailure(f"rank {env.rank}/{env.world}: step {current_step()}: {first_line(e)} -- another rank "
                           f"likely died or hangs (parallel.timeout_s={cfg.parallel.timeout_s:g}); giving up") from e
 

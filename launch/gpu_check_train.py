@@ -2,7 +2,7 @@
 
 3. configs/small_moe.yaml, 20 steps, BF16 autocast: plain, FP8 with the Triton kernels, FP8 with the
    torch fake-quant reference (``fp8.backend=torch``). Tokens/s (median after the first steps, which
-   compile), MFU against dsv3/hardware.py's dense peak, and every step's FP8 loss within 1e-3 relative
+   compile), MFU against dsv3/tools/hardware.py's dense peak, and every step's FP8 loss within 1e-3 relative
    of the reference run with the same seed on the same GPU (report §3.3: FP8 training stays within
    0.25% of BF16; the two FP8 backends compute the same quantised products, FP32 sums in another order).
 4. The parallelize() path with ZeRO-1 on a process group of world size 1 (``parallel.force=true``, NCCL
@@ -91,14 +91,14 @@ def _median(values) -> float:
 
 def model_flops_per_token(config: str, overrides: list[str]) -> float:
     from dsv3.config import load_config
-    from dsv3.params import count_params
+    from dsv3.model.params import count_params
     from dsv3.train import flops_per_token
     cfg = load_config(config, overrides)
     return flops_per_token(cfg, count_params(cfg.model).activated_no_embed)
 
 
 def peaks(dry: bool):
-    """(BF16 TFLOPS, FP8 TFLOPS, why not) of this GPU from dsv3/hardware.py; (None, None, why) on CPU."""
+    """(BF16 TFLOPS, FP8 TFLOPS, why not) of this GPU from dsv3/tools/hardware.py; (None, None, why) on CPU."""
     if dry:
         return None, None, "MFU n/a (CPU)"
     import torch
@@ -107,13 +107,13 @@ def peaks(dry: bool):
 
 
 def hardware_row(device_name: str):
-    """(GPU row or None, why not) from dsv3/hardware.py, imported lazily: MFU degrades to n/a without it."""
+    """(GPU row or None, why not) from dsv3/tools/hardware.py, imported lazily: MFU degrades to n/a without it."""
     try:
-        from dsv3 import hardware
+        from dsv3.tools import hardware
         gpu = hardware.gpu_from_device_name(device_name)
     except (ImportError, AttributeError) as e:
-        return None, f"MFU n/a: dsv3/hardware.py unavailable ({type(e).__name__}: {e})"
-    return gpu, ("" if gpu else f"MFU n/a ({device_name} is not in dsv3/hardware.py)")
+        return None, f"MFU n/a: dsv3/tools/hardware.py unavailable ({type(e).__name__}: {e})"
+    return gpu, ("" if gpu else f"MFU n/a ({device_name} is not in dsv3/tools/hardware.py)")
 
 
 def _budget(a) -> float:
@@ -131,7 +131,7 @@ def part_train(sec, a) -> None:
         fpt, why = None, f"MFU n/a: FLOPs per token unavailable ({type(e).__name__}: {e})"
     sec.line(f"`python -m dsv3.train {os.path.relpath(config, REPO)}` with {' '.join(common[:-1])}, seed 0; "
              f"{'FLOPs/token ' + format(fpt, '.3g') + '; ' if fpt else ''}peaks: "
-             + (f"BF16 {bf16_peak:g}, FP8 {fp8_peak:g} dense TFLOPS (dsv3/hardware.py)" if bf16_peak else why) + "\n")
+             + (f"BF16 {bf16_peak:g}, FP8 {fp8_peak:g} dense TFLOPS (dsv3/tools/hardware.py)" if bf16_peak else why) + "\n")
     fp8_runs = list(FP8_RUNS)
     if not a.dry_run and importlib.util.find_spec("transformer_engine") is not None:
         # fp8.backend=te (triton_kernels/te_backend.py): TE's Float8BlockScaling Linears, reported beside ours

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Single-node torchrun:  bash launch/run.sh --nproc 4 configs/debug.yaml train.micro_batch_size=4 [key.path=value ...]
-# (train.global_batch must split into nproc/pp × micro_batch_size: dsv3/batch.py)
+# (train.global_batch must split into nproc/pp × micro_batch_size: dsv3/data/batch.py)
 # gloo on CPU (the default when no GPU is visible), NCCL on GPUs. Each CPU rank uses one thread
 # unless OMP_NUM_THREADS is set. A bad --nproc is one line and exit 2, before any set-up runs.
 NPROC=1

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from dsv3.config import ConfigError
-from dsv3.experts import sum_rows
-from dsv3.faults import PeerError, fault_point, first_line
+from dsv3.model.experts import sum_rows
+from dsv3.training.faults import PeerError, fault_point, first_line
 from parallel.link_model import LinkModel
 from parallel.placement import Placement
 from parallel.a2a_rows import Hop, _pack, _unpack, dequant, quant_pow2

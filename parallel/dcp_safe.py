@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadat
                                                    TensorStorageMetadata)
 
 from dsv3.errors import CheckpointError
-from dsv3.faults import fault_point, first_line
+from dsv3.training.faults import fault_point, first_line
 
 _META = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {

@@ -6,8 +6,8 @@ AdamW moments. Each rank writes the slice its ZeRO-1 shard covers (expert parame
 rank's block of experts), and of DualPipe's two copies of a stage only the lower pipeline rank writes.
 Routing biases (``...e_score_correction_bias``) are written once; the AdamW step, token count and the
 global sampler position go to ``meta.json``, each rank's RNG state (CPU and, on CUDA, every device's:
-``dsv3.rng_state``) to ``rng_RRRRR.pt``, restored when a run resumes on as many ranks. DCP reads any
-slice back, so a run resumes on another layout (``load_sharded``) or on one process (``load_sharded_into_model``, or ``dsv3.checkpoint.
+``dsv3.checkpoint.rng_state``) to ``rng_RRRRR.pt``, restored when a run resumes on as many ranks. DCP reads any
+slice back, so a run resumes on another layout (``load_sharded``) or on one process (``load_sharded_into_model``, or ``dsv3.checkpoint.store.
 load_any_checkpoint``); ``load_sharded`` also starts a multi-rank run from a one-process checkpoint.
 
 Safety: written to ``ckpt_NNNNNNN.tmp``; after every rank's data is on disk each rank hashes a share
@@ -36,13 +36,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
-from dsv3 import rng_state
-from dsv3.checkpoint import (MANIFEST, STATE, NonFiniteCheckpointError, check_tensors, file_entry, first_non_finite,
+from dsv3.checkpoint import rng_state
+from dsv3.checkpoint.store import (MANIFEST, STATE, NonFiniteCheckpointError, check_tensors, file_entry, first_non_finite,
                              free_bytes, is_disk_full, is_write_failure, manifest_files, read_checkpoint_files,
                              read_json, verify_file, write_error, write_json, rename_into_place, fsync_path)
 from dsv3.errors import CheckpointError
-from dsv3.faults import fault_point, first_line
-from dsv3.model import Transformer
+from dsv3.training.faults import fault_point, first_line
+from dsv3.model.transformer import Transformer
 from parallel.dcp_safe import CheckpointWriter, SafeReader, read_metadata
 
 _NAME = re.compile(r"^ckpt_(\d{7})$")
@@ -329,8 +329,8 @@ def _read_single(path: str, pm) -> tuple[dict, dict[str, torch.Tensor]]:
     """A one-process checkpoint as flat global tensors: ``{name}``, ``{name}.exp_avg``,
     ``{name}.exp_avg_sq`` per parameter (moments zero if it has no optimizer state) and the biases,
     checked against the full model of ``pm.cfg`` (names, shapes; the optimizer's parameter order from
-    ``dsv3.optim.build_optimizer`` on that model). Returns (meta with opt_step, tensors)."""
-    from dsv3.optim import build_optimizer
+    ``dsv3.training.optim.build_optimizer`` on that model). Returns (meta with opt_step, tensors)."""
+    from dsv3.training.optim import build_optimizer
     meta, tensors, opt, _ = read_checkpoint_files(path)
     with torch.device("meta"):
         full = Transformer(pm.cfg.model)
@@ -362,7 +362,7 @@ def _read_single(path: str, pm) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> dict:
-    """One process: the whole model, its ``dsv3.optim.AdamW`` state (unless ``optimizer`` is None) and
+    """One process: the whole model, its ``dsv3.training.optim.AdamW`` state (unless ``optimizer`` is None) and
     biases from a sharded checkpoint, every file verified first. Raises CheckpointError."""
     metadata, meta = verify_sharded(path)
     names = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -407,7 +407,7 @@ def export_hf(path: str, model: Transformer, out_dir: str, overwrite: bool = Fal
     """A sharded checkpoint → the Hugging Face layout (one process; ``model`` gives the architecture).
     ``out_dir`` follows ``save_hf_checkpoint``'s rules: refused if non-empty without its marker, or
     overlapping the checkpoint; a marked one replaced only with ``overwrite``."""
-    from dsv3.hf import save_hf_checkpoint
+    from dsv3.checkpoint.hf import save_hf_checkpoint
     load_sharded_into_model(path, model)
     save_hf_checkpoint(model, out_dir, overwrite=overwrite, input_dirs=(os.path.dirname(os.path.abspath(path)),),
                        written_by="parallel.dist_checkpoint.export_hf")

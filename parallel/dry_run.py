@@ -22,8 +22,8 @@ from torch import nn
 
 from dsv3.config import Config, load_config
 from dsv3.errors import UserError
-from dsv3.runtime import with_weights_dtype
-from dsv3.model import Transformer
+from dsv3.training.runtime import with_weights_dtype
+from dsv3.model.transformer import Transformer
 from parallel.dsv3_stages import dsv3_stages
 from parallel.expert_parallel import shard_experts
 from parallel.placement import Placement

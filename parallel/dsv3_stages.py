@@ -25,8 +25,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from dsv3.model import Transformer
-from dsv3.moe import MoE
+from dsv3.model.transformer import Transformer
+from dsv3.model.moe import MoE
 from parallel.overlap import Piece, params_of
 from parallel.stage_cut import stage_bounds
 

@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from dsv3 import optim
-from dsv3.experts import GroupedExperts
-from dsv3.moe import MoE
-from dsv3.param_init import tag_parameter
+from dsv3.training import optim
+from dsv3.model.experts import GroupedExperts
+from dsv3.model.moe import MoE
+from dsv3.model.param_init import tag_parameter
 from parallel.all_to_all import EPDispatcher, TrafficCounters
 from parallel.mesh import Mesh
 from parallel.placement import Placement

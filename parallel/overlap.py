@@ -42,8 +42,8 @@ from typing import Callable, Generator, Optional, Sequence
 import torch
 from torch import nn
 
-from dsv3.block import Block
-from dsv3.moe import MoE
+from dsv3.model.block import Block
+from dsv3.model.moe import MoE
 from parallel.all_to_all import EPDispatcher
 from parallel.comm_streams import NO_STREAMS, CommStreams
 from parallel.schedules import Op

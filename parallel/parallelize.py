@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv3.batch import check_layout, resolved
+from dsv3.data.batch import check_layout, resolved
 from dsv3.config import Config, ConfigError
-from dsv3.runtime import choose_dtype, with_weights_dtype
-from dsv3.model import Transformer
-from dsv3.param_init import materialize_, materialize_own_buffers_
+from dsv3.training.runtime import choose_dtype, with_weights_dtype
+from dsv3.model.transformer import Transformer
+from dsv3.model.param_init import materialize_, materialize_own_buffers_
 from parallel.dsv3_stages import (dsv3_microbatches, dsv3_stages, set_aux_loss_scale, set_mtp_weight,
                                   take_loss_parts, update_bias_pipelined, moe_by_name)
 from parallel.expert_parallel import apply_expert_parallel
@@ -61,7 +61,7 @@ class ParallelModel:
     def __init__(self, model: Transformer, mesh: Mesh, cfg: Config, device: Optional[torch.device] = None):
         """``model`` may be built on the meta device (``device`` then says where this rank's part goes):
         only what this rank holds — its pipeline stages, its experts — is materialised, with the values
-        the whole model gets (``dsv3.param_init``)."""
+        the whole model gets (``dsv3.model.param_init``)."""
         cfg = resolved(cfg, mesh.dp, cfg.parallel.pp, cfg.parallel.pp_schedule)   # train.micro_batch_size=auto
         where = torch.device(device) if device is not None else next(model.parameters()).device
         cfg = with_weights_dtype(cfg, where)   # train.weights_dtype=auto: BF16 on CUDA under BF16 autocast

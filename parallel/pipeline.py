@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv3.faults import PeerError, fault_point, first_line as _first_line
+from dsv3.training.faults import PeerError, fault_point, first_line as _first_line
 from parallel.p2p_model import ChannelCursor, pair_orders
 from parallel.schedules import Msg, Op, layout, schedule
 from parallel.weight_grad import backward_input

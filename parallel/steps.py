@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from dsv3.checkpoint import latest_checkpoint
+from dsv3.checkpoint.store import latest_checkpoint
 from parallel.dist_checkpoint import load_sharded, save_sharded
 from parallel.mesh import Mesh
 from parallel.parallelize import parallelize
@@ -32,7 +32,7 @@ class ParallelSteps:
     def balance_monitor(self):
         """Hooks on the model's routers, or, under a pipeline, on this rank's stage copies with every
         layer's fields gathered across the ranks (parallel/pipeline_eval.py)."""
-        from dsv3.balance_metrics import BalanceMonitor
+        from dsv3.training.balance_metrics import BalanceMonitor
         if self.pm.pipe is None:
             return BalanceMonitor(self.eval_model)
         from parallel.pipeline_eval import PipelineBalance
@@ -69,7 +69,7 @@ class ParallelSteps:
         return load_sharded(path, self.pm)  # a sharded checkpoint of any layout, or a one-process one
 
     def save(self, run_dir: str, step: int, extra: dict) -> None:
-        from dsv3.checkpoint import prune_checkpoints
+        from dsv3.checkpoint.store import prune_checkpoints
         save_sharded(run_dir, step, self.pm, extra)
         if self.env.rank == 0:
             prune_checkpoints(run_dir, self.cfg.train.keep_last)

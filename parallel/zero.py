@@ -14,7 +14,7 @@ stages, the tied embedding of 1F1B) — those copies' shards are summed over the
 launched asynchronously, strictly in bucket order (so every rank issues the same collective sequence),
 as soon as every parameter of the bucket has received its last gradient of the step: the hook counts
 gradient accumulations against ``ready_after[name]`` (None: only at ``step``).
-The update is ``dsv3.optim.AdamW`` itself, run on the shards: the same elementwise math as one process.
+The update is ``dsv3.training.optim.AdamW`` itself, run on the shards: the same elementwise math as one process.
 
 ``train.weights_dtype="bf16"`` (report §3.3 mixed precision; Megatron's main_grad): the master shards are
 taken from the FP32 values, then the parameters become BF16 and each gets an FP32 ``main_grad`` buffer;
@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.config import TrainConfig
-from dsv3 import optim
-from dsv3.optim import AdamW
+from dsv3.training import optim
+from dsv3.training.optim import AdamW
 
 
 @dataclass

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from dsv3 import ablate
+from dsv3.tools import ablate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")

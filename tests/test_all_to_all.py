@@ -69,7 +69,7 @@ def _layer_bounds(moe, x, x_routed, g, g_routed, tokens_all_ranks: int) -> dict:
 
 def _moe(seed=0):
     from dsv3.config import MoEConfig
-    from dsv3.moe import MoE
+    from dsv3.model.moe import MoE
     cfg = MoEConfig(n_routed_experts=E, n_shared_experts=1, moe_inter_dim=INTER, n_activated_experts=K,
                     n_group=GROUPS, topk_group=TOPK_GROUP, routed_scaling_factor=2.5, aux_loss_alpha=0.0,
                     grouped_mm_impl="loop")
@@ -114,7 +114,7 @@ def _check_layer(rank, world, kind, fp8, n_tokens, chunks=1):
     # reference: the whole MoE in this process; routed experts' input is x_ref, the rest sees x; under FP8
     # the routed output's gradient is quantised (the emulation of fp8_grad), ``seen["g"]`` after it
     ref_q, seen = copy.deepcopy(ref), {}
-    from dsv3.experts import local_dispatch
+    from dsv3.model.experts import local_dispatch
 
     def emulation(xx, i, w, ex):
         y_routed = local_dispatch(x_ref.view(-1, DIM) + (xx - xx.detach()), i, w, ex)
@@ -183,7 +183,7 @@ def _check_empty(rank, world, chunks=(1,)):
     """Direct dispatcher calls with hand-made routing: rank 5 sends nothing, experts 0–5 and ranks 0–2
     receive nothing; also a call where no rank sends anything at all."""
     import torch.distributed as dist
-    from dsv3.experts import local_dispatch
+    from dsv3.model.experts import local_dispatch
     from parallel.all_to_all import EPDispatcher
     from parallel.mesh import Mesh
     from dsv3.config import ParallelConfig

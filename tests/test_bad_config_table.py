@@ -10,7 +10,7 @@ import pytest
 
 from dsv3 import train as train_mod
 from dsv3.config import load_config
-from dsv3.data import open_index, prepare_data
+from dsv3.data.dataset import open_index, prepare_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(ROOT, "configs", "debug.yaml")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dsv3 import train as train_mod
-from dsv3.checkpoint import latest_checkpoint
+from dsv3.checkpoint.store import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")

@@ -7,8 +7,8 @@ import torch
 
 from conftest import tiny_cfg
 from dsv3.config import MoEConfig
-from dsv3.model import Transformer
-from dsv3.moe import MoE, balance_loss, max_violation
+from dsv3.model.transformer import Transformer
+from dsv3.model.moe import MoE, balance_loss, max_violation
 
 DIM, E, K = 16, 16, 2
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
-from dsv3.balance_metrics import BalanceMonitor, compare, groups_histogram, mean_std, summarize_run
+from dsv3.training.balance_metrics import BalanceMonitor, compare, groups_histogram, mean_std, summarize_run
 from dsv3.config import MoEConfig
-from dsv3.model import Transformer
-from dsv3.moe import Gate
+from dsv3.model.transformer import Transformer
+from dsv3.model.moe import Gate
 
 
 def loop_histogram(indices: torch.Tensor, n_group: int, n_experts: int) -> list[int]:

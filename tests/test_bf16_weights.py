@@ -27,7 +27,7 @@ RUNS = {"dp2": ["parallel.zero1=true"], "pp2": ["parallel.pp=2", "parallel.pp_sc
 
 def _setup(overrides):
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(config_path("debug.yaml"), BASE + overrides)
     model = Transformer(cfg.model, seed=3)
     model.train()
@@ -42,7 +42,7 @@ def _autocast():
 def _reference(cfg, model, batch, dp: int):
     """By hand: BF16 weights = rounded FP32 init; per DP replica the micro-batches' BF16 grads summed in
     FP32; the replicas' sums added; ÷ micro-batches; AdamW on the FP32 master; rounded back to BF16."""
-    from dsv3.optim import AdamW
+    from dsv3.training.optim import AdamW
     from parallel.dsv3_stages import dsv3_microbatches
     t = cfg.train
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

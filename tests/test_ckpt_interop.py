@@ -1,7 +1,7 @@
 """Checkpoints every command reads (issue 16, item 4) and ``train.init_from`` (item 5).
 
-- A real 2-rank run of ``python -m dsv3.train`` (ZeRO-1, sharded checkpoint, gloo): ``dsv3.hf export`` and
-  ``dsv3.generate`` read its run folder; the tokenizer is copied into it and ``corpus.json`` names it
+- A real 2-rank run of ``python -m dsv3.train`` (ZeRO-1, sharded checkpoint, gloo): ``dsv3.checkpoint.hf export`` and
+  ``dsv3.tools.generate`` read its run folder; the tokenizer is copied into it and ``corpus.json`` names it
   relative to the run folder.
 - Resume across kinds, in fp64 on 2 gloo ranks with EP2: a one-process model + AdamW loads the sharded
   checkpoint, and the 2 ranks load a one-process checkpoint; each holds the source's weights, biases,
@@ -11,7 +11,7 @@
   same global sequences.
 - generate / export read only config.yaml's model section (older runs' removed keys do not matter).
 - ``init_from`` from a run folder of either kind, a ckpt folder and a Hugging Face folder written by
-  ``dsv3.hf export`` (fp32: the logits bitwise; bf16: the weights are exactly their bf16 roundings);
+  ``dsv3.checkpoint.hf export`` (fp32: the logits bitwise; bf16: the weights are exactly their bf16 roundings);
   bad paths, shape mismatches and an HF folder missing a tensor are one CheckpointError line.
 """
 from __future__ import annotations
@@ -68,9 +68,9 @@ def sharded_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_model(sharded_run):
     """The run's config, a model holding its latest checkpoint (read by load_any_checkpoint), the meta."""
-    from dsv3.checkpoint import latest_checkpoint, load_any_checkpoint
+    from dsv3.checkpoint.store import latest_checkpoint, load_any_checkpoint
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(os.path.join(sharded_run, "config.yaml"))
     model = Transformer(cfg.model).eval()
     meta = load_any_checkpoint(latest_checkpoint(sharded_run), model)
@@ -79,15 +79,15 @@ def run_model(sharded_run):
 
 @pytest.fixture(scope="module")
 def hf_fp32(sharded_run, tmp_path_factory):
-    """``python -m dsv3.hf export RUN OUT --dtype fp32`` of the sharded run."""
-    from dsv3.hf import main as hf_main
+    """``python -m dsv3.checkpoint.hf export RUN OUT --dtype fp32`` of the sharded run."""
+    from dsv3.checkpoint.hf import main as hf_main
     out = str(tmp_path_factory.mktemp("hf") / "fp32")
     assert hf_main(["export", sharded_run, out, "--dtype", "fp32"]) == 0
     return out
 
 
 def test_tokenizer_is_copied_into_the_run_folder(sharded_run, tmp_path):
-    from dsv3.hf import find_tokenizer_file
+    from dsv3.checkpoint.hf import find_tokenizer_file
     from dsv3.errors import CheckpointError
     with open(os.path.join(sharded_run, "corpus.json")) as f:
         tok = json.load(f)["tokenizer"]
@@ -113,8 +113,8 @@ def test_tokenizer_is_copied_into_the_run_folder(sharded_run, tmp_path):
 
 
 def test_export_and_generate_read_a_sharded_run(sharded_run, run_model, hf_fp32, capsys):
-    from dsv3.generate import generate, main as generate_main
-    from dsv3.hf import load_hf_checkpoint, load_tokenizer
+    from dsv3.tools.generate import generate, main as generate_main
+    from dsv3.checkpoint.hf import load_hf_checkpoint, load_tokenizer
     cfg, model, meta = run_model
     assert meta["kind"] == "sharded" and meta["step"] == 2
     back = load_hf_checkpoint(hf_fp32)
@@ -137,7 +137,7 @@ def test_a_run_config_with_removed_keys_still_reads(sharded_run, run_model, tmp_
     """generate / export read only config.yaml's model section: an older run's removed keys
     (train.grad_accum, parallel.num_chunks, model.linear_impl) do not make its checkpoints unreadable."""
     import yaml
-    from dsv3.hf import run_model_config
+    from dsv3.checkpoint.hf import run_model_config
     with open(os.path.join(sharded_run, "config.yaml")) as f:
         data = yaml.safe_load(f)
     data["model"]["linear_impl"] = "torch"
@@ -163,7 +163,7 @@ def _dualpipe_batch() -> list[str]:
 
 
 def _model(seed: int):
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = tiny_cfg(*EP2)
     torch.manual_seed(seed)
     model = Transformer(cfg.model).double()
@@ -185,7 +185,7 @@ def _biases(model):
 
 
 def _ranks_worker(rank, world, sharded_dir, single_ckpt):
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.dist_checkpoint import load_sharded, save_sharded
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
@@ -236,8 +236,8 @@ def _close_after_step(got: dict, want: dict, before: dict, rel: float) -> None:
 
 
 def test_resume_across_kinds_fp64_ep2(tmp_path):
-    from dsv3.checkpoint import load_any_checkpoint, save_checkpoint
-    from dsv3.optim import build_optimizer
+    from dsv3.checkpoint.store import load_any_checkpoint, save_checkpoint
+    from dsv3.training.optim import build_optimizer
     from parallel.dist_checkpoint import latest_sharded
     # the one-process run: step 1, checkpoint, step 2
     cfg, single = _model(0)
@@ -303,7 +303,7 @@ def test_resume_across_kinds_fp64_ep2(tmp_path):
 def test_sampler_state_is_the_global_position():
     """A 2-rank sampler's state resumes a 1-rank one (and back) on the same global sequences, as
     long as the global batch per step (micro_batch_size × world) is the same."""
-    from dsv3.data import Sampler
+    from dsv3.data.dataset import Sampler
     tokens = np.arange(16 * 40 + 1, dtype=np.uint16)
     ranks = [Sampler(tokens, 16, 1, seed=3, rank=r, world_size=2) for r in range(2)]
     for _ in range(7):   # crosses an epoch boundary (40 sequences, 2 per step)
@@ -326,9 +326,9 @@ def test_sampler_state_is_the_global_position():
 
 # ------------------------------------------------------------------------------- init_from
 def test_init_from_hf_export_reproduces_the_logits(sharded_run, run_model, hf_fp32, tmp_path, capsys):
-    from dsv3.hf import main as hf_main
-    from dsv3.init_from import init_from
-    from dsv3.model import Transformer
+    from dsv3.checkpoint.hf import main as hf_main
+    from dsv3.checkpoint.init_from import init_from
+    from dsv3.model.transformer import Transformer
     cfg, model, _ = run_model
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     bf16 = str(tmp_path / "bf16")
@@ -348,10 +348,10 @@ def test_init_from_hf_export_reproduces_the_logits(sharded_run, run_model, hf_fp
 
 
 def test_init_from_run_and_ckpt_folders(sharded_run, run_model, tmp_path):
-    from dsv3.checkpoint import save_checkpoint
-    from dsv3.init_from import init_from
-    from dsv3.model import Transformer
-    from dsv3.optim import build_optimizer
+    from dsv3.checkpoint.store import save_checkpoint
+    from dsv3.checkpoint.init_from import init_from
+    from dsv3.model.transformer import Transformer
+    from dsv3.training.optim import build_optimizer
     cfg, model, _ = run_model
     single_run = str(tmp_path / "single")
     ckpt = save_checkpoint(single_run, 7, model, build_optimizer(model, cfg.train), dict(tokens=0, sampler={}))
@@ -368,7 +368,7 @@ def test_init_from_run_and_ckpt_folders(sharded_run, run_model, tmp_path):
 
 def _one_line_error(path, model, *fragments):
     from dsv3.errors import CheckpointError
-    from dsv3.init_from import init_from
+    from dsv3.checkpoint.init_from import init_from
     with pytest.raises(CheckpointError) as e:
         init_from(path, model)
     msg = str(e.value)
@@ -378,7 +378,7 @@ def _one_line_error(path, model, *fragments):
 def test_init_from_errors_are_one_line(sharded_run, hf_fp32, tmp_path):
     from safetensors.torch import load_file, save_file
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(os.path.join(sharded_run, "config.yaml"))
     model = Transformer(cfg.model)
     _one_line_error(str(tmp_path / "nowhere"), model, "nowhere", "no such file")

@@ -2,7 +2,7 @@
 
 Sharded (2 gloo ranks, ZeRO-1): a `.metadata` pickle whose ``__reduce__`` would create a file (DCP's own
 reader runs it: checked) is refused by the manifest, and — when the attacker rewrote the manifest too —
-by the restricted unpickler, also through ``python -m dsv3.hf export`` (exit 2, one line). ENOSPC on
+by the restricted unpickler, also through ``python -m dsv3.checkpoint.hf export`` (exit 2, one line). ENOSPC on
 one rank mid-write, or on rank 0 while committing: every rank raises the same one-line error, the temp
 folder is gone and the previous checkpoint loads bitwise. One process: the same for ENOSPC through
 the trainer, edited state.json, refused pickles and NaN. Plus pruning and the clean-up of partials."""
@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from dsv3.checkpoint import (NonFiniteCheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints,
+from dsv3.checkpoint.store import (NonFiniteCheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints,
                              read_state, remove_stale_partials, save_checkpoint)
 from dsv3.errors import CheckpointError
 from tests.conftest import REPO, tiny_cfg
@@ -56,7 +56,7 @@ def _rehash(ckpt, name, manifest="manifest.json"):
 
 # ------------------------------------------------------------------------------------- sharded
 def _build(rank):
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
     cfg = tiny_cfg(*OVERRIDES)
@@ -126,8 +126,8 @@ def test_sharded_enospc_and_nan_every_rank_agrees(sharded):
 
 
 def test_sharded_loads_on_one_process_bitwise_and_exports(sharded, tmp_path):
-    from dsv3.hf import load_hf_checkpoint, main as hf_main
-    from dsv3.model import Transformer
+    from dsv3.checkpoint.hf import load_hf_checkpoint, main as hf_main
+    from dsv3.model.transformer import Transformer
     from parallel.dist_checkpoint import latest_sharded, load_sharded_into_model
     run_dir, results = sharded
     ckpt = latest_sharded(run_dir)
@@ -162,7 +162,7 @@ def test_planted_metadata_pickle_is_never_run(planted, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
     from parallel.dist_checkpoint import load_sharded_into_model
     run, ckpt, marker = planted
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     model = Transformer(tiny_cfg(*OVERRIDES).model)
     # (a) the manifest refuses the replaced file before it is read
     with pytest.raises(CheckpointError, match=r"\.metadata is truncated or corrupted|sha256 mismatch"):
@@ -176,7 +176,7 @@ def test_planted_metadata_pickle_is_never_run(planted, tmp_path):
     # (c) end to end: the export CLI exits 2 with one line, creates neither the marker nor OUT
     out = str(tmp_path / "hf_out")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "dsv3.hf", "export", run, out], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "dsv3.checkpoint.hf", "export", run, out], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if "Warning" not in ln and "cpu = _conversion" not in ln]
     assert proc.returncode == 2 and len(lines) == 1 and "refusing to unpickle" in lines[0], proc.stderr
@@ -205,7 +205,7 @@ def _edit_json(path, fn):
      "no valid 'sampler'"),
 ])
 def test_sharded_edited_checkpoint_is_one_line(sharded, tmp_path, edit, match):
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.dist_checkpoint import latest_sharded, load_sharded_into_model
     ckpt = str(tmp_path / "ckpt_0000001")
     shutil.copytree(os.path.join(sharded[0], "ckpt_0000001"), ckpt)
@@ -218,7 +218,7 @@ def test_sharded_edited_checkpoint_is_one_line(sharded, tmp_path, edit, match):
 
 
 def test_sharded_metadata_pointing_outside_the_manifest(sharded, tmp_path):
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.dcp_safe import read_metadata
     from parallel.dist_checkpoint import load_sharded_into_model
     ckpt = str(tmp_path / "ckpt_0000001")
@@ -236,7 +236,7 @@ def test_sharded_metadata_pointing_outside_the_manifest(sharded, tmp_path):
 
 def test_sharded_planted_tensor_pickle_is_refused(sharded, tmp_path):
     """The data files are unpickled too (torch.load): only with weights_only=True, whatever torch's default."""
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.dcp_safe import read_metadata
     from parallel.dist_checkpoint import load_sharded_into_model
     ckpt = str(tmp_path / "ckpt_0000001")

@@ -1,7 +1,7 @@
-"""The CLIs lose nothing and print one line: ``dsv3.hf export/convert`` never write into or around their
+"""The CLIs lose nothing and print one line: ``dsv3.checkpoint.hf export/convert`` never write into or around their
 input, never replace a folder they did not write (the ``.dsv3-export`` marker) and replace their own only
 with --overwrite, atomically; ``convert`` refuses a foreign or incomplete checkpoint before writing;
-``dsv3.generate``, ``dsv3.plan`` and ``launch/run.sh`` reject bad flags with one ``error:`` line and exit 2;
+``dsv3.tools.generate``, ``dsv3.tools.plan`` and ``launch/run.sh`` reject bad flags with one ``error:`` line and exit 2;
 Ctrl-C is one ``interrupted`` line, exit 130, and no half-written output."""
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3 import generate as generate_mod, plan as plan_mod, train as train_mod
+from dsv3.tools import generate as generate_mod, plan as plan_mod
+
+from dsv3 import train as train_mod
 from dsv3.config import load_config
-from dsv3.hf import main as hf_main
-from dsv3.hf_shards import MARKER
+from dsv3.checkpoint.hf import main as hf_main
+from dsv3.checkpoint.hf_shards import MARKER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")
@@ -78,7 +80,7 @@ def one_error_line(code: int, err: str, needle: str, want_code: int = 2) -> str:
 
 LONG_IDS = "{long_ids}"
 BAD_INPUT = [
-    # dsv3.hf export / convert: outputs that overlap the input or hold other files
+    # dsv3.checkpoint.hf export / convert: outputs that overlap the input or hold other files
     ("hf", ["export", "{run}", "{run}"], "is the input folder itself"),
     ("hf", ["export", "{link}", "{run}"], "is the input folder itself"),  # symlinks resolved
     ("hf", ["export", "{run}", "{run}/hf"], "inside the input folder"),
@@ -97,7 +99,7 @@ BAD_INPUT = [
     ("hf", ["convert", "{llama}", "{new}"], "LlamaForCausalLM"),
     ("hf", ["convert", "{holey}", "{new}"], "'model.layers.1.self_attn.o_proj.weight' is missing (1 missing in all)"),
     ("hf", ["convert", "{run}", "{new}"], "config.json is missing"),
-    # dsv3.generate
+    # dsv3.tools.generate
     ("generate", ["--checkpoint", "{run}", "--prompt", ""], "--prompt is empty"),
     ("generate", ["--checkpoint", "{run}", "--prompt-ids", LONG_IDS], "max_seq_len"),
     ("generate", ["--checkpoint", "{run}", "--prompt-ids", ""], "--prompt-ids is empty"),
@@ -113,7 +115,7 @@ BAD_INPUT = [
     ("generate", ["--checkpoint", "{run}", "--prompt", "a", "--device", "gpu7"], "--device 'gpu7'"),
     ("generate", ["--checkpoint", "{run}"], "pass --prompt TEXT or --prompt-ids"),
     ("generate", ["--prompt", "a"], "--checkpoint"),
-    # dsv3.plan
+    # dsv3.tools.plan
     ("plan", [DEBUG, "--gpus", "0"], "--gpus 0: expected a positive integer"),
     ("plan", [DEBUG, "--gpus", "-8"], "--gpus -8"),
     ("plan", [DEBUG, "--gpus", "8", "--pp", "0"], "--pp 0"),
@@ -146,7 +148,7 @@ def test_bad_input_is_one_line_and_loses_nothing(world, capsys):
 def test_marked_output_is_replaced_only_with_overwrite(world, capsys):
     out = world["export"]
     marker = json.load(open(os.path.join(out, MARKER)))
-    assert marker["written_by"] == "python -m dsv3.hf export" and marker["inputs"] == [os.path.realpath(world["run"])]
+    assert marker["written_by"] == "python -m dsv3.checkpoint.hf export" and marker["inputs"] == [os.path.realpath(world["run"])]
     old = snapshot(out)
     with open(os.path.join(out, "stale.txt"), "w") as f:
         f.write("left by the earlier export's user\n")
@@ -159,7 +161,7 @@ def test_marked_output_is_replaced_only_with_overwrite(world, capsys):
     # convert writes its own marker, not a copy of its input's
     conv = os.path.join(world["base"], "converted")
     assert hf_main(["convert", out, conv]) == 0
-    assert json.load(open(os.path.join(conv, MARKER)))["written_by"] == "python -m dsv3.hf convert --to-bf16"
+    assert json.load(open(os.path.join(conv, MARKER)))["written_by"] == "python -m dsv3.checkpoint.hf convert --to-bf16"
     assert hf_main(["convert", out, conv]) == 2
     assert "--overwrite" in capsys.readouterr().err
 

@@ -181,7 +181,7 @@ CONTROLS = ("", "comm_wait", "compute_wait", "record_stream")
 
 
 def _worker(rank, world):
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.comm_streams import CudaCommStreams
     from parallel.dsv3_stages import DSV3Stage
     from parallel.expert_parallel import apply_expert_parallel

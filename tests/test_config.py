@@ -140,10 +140,10 @@ def test_report_global_batch_and_long_context_phases():
 
 
 def test_batch_split_and_ramp_rounding_rule():
-    """dsv3/batch.py: micro-batches per replica = batch / (dp · micro_batch_size); under the ramp the batch
+    """dsv3/data/batch.py: micro-batches per replica = batch / (dp · micro_batch_size); under the ramp the batch
     is rounded down to a multiple of dp · micro_batch_size, never below the schedule's fewest chunks,
     even under DualPipe. Hand-computed on the report's layout (PP16 × DP128, micro-batch 1)."""
-    from dsv3.batch import check_layout, micro_batches_at
+    from dsv3.data.batch import check_layout, micro_batches_at
     from dsv3.errors import UserError
     t = load_config(config_path("dsv3_671b.yaml")).train
     assert check_layout(t, 128, 16, "dualpipe") == 120                       # 15360 / 128

@@ -123,16 +123,16 @@ def _parsers(monkeypatch, module: str, argv: list[str]) -> list[argparse.Argumen
 
 
 ENTRY_POINTS = {  # module, argv before --help, flags its help must document
-    "dsv3.hf": ([], ["convert", "export"]),
-    "dsv3.hf convert": (["convert"], ["--to-bf16", "--to-fp8", "--max-shard-size", "--overwrite", "src", "dst"]),
-    "dsv3.hf export": (["export"], ["--fp8", "--dtype", "--max-shard-size", "--overwrite", "run_dir", "out_dir"]),
-    "dsv3.generate": ([], ["--checkpoint", "--prompt", "--prompt-ids", "--tokenizer", "--max-new-tokens",
+    "dsv3.checkpoint.hf": ([], ["convert", "export"]),
+    "dsv3.checkpoint.hf convert": (["convert"], ["--to-bf16", "--to-fp8", "--max-shard-size", "--overwrite", "src", "dst"]),
+    "dsv3.checkpoint.hf export": (["export"], ["--fp8", "--dtype", "--max-shard-size", "--overwrite", "run_dir", "out_dir"]),
+    "dsv3.tools.generate": ([], ["--checkpoint", "--prompt", "--prompt-ids", "--tokenizer", "--max-new-tokens",
                            "--temperature", "--top-p", "--seed", "--dtype", "--device"]),
-    "dsv3.ablate": ([], ["--config", "--steps", "--seeds", "--out", "--variants", "--matrix", "--baseline",
+    "dsv3.tools.ablate": ([], ["--config", "--steps", "--seeds", "--out", "--variants", "--matrix", "--baseline",
                          "--keep-checkpoints", "--report", "overrides"]),
     "parallel.simulate": ([], ["--kind", "--ranks", "--chunks", "--F", "--B", "--Bi", "--W", "--p2p", "--FB",
                                "--unit", "--png", "--text"]),
-    "dsv3.plots": ([], ["run_dir", "--out"]),
+    "dsv3.tools.plots": ([], ["run_dir", "--out"]),
 }
 
 
@@ -149,7 +149,7 @@ def test_every_flag_has_help(monkeypatch, capsys, name):
 
 
 def test_plan_help_documents_the_layout_flags(monkeypatch, capsys):
-    parsers = _parsers(monkeypatch, "dsv3.plan", [])
+    parsers = _parsers(monkeypatch, "dsv3.tools.plan", [])
     out = capsys.readouterr().out
     helps = {s: a.help for a in parsers[0]._actions for s in a.option_strings}
     for flag in ("--pp", "--ep", "--dp"):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dsv3.config import DataConfig
-from dsv3.corpus import split_documents, user_corpus
-from dsv3.data import apply_fim_text, encode_documents, prepare_data
+from dsv3.data.corpus import split_documents, user_corpus
+from dsv3.data.dataset import apply_fim_text, encode_documents, prepare_data
 from dsv3.errors import DataError
-from dsv3.tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE
+from dsv3.data.tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE
 
 WORDS = ["def", "return", "self", "value", "import", "class", "if", "else", "for", "in", "x", "y", "0", "1"]
 
@@ -47,10 +47,10 @@ class _Work:
     document encoding (and the documents encoded); ``forbid`` makes either one raise instead."""
 
     def __init__(self, monkeypatch, forbid: bool = False):
-        import dsv3.data
-        import dsv3.tokenizer
+        import dsv3.data.dataset
+        import dsv3.data.tokenizer
         self.bpe_calls, self.bpe_chars, self.encoded_docs = 0, 0, 0
-        train_bpe, encode = dsv3.tokenizer.train_bpe, dsv3.data.encode_documents
+        train_bpe, encode = dsv3.data.tokenizer.train_bpe, dsv3.data.dataset.encode_documents
 
         def counted_bpe(texts, vocab_size):
             assert not forbid, "the cache hit trained the tokenizer again"
@@ -62,8 +62,8 @@ class _Work:
             assert not forbid, "the cache hit encoded documents again"
             self.encoded_docs += len(docs)
             return encode(tok, docs, fim_rate, seed)
-        monkeypatch.setattr(dsv3.tokenizer, "train_bpe", counted_bpe)
-        monkeypatch.setattr(dsv3.data, "encode_documents", counted_encode)
+        monkeypatch.setattr(dsv3.data.tokenizer, "train_bpe", counted_bpe)
+        monkeypatch.setattr(dsv3.data.dataset, "encode_documents", counted_encode)
 
 
 def _files(root: str) -> dict:

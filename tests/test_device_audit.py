@@ -66,8 +66,8 @@ TRAIN = ["model.n_layers=2", "train.loss_curve=false", "data.seq_len=16", "train
          "parallel.ep=2", "parallel.dispatcher=flat", f"data.cache_dir={os.path.join(ROOT, '.cache', 'dsv3')}"]
 # the training loop's device choices, reverted: (module, factory, function, what the audit must name)
 LOOP_REVERTS = {
-    "stop_agreement": ("dsv3.stops", "tensor", "agreed", "dsv3/stops.py"),
-    "balance_histograms": ("dsv3.balance_metrics", "zeros", "__init__", "dsv3/balance_metrics.py"),
+    "stop_agreement": ("dsv3.training.stops", "tensor", "agreed", "dsv3/training/stops.py"),
+    "balance_histograms": ("dsv3.training.balance_metrics", "zeros", "__init__", "dsv3/training/balance_metrics.py"),
 }
 
 
@@ -96,7 +96,7 @@ class _Reverted:
 
 def _build(overrides):
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
     cfg = load_config(config_path("debug.yaml"), BASE + overrides)
@@ -239,7 +239,7 @@ def test_the_trainer_passes_the_audit(tmp_path_factory):
         assert r["findings"] == [], (rank, r["findings"])
         assert len(r["losses"]) == TRAIN_STEPS
         called = r["call_sites"]
-        stops = sum(n for site, n in called.items() if site.startswith("dsv3/stops.py") and "(agreed)" in site)
+        stops = sum(n for site, n in called.items() if site.startswith("dsv3/training/stops.py") and "(agreed)" in site)
         reduces = sum(n for site, n in called.items() if site.startswith("dsv3/train.py") and "(all_reduce_)" in site)
         assert stops == TRAIN_STEPS, called
         assert reduces >= TRAIN_STEPS, called     # at least the histograms, once a step
@@ -253,7 +253,7 @@ def test_reverting_a_loop_call_site_is_caught(tmp_path_factory):
             assert r["hits"][revert] > 0, (revert, rank, "the reverted call never ran")
             assert any(where in site for _, site, _ in r["findings"]), (revert, rank, r["findings"])
         # the stop flag: a host tensor handed to the all-reduce itself
-        assert any(kind == "collective" and "dsv3/stops.py" in site for kind, site, _ in r["findings"]), r["findings"]
+        assert any(kind == "collective" and "dsv3/training/stops.py" in site for kind, site, _ in r["findings"]), r["findings"]
 
 
 def test_cpu_branch_lookup_table_is_not_a_finding(monkeypatch):

@@ -27,7 +27,7 @@ def _setup(overrides):
 
 
 def _reference():
-    from dsv3.optim import build_optimizer
+    from dsv3.training.optim import build_optimizer
     cfg, model, batches = _setup([])
     batches = batches[:1] * STEPS
     opt = build_optimizer(model, cfg.train)
@@ -62,7 +62,7 @@ def _worker(rank, world, ckpt_dir):
 
 
 def test_save_pp2_dp4_resume_dp8_and_one_process(tmp_path):
-    from dsv3.optim import build_optimizer
+    from dsv3.training.optim import build_optimizer
     from parallel.dist_checkpoint import export_hf, latest_sharded, load_sharded_into_model
     ref_losses, ref_weights = _reference()
     ckpt_dir = str(tmp_path / "run")
@@ -95,7 +95,7 @@ def test_save_pp2_dp4_resume_dp8_and_one_process(tmp_path):
         loss, _ = reference_step(model, opt, batches[0], cfg.train.grad_clip)
         assert abs(loss - ref_losses[SAVE + i]) <= TOL * ref_losses[SAVE + i], (i, loss, ref_losses)
 
-    from dsv3.hf import load_hf_checkpoint
+    from dsv3.checkpoint.hf import load_hf_checkpoint
     _, fresh, _ = _setup([])
     export_hf(path, fresh, str(tmp_path / "hf"))
     back = load_hf_checkpoint(str(tmp_path / "hf"))

@@ -18,7 +18,7 @@ KINDS = (("1f1b", 4), ("zb1p", 4), ("dualpipe", 4), ("dualpipev", 2))
 
 def _setup(dtype):
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(config_path("debug.yaml"), OVERRIDES)
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(dtype)

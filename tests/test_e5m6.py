@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dsv3.config import FP8Config, MLAConfig
-from dsv3.mla import MLA
-from dsv3.precision import apply_fp8
+from dsv3.model.mla import MLA
+from dsv3.training.precision import apply_fp8
 from triton_kernels import e5m6, e5m6_ref
 from triton_kernels.gemm_ref import fp8_gemm_ref
 from triton_kernels.quant_ref import act_dequant_ref, act_quant_ref, act_quant_t_ref, weight_quant_ref

@@ -29,7 +29,7 @@ OVERRIDES = ["model.n_layers=3", "train.lr=3e-3", f"data.seq_len={SEQ}", "parall
 
 def _setup():
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(config_path("debug.yaml"), OVERRIDES)
     torch.manual_seed(0)
     model = Transformer(cfg.model).double()
@@ -40,7 +40,7 @@ def _setup():
 
 
 def _reference_losses():
-    from dsv3.optim import build_optimizer
+    from dsv3.training.optim import build_optimizer
     cfg, model, batches = _setup()
     opt = build_optimizer(model, cfg.train)
     losses, norms = map(list, zip(*(reference_step(model, opt, b, cfg.train.grad_clip) for b in batches)))
@@ -49,7 +49,7 @@ def _reference_losses():
 
 def _ep_losses(rank, world):
     import torch.distributed as dist
-    from dsv3.optim import build_optimizer
+    from dsv3.training.optim import build_optimizer
     from parallel.expert_parallel import apply_expert_parallel, clip_grad_norm_ep, global_expert_loads, sync_grads
     from parallel.mesh import Mesh
     result = {}

@@ -110,8 +110,8 @@ def test_rank_killed_mid_transfer(name, tmp_path):
 
     # the last complete checkpoint is step 1 and loads on one process
     from dsv3.config import load_config
-    from dsv3.model import Transformer
-    from dsv3.optim import build_optimizer
+    from dsv3.model.transformer import Transformer
+    from dsv3.training.optim import build_optimizer
     from parallel.dist_checkpoint import latest_sharded, load_sharded_into_model
     ckpt = latest_sharded(out_dir)
     assert ckpt is not None and os.path.basename(ckpt) == f"ckpt_{KILL_STEP - 1:07d}", (ckpt, os.listdir(out_dir))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dsv3.config import FP8Config, load_config
-from dsv3.experts import GroupedExperts
-from dsv3.layers import MLP
-from dsv3.moe import MoE
-from dsv3.precision import apply_fp8
+from dsv3.model.experts import GroupedExperts
+from dsv3.model.layers import MLP
+from dsv3.model.moe import MoE
+from dsv3.training.precision import apply_fp8
 from triton_kernels.fp8_linear import fp8_linear
 from triton_kernels.fp8_swiglu import fp8_swiglu_down, fp8_swiglu_linear
 from triton_kernels.grouped_gemm import fp8_gate_up, fp8_grouped_mm

@@ -7,9 +7,9 @@ import torch
 
 import triton_kernels
 from dsv3.config import load_config
-from dsv3.layers import Linear
-from dsv3.model import Transformer
-from dsv3.precision import apply_fp8
+from dsv3.model.layers import Linear
+from dsv3.model.transformer import Transformer
+from dsv3.training.precision import apply_fp8
 from dsv3.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def test_every_non_exempt_gemm_runs_fp8_and_exempt_ones_do_not():
     # per MoE layer two grouped GEMMs: gate and up as one over [w1; w3] (fp8_gate_up), then w2
     assert c["fp8_grouped_mm.fprop"] == c["fp8_grouped_mm.wgrad"] == 2 * counts["fp8_grouped"]
     # exempt modules ran, but not through the FP8 counters; the head runs inside the fused head +
-    # cross-entropy of dsv3/loss.py (no module call), so its gradient shows it ran
+    # cross-entropy of dsv3/model/loss.py (no module call), so its gradient shows it ran
     assert calls.pop(id(model.head)) == 0 and model.head.weight.grad.abs().sum() > 0
     assert all(n == 1 for n in calls.values())
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from dsv3.checkpoint import save_checkpoint
+from dsv3.checkpoint.store import save_checkpoint
 from dsv3.config import Config, DataConfig, to_dict
-from dsv3.generate import generate, main as generate_main, sample_next
-from dsv3.hf import load_hf_checkpoint, main as hf_main
-from dsv3.model import Transformer
+from dsv3.tools.generate import generate, main as generate_main, sample_next
+from dsv3.checkpoint.hf import load_hf_checkpoint, main as hf_main
+from dsv3.model.transformer import Transformer
 from test_hf import hf_v3, ours_cfg, randomize
 
 PROMPT = [5, 17, 3, 60, 42]
@@ -65,7 +65,7 @@ def test_top_p_draws_follow_the_nucleus():
 @pytest.fixture
 def run_dir(tmp_path):
     """A training run folder as the trainer leaves it: config.yaml, two checkpoints, a tokenizer."""
-    from dsv3.tokenizer import train_bpe
+    from dsv3.data.tokenizer import train_bpe
     run = tmp_path / "run"
     model_cfg = dataclasses.replace(ours_cfg(v3=True, mtp=1), vocab_size=300)
     run.mkdir()
@@ -82,7 +82,7 @@ def run_dir(tmp_path):
 
 def test_generate_cli_from_run_folder_and_its_export(run_dir, tmp_path, capsys):
     run, model = run_dir
-    from dsv3.hf import load_tokenizer
+    from dsv3.checkpoint.hf import load_tokenizer
     tok = load_tokenizer(str(run / "tokenizer.json"))
     prompt = tok.encode("hello world")
     # greedy by full recomputation (no cache), stopping after the tokenizer's end-of-text id

@@ -14,10 +14,10 @@ from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Con
 
 from dsv3.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig, RopeScaling
 from dsv3.errors import CheckpointError
-from dsv3.hf import iter_hf_weights, load_hf_checkpoint, main, save_hf_checkpoint
-from dsv3.hf_weights import hf_slots
-from dsv3.model import Transformer
-from dsv3.mtp import shifted
+from dsv3.checkpoint.hf import iter_hf_weights, load_hf_checkpoint, main, save_hf_checkpoint
+from dsv3.checkpoint.hf_weights import hf_slots
+from dsv3.model.transformer import Transformer
+from dsv3.model.mtp import shifted
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}
@@ -332,8 +332,8 @@ V2_LITE_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite config.json (auto_map left ou
 
 def test_released_configs_map_to_the_published_sizes():
     """SPEC §2: 671.03B total / 37.55B activated / MTP 11.6B (13.5B stored); V2-Lite 15.71B / 2.66B."""
-    from dsv3.hf_config import config_from_hf, config_to_hf
-    from dsv3.params import count_params
+    from dsv3.checkpoint.hf_config import config_from_hf, config_to_hf
+    from dsv3.model.params import count_params
     v3 = config_from_hf(V3_CONFIG)
     m = v3.moe
     assert (m.n_group, m.topk_group, m.routed_scaling_factor, m.scoring_func, m.topk_method, m.norm_topk_prob,

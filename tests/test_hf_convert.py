@@ -1,4 +1,4 @@
-"""``python -m dsv3.hf convert``: FP8 -> BF16 -> FP8 on a complete 9-shard checkpoint whose scales sit in other
+"""``python -m dsv3.checkpoint.hf convert``: FP8 -> BF16 -> FP8 on a complete 9-shard checkpoint whose scales sit in other
 shards, with the converting process's peak memory measured; and a real model through the converter."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv3.hf import load_hf_checkpoint, save_hf_checkpoint
+from dsv3.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 
 N_SHARDS, EXPERTS, INTER, HIDDEN = 9, 8, 600, 900  # layer k in shard k: 24 × 0.54 MB of E4M3, ragged 128-blocks
 MB = 1 << 20
@@ -22,7 +22,7 @@ def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-from dsv3.hf import main
+from dsv3.checkpoint.hf import main
 import torch._dynamo  # imported by the first meta-device model (config checks): ~150 MB of code, not data
 out = []
 for args in json.loads(sys.argv[1]):
@@ -172,7 +172,7 @@ def test_convert_real_model_fp8_to_bf16(tmp_path):
     from test_hf import our_model
     save_hf_checkpoint(our_model(mtp=1), str(tmp_path / "fp8"), fp8=True, max_shard_bytes=40_000)
     move_to_other_shard(str(tmp_path / "fp8"), "model.layers.1.self_attn.kv_b_proj.weight_scale_inv")
-    from dsv3.hf import main
+    from dsv3.checkpoint.hf import main
     assert main(["convert", str(tmp_path / "fp8"), str(tmp_path / "bf16"), "--to-bf16"]) == 0
     # every stored tensor against the raw FP8 checkpoint, read by name (not through the loader): quantised
     # weights are E4M3 × their block scale (the scale may sit in another shard) rounded once to BF16,

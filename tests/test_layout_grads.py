@@ -5,7 +5,7 @@ gloo ranks, all in one spawn (process start-up dominates):
   uninterrupted run does — losses, gradient norms, learning rates, token counts, routing biases — and
   its final checkpoint holds the same weights, AdamW moments and routing biases bit for bit.
 - Kill and resume, PP2 under 1F1B: the run is SIGKILLed after step 3 (``DSV3_FAULT=step:3``, every rank,
-  dsv3/faults.py) with its last checkpoint at step 2; ``train.resume=auto`` continues it, and steps 3–4
+  dsv3/training/faults.py) with its last checkpoint at step 2; ``train.resume=auto`` continues it, and steps 3–4
   and the final checkpoint equal the uninterrupted run's bit for bit.
   So the checkpoint carries the weights, AdamW moments, biases, the step and token counts and the data
   sampler's position through both layouts (tests/test_train.py checks the one-process loop).
@@ -143,8 +143,8 @@ def test_schedules_switch_on_global_token_counts(runs, layout, dp, fewest):
 def _checkpoint_state(path):
     """Every parameter, buffer and AdamW state tensor of a sharded checkpoint, read in one process."""
     from dsv3.config import load_config
-    from dsv3.model import Transformer
-    from dsv3.optim import build_optimizer
+    from dsv3.model.transformer import Transformer
+    from dsv3.training.optim import build_optimizer
     from parallel.dist_checkpoint import load_sharded_into_model
     cfg = load_config(DEBUG, BASE)
     model = Transformer(cfg.model)

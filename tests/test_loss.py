@@ -1,4 +1,4 @@
-"""The fused, chunked head + cross-entropy (dsv3/loss.py) equals the head's logits through
+"""The fused, chunked head + cross-entropy (dsv3/model/loss.py) equals the head's logits through
 F.cross_entropy — loss, dh and dW — in fp64, fp32 and under BF16 autocast, with ignored targets and
 with several chunks; and the model's training loss equals the unfused computation."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dsv3.loss as L
-from dsv3.layers import Linear
+import dsv3.model.loss as L
+from dsv3.model.layers import Linear
 
 
 def _case(dtype, n=300, dim=24, vocab=70):
@@ -60,8 +60,8 @@ def test_fused_under_bf16_autocast_matches_autocast_reference():
 
 def test_no_grad_path_and_model_loss_equal_unfused():
     from dsv3.config import load_config
-    from dsv3.model import Transformer
-    from dsv3.mtp import mtp_depth_loss, shifted
+    from dsv3.model.transformer import Transformer
+    from dsv3.model.mtp import mtp_depth_loss, shifted
     from tests.conftest import config_path
     cfg = load_config(config_path("debug.yaml"), ["data.seq_len=16"])
     torch.manual_seed(0)

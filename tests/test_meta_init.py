@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dsv3.config import load_config
-from dsv3.model import Transformer
-from dsv3.param_init import materialize_
+from dsv3.model.transformer import Transformer
+from dsv3.model.param_init import materialize_
 from parallel.dsv3_stages import dsv3_stages
 from parallel.expert_parallel import shard_experts
 from parallel.placement import Placement
@@ -65,7 +65,7 @@ def test_init_does_not_depend_on_construction_order_or_device():
 
 @pytest.mark.parametrize("weights", ["auto", "bf16", "fp32"])
 def test_dry_run_of_the_671b_layout_matches_the_planner(weights):
-    from dsv3.plan_memory import rank_state_bytes
+    from dsv3.tools.plan_memory import rank_state_bytes
     from parallel.dry_run import rank_bytes
     cfg = _cfg("dsv3_671b.yaml", f"train.weights_dtype={weights}")
     dry = rank_bytes(cfg, 16, 128, 64, "dualpipe")

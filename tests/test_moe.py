@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dsv3.config import MoEConfig
-from dsv3.experts import GROUPED_MM_IMPLS, GroupedExperts, grouped_mm_loop, local_dispatch
-from dsv3.moe import MoE
+from dsv3.model.experts import GROUPED_MM_IMPLS, GroupedExperts, grouped_mm_loop, local_dispatch
+from dsv3.model.moe import MoE
 from tests.rounding import (C_SILU, gamma, routed_abs_sums, swiglu_abs_sums, swiglu_chain, unit_roundoff,
                             worst)
 
@@ -112,7 +112,7 @@ def test_grouped_mm_equals_loop_on_raw_offsets():
 def test_segments_bf16_bucketed_rows_equal_fp32_loop():
     """BF16 on CPU takes the bucketed (zero-padded) row layout: same rows, dx and dw as the FP32 loop
     on the BF16-rounded operands, to BF16 output rounding; empty experts get exactly zero dw."""
-    from dsv3.experts import _bucket_rows, grouped_mm_segments
+    from dsv3.model.experts import _bucket_rows, grouped_mm_segments
     assert [_bucket_rows(m) for m in (0, 1, 32, 33, 100, 513, 1000)] == [0, 32, 32, 64, 128, 576, 1024]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(150, 64, generator=g).bfloat16()
@@ -257,7 +257,7 @@ def test_dispatcher_hook_is_used():
 def test_moe_with_zero_tokens_gives_empty_output_and_zero_grads():
     """An expert-parallel rank may route no tokens: the layer must still run forward and backward."""
     import dsv3.config as C
-    from dsv3.moe import MoE
+    from dsv3.model.moe import MoE
     torch.manual_seed(0)
     cfg = C.MoEConfig(n_routed_experts=8, n_group=4, topk_group=2, n_activated_experts=2, moe_inter_dim=16)
     moe = MoE(32, cfg)
@@ -274,7 +274,7 @@ def test_padded_bf16_dispatch_equals_unpadded():
     """Under BF16 autocast on CPU local_dispatch pads each expert's rows to its bucket (gate weight 0);
     the MoE output and every gradient equal the unpadded per-expert loop on the same BF16 operands.
     (The auto path also runs gate and up as one grouped GEMM on the concatenated weights.)"""
-    from dsv3.experts import grouped_mm_auto
+    from dsv3.model.experts import grouped_mm_auto
     torch.manual_seed(0)
     D, E = 64, 8
     cfg = MoEConfig(n_routed_experts=E, n_shared_experts=0, moe_inter_dim=32, n_activated_experts=2, n_group=1,

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_cfg
-from dsv3.model import Transformer
-from dsv3.mtp import mtp_depth_loss, shifted
+from dsv3.model.transformer import Transformer
+from dsv3.model.mtp import mtp_depth_loss, shifted
 
 
 def test_depth_loss_hand_computed():
@@ -132,7 +132,7 @@ def test_mtp_from_hf_checkpoint_equals_forward_from_raw_tensor_names(tmp_path):
     shared head — written here from the raw tensors with transformers' decoder layers as the blocks — equals
     our loaded model's MTP logits and L_1. Norms are random and differ from each other, so swapping
     enorm/hnorm in the module or in the name map moves the logits by O(1)."""
-    from dsv3.hf import load_hf_checkpoint
+    from dsv3.checkpoint.hf import load_hf_checkpoint
     hf, raw = _hf_mtp_checkpoint(str(tmp_path))
     ours = load_hf_checkpoint(str(tmp_path)).eval()
     assert ours.cfg.mtp.depth == 1 and ours.cfg.n_layers == 3

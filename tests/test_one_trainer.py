@@ -1,6 +1,6 @@
 """One training loop for every layout: on one process, on EP2 (``parallelize()`` without a pipeline) and
 on PP2, the step's LR / λ / γ / batch come from ``Schedule.at``, gradients are clipped by
-``dsv3.optim.clip_coefficient`` and routing biases move only through ``MoE.update_bias`` — each
+``dsv3.training.optim.clip_coefficient`` and routing biases move only through ``MoE.update_bias`` — each
 patched here to count its calls — and nothing else clips (torch's clip_grad_norm_ is patched to fail).
 Every layout logs the global batch, the balance fields and the validation loss, and ends with the greedy
 sample (under PP decoded through the stages: the one-process sample of the final checkpoint). And the
@@ -26,9 +26,9 @@ BALANCE = ("bias", "bias_drift", "maxvio_accum", "groups_per_token", "balance_lo
 def _counted_run(rank, world, out_dir, overrides):
     """Run dsv3.train with the shared functions wrapped by counters; returns the counts."""
     import torch
-    import dsv3.lr_schedule as lr_schedule
-    import dsv3.moe as moe
-    import dsv3.optim as optim
+    import dsv3.training.lr_schedule as lr_schedule
+    import dsv3.model.moe as moe
+    import dsv3.training.optim as optim
     from dsv3.config import load_config
     from dsv3.train import train
     counts = {"schedule": 0, "clip": 0, "update_bias": 0}
@@ -40,7 +40,7 @@ def _counted_run(rank, world, out_dir, overrides):
         return wrapped
 
     def forbidden(*a, **kw):
-        raise AssertionError("only dsv3.optim.clip_coefficient may clip")
+        raise AssertionError("only dsv3.training.optim.clip_coefficient may clip")
     lr_schedule.Schedule.at = counter("schedule", lr_schedule.Schedule.at)
     optim.clip_coefficient = counter("clip", optim.clip_coefficient)
     moe.MoE.update_bias = counter("update_bias", moe.MoE.update_bias)
@@ -100,7 +100,7 @@ def test_init_from_starts_fresh_from_another_runs_weights(tmp_path, capsys):
     LR 0 and γ 0 one step leaves them bitwise as loaded); a missing path is one line, exit 2."""
     from safetensors.torch import load_file
     from dsv3 import train as train_mod
-    from dsv3.checkpoint import latest_checkpoint
+    from dsv3.checkpoint.store import latest_checkpoint
     tiny = ["train.micro_batch_size=2", "train.global_batch=2", "data.seq_len=32", "train.sample_tokens=8",
             "train.eval_batches=1", "train.warmup_steps=1", f"data.cache_dir={CACHE}"]
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
@@ -125,10 +125,10 @@ def _pipeline_eval_equals_one_process(out_dir, val_loss, samples):
     hidden states handed on in the model's dtype: the final validation loss equals one process's on the
     same (final, sharded) checkpoint bit for bit, and the end sample (every rank's) is its greedy sample."""
     import torch
-    from dsv3.checkpoint import latest_checkpoint, load_any_checkpoint
+    from dsv3.checkpoint.store import latest_checkpoint, load_any_checkpoint
     from dsv3.config import load_config
-    from dsv3.data import prepare_data
-    from dsv3.model import Transformer
+    from dsv3.data.dataset import prepare_data
+    from dsv3.model.transformer import Transformer
     from dsv3.train import evaluate, sample_text
     cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"), BASE + [f"train.out_dir={out_dir}"])
     model = Transformer(cfg.model)
@@ -154,7 +154,7 @@ def _pipeline_eval_equals_one_process(out_dir, val_loss, samples):
 def test_micro_batch_size_auto(global_batch, dp, pp, schedule, ramp_start, expected):
     """``auto``: the largest micro-batch splitting the replica's batch into a count the schedule takes (the
     expected values worked by hand above); the layout then splits the global batch with it."""
-    from dsv3.batch import check_layout, micro_batch_size
+    from dsv3.data.batch import check_layout, micro_batch_size
     from dsv3.config import load_config
     ramp = [f"train.batch_ramp={{start_sequences: {ramp_start}, tokens: 1000}}"] if ramp_start else []
     cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"),

@@ -1,11 +1,11 @@
-"""dsv3.optim.AdamW: its fused path (torch's one-pass kernel, FP32/FP64 moments) equals its per-tensor
+"""dsv3.training.optim.AdamW: its fused path (torch's one-pass kernel, FP32/FP64 moments) equals its per-tensor
 path and torch.optim.AdamW over several parameters and steps; fp64 parameters keep fp64 moments."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dsv3.optim import AdamW
+from dsv3.training.optim import AdamW
 
 
 def _run(dtype, fused: bool, steps=5):

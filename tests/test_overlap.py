@@ -32,7 +32,7 @@ def _microbatches(n: int, seed: int, vocab: int = 97, B: int = 2, T: int = 16) -
 
 
 def _ep_model(cfg, latency: float, tracer, mesh=None):
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.mesh import Mesh
     from parallel.overlap import use_link_model

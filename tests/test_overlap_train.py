@@ -26,7 +26,7 @@ def _run(rank, overrides: list[str], dtype: torch.dtype, trace: str = ""):
     """Two train steps through parallelize(); trace: '' (none), 'on' / 'off' (OverlapPipeline with
     that ``overlap``, every part and all-to-all recorded)."""
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
     from parallel.trace import Tracer

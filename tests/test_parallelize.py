@@ -22,7 +22,7 @@ PROMPT, NEW_TOKENS = [5, 17, 42, 7], 12
 
 def _setup(overrides):
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(config_path("debug.yaml"), BASE + overrides)
     torch.manual_seed(0)
     model = Transformer(cfg.model)
@@ -35,7 +35,7 @@ def _setup(overrides):
 
 def _reference(fp64=False, steps=STEPS):
     """One process: losses, grad norms, routing biases, final weights, parameter count."""
-    from dsv3.optim import build_optimizer
+    from dsv3.training.optim import build_optimizer
     cfg, model, batches = _setup([])
     if fp64:
         model.double()
@@ -48,7 +48,7 @@ def _reference(fp64=False, steps=STEPS):
 
 
 def _worker(rank, world, fp64=False, steps=STEPS):
-    from dsv3.generate import generate
+    from dsv3.tools.generate import generate
     from parallel.dist_checkpoint import _slices
     from parallel.dsv3_stages import moe_by_name
     from parallel.mesh import Mesh
@@ -91,7 +91,7 @@ def _gathered(results, name, like: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def _one_process_sample(weights, bias, fp64) -> list[int]:
     """The one-process greedy sample of the layout's own weights and routing biases."""
-    from dsv3.generate import generate
+    from dsv3.tools.generate import generate
     _, model, _ = _setup([])
     if fp64:
         model.double()

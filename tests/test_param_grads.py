@@ -7,7 +7,7 @@ update and routing-bias update produced, so the update is compared too — and t
 The gradient a rank holds at clipping time is its ZeRO-1 shard of each flat gradient it holds (its
 experts under EP, its stages under PP, mirrored DualPipe copies summed), already reduce-scattered and
 divided by the global number of micro-batches: it is read where ``parallel/zero.py`` asks
-``dsv3.optim.clip_coefficient`` for the clip factor, and compared with the same elements of the
+``dsv3.training.optim.clip_coefficient`` for the clip factor, and compared with the same elements of the
 one-process model's ``.grad`` (whole global batch in one forward, ``tests/dist_utils.reference_step``'s
 order of operations). A missing average over DP doubles a gradient; a wrong expert slice, a shard
 off by one chunk or a mirrored copy not summed changes one parameter while the loss barely moves.
@@ -60,7 +60,7 @@ def _chain_roundings(cfg) -> int:
 
 def _setup(overrides):
     from dsv3.config import load_config
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(config_path("debug.yaml"), BASE + overrides)
     torch.manual_seed(0)
     model = Transformer(cfg.model).double()
@@ -72,7 +72,7 @@ def _setup(overrides):
 
 def _reference():
     """One process, the whole global batch per step: gradients before clipping, then clip, AdamW, bias."""
-    from dsv3.optim import build_optimizer, clip_grad_norm
+    from dsv3.training.optim import build_optimizer, clip_grad_norm
     cfg, model, batches = _setup([])
     opt = build_optimizer(model, cfg.train)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -90,7 +90,7 @@ def _reference():
 def _worker(rank, world, layouts):
     """Every layout in turn in the same two processes; per layout and step, each held parameter's shard
     of the reduced, divided gradient at clipping time, and after the last step the master shards."""
-    import dsv3.optim as optim
+    import dsv3.training.optim as optim
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
     from parallel.placement import Placement

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import config_path
 from dsv3.config import load_config
-from dsv3.params import count_params
+from dsv3.model.params import count_params
 
 
 def rel(a, b):
@@ -34,7 +34,7 @@ def test_v2_lite_counts():
 def test_count_matches_a_real_model():
     """The meta-device count equals the numel of an instantiated small model, by hand for experts."""
     import torch
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(config_path("debug.yaml")).model
     model = Transformer(cfg)
     c = count_params(cfg)

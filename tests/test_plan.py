@@ -1,4 +1,4 @@
-"""dsv3.plan: the trainer's stage cut, per-rank state bytes against a meta-device model, activation bytes
+"""dsv3.tools.plan: the trainer's stage cut, per-rank state bytes against a meta-device model, activation bytes
 against what autograd saves, a worked example by hand, published table lookups, and the CLI's labels/exits."""
 import math
 import os
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dsv3.config import load_config
-from dsv3.hardware import GPUS, get_gpu, gpu_from_device_name
-from dsv3.plan import main, plan
-from dsv3.plan_factors import Ctx, gemm_tflops
-from dsv3.plan_memory import ActDtypes, block_params, layer_activation_bytes, rank_state_bytes
+from dsv3.tools.hardware import GPUS, get_gpu, gpu_from_device_name
+from dsv3.tools.plan import main, plan
+from dsv3.tools.plan_factors import Ctx, gemm_tflops
+from dsv3.tools.plan_memory import ActDtypes, block_params, layer_activation_bytes, rank_state_bytes
 from parallel.stage_cut import stage_bounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ def test_stage_cut_61_on_16():
 
 @pytest.mark.parametrize("path", [DEBUG, V3])
 def test_block_params_match_meta_model(path):
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     m = load_config(path).model
     with torch.device("meta"):
         model = Transformer(m)
@@ -39,7 +39,7 @@ def test_block_params_match_meta_model(path):
 def test_rank_state_bytes_against_meta_model_1f1b():
     """PP2 1F1B, DP4, EP2 on debug: each rank's tensors listed from the meta model (rank 1 holds its own
     embedding copy for MTP), experts / EP, ZeRO shards ⌈n/W⌉ per tensor (dense W=4, expert W=2)."""
-    from dsv3.model import Transformer
+    from dsv3.model.transformer import Transformer
     cfg = load_config(DEBUG, ["parallel.pp_schedule=1f1b"])
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -69,8 +69,8 @@ def test_activation_bytes_match_autograd_saved_tensors(overrides):
     """Per token per layer, recompute on, debug model on CPU (FP32; FP8 under BF16 autocast, the 671B
     precision): bytes of every distinct storage autograd saves (parameters and buffers excluded: the FP8
     GEMMs keep the parameters themselves and re-quantise them) against the formula, within 10% (issue 20)."""
-    from dsv3.model import Transformer
-    from dsv3.precision import apply_fp8
+    from dsv3.model.transformer import Transformer
+    from dsv3.training.precision import apply_fp8
     torch.manual_seed(0)
     cfg = load_config(DEBUG, overrides)
     model = Transformer(cfg.model)
@@ -178,7 +178,7 @@ def test_no_report_comparison_for_other_configs(capsys):
 
 
 def test_search_lists_fitting_layouts_cheapest_first():
-    from dsv3.plan import search
+    from dsv3.tools.plan import search
     cfg = load_config(DEBUG)
     found = search(cfg, 8, "h800", 0.04, None, global_batch=64, micro_batch=2)
     hours = [p.rates(p.expected)["gpu_hours_per_t"] for p in found]

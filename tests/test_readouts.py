@@ -1,12 +1,12 @@
-"""Read-outs: the run's final line, the loss-curve figure (dsv3/plots.py), the load maps' colour bar and
-clipping note (dsv3/ablate_report.py), the schedule PNG's legend and time axis (parallel/simulate.py)."""
+"""Read-outs: the run's final line, the loss-curve figure (dsv3/tools/plots.py), the load maps' colour bar and
+clipping note (dsv3/tools/ablate_report.py), the schedule PNG's legend and time axis (parallel/simulate.py)."""
 import json
 
 import pytest
 
-from dsv3.ablate_report import LOAD_LABEL, clip_note, load_colorbar
-from dsv3.plots import curve_series, figure, loss_curve, moving_average
-from dsv3.train_log import final_line
+from dsv3.tools.ablate_report import LOAD_LABEL, clip_note, load_colorbar
+from dsv3.tools.plots import curve_series, figure, loss_curve, moving_average
+from dsv3.training.train_log import final_line
 from parallel.schedules import chain_mbs
 from parallel.simulate import Costs, box_styles, direction, legend_entries, simulate, time_label
 

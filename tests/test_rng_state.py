@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3 import rng_state
-from dsv3.checkpoint import load_checkpoint, save_checkpoint
+from dsv3.checkpoint import rng_state
+from dsv3.checkpoint.store import load_checkpoint, save_checkpoint
 from dsv3.errors import CheckpointError
 
 

@@ -1,4 +1,4 @@
-"""The router (dsv3.moe.Gate) against a plain per-token loop written from SPEC §2, and against
+"""The router (dsv3.model.moe.Gate) against a plain per-token loop written from SPEC §2, and against
 transformers' DeepseekV3TopkRouter on the same weights."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsv3.config import MoEConfig
-from dsv3.moe import Gate
+from dsv3.model.moe import Gate
 
 
 def route_one_token(logits: list[float], bias: list[float], c: MoEConfig):

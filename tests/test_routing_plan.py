@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.config import MoEConfig
-from dsv3.moe import Gate
+from dsv3.model.moe import Gate
 from parallel.placement import Placement
 from parallel.routing_plan import Topology, cluster_plan, mask_choices, plan_experts, plan_hop
 

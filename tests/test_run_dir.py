@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dsv3 import train as train_mod
-from dsv3.checkpoint import list_checkpoints
-from dsv3.run_dir import LOCK_NAME, truncate_metrics
-from dsv3.stops import Interrupted, StopRequests
+from dsv3.checkpoint.store import list_checkpoints
+from dsv3.checkpoint.run_dir import LOCK_NAME, truncate_metrics
+from dsv3.training.stops import Interrupted, StopRequests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")

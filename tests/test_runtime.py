@@ -1,4 +1,4 @@
-"""The run's device facts (dsv3/runtime.py): the dtype ``train.dtype: auto`` picks, the MFU denominator on
+"""The run's device facts (dsv3/training/runtime.py): the dtype ``train.dtype: auto`` picks, the MFU denominator on
 fixed fake CPU descriptions and patched CUDA devices, and the start-up choices — no timing involved."""
 import json
 import os
@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from dsv3 import runtime
-from dsv3.runtime import CpuInfo, choose_dtype, cpu_peak_flops, peak_flops, with_weights_dtype
+from dsv3.training import runtime
+from dsv3.training.runtime import CpuInfo, choose_dtype, cpu_peak_flops, peak_flops, with_weights_dtype
 
 EPYC_AVX2 = CpuInfo(threads=2, flags=frozenset({"avx2", "fma", "sse4_2"}), ghz=2.45, name="AMD EPYC (AVX2)")
 XEON_AMX = CpuInfo(threads=2, flags=frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}), ghz=2.1)

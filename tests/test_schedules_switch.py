@@ -2,7 +2,7 @@
 §2.1.2: γ → 0; §4.2: LR segments by tokens and the batch-size ramp). One tiny one-process run whose
 thresholds fall exactly on step boundaries, so an off-by-one (> for >=), a switch that never happens
 or a segment that never ends changes a logged value. The expected values are written here from the
-report's rules, not taken from dsv3.lr_schedule.
+report's rules, not taken from dsv3.training.lr_schedule.
 
 Tokens per sequence = data.seq_len = 16. Batch ramp 1 → 4 sequences over 128 tokens (micro-batch 1): a
 step after t tokens takes ⌊1 + 3·t/128⌋ sequences until t reaches 128, then 4 — 1, 1, 1, 2, 2, 3, 4, 4, 4,

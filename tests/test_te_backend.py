@@ -12,8 +12,8 @@ from torch import nn
 
 from dsv3.config import load_config
 from dsv3.errors import UserError
-from dsv3.model import Transformer
-from dsv3.precision import apply_fp8
+from dsv3.model.transformer import Transformer
+from dsv3.training.precision import apply_fp8
 from tests.conftest import config_path
 
 

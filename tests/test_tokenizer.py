@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from dsv3.corpus import embedded_corpus, split_documents
+from dsv3.data.corpus import embedded_corpus, split_documents
 from dsv3.errors import DataError
-from dsv3.tokenizer import (EOS, FIM_BEGIN, FIM_END, FIM_HOLE, get_tokenizer, tokenizer_sample, train_bpe)
+from dsv3.data.tokenizer import (EOS, FIM_BEGIN, FIM_END, FIM_HOLE, get_tokenizer, tokenizer_sample, train_bpe)
 
 EDGE_CASES = ["a\u2581b ▁▁ c", "x\r\ny\t\t z  \n\n", "é中文😀", "  lead", "trail  ", "\x00\x01\x7f",
               "\u3000full\u00a0width", "\ufeffbom", "    def f(x):\n        return x  # 123456\n",

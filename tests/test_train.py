@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dsv3.config import load_config
-from dsv3.batch import micro_batches_at
-from dsv3.lr_schedule import lr_at
-from dsv3.optim import AdamW
+from dsv3.data.batch import micro_batches_at
+from dsv3.training.lr_schedule import lr_at
+from dsv3.training.optim import AdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")

@@ -14,8 +14,8 @@ and recomputes the SwiGLU output in the backward (DeepSeek-V3 report §3.3.3, "L
 The forward output equals the uncached path's bit for bit (same h, same quantisation of h); only the
 backward sees the FP8 rounding of gate and up (relative ≤ 2^-4 per element, E4M3's 3 mantissa bits).
 gate and up keep their own 1×128 tiles (one quantisation of [gate | up] when inter is a multiple of 128).
-GroupedExperts.swiglu_down is the hook (dsv3.precision sets it under fp8.cache_swiglu_fp8); the dense FFN
-and the shared experts (dsv3.layers.MLP.swiglu_down) get the same through ``fp8_swiglu_linear``: one
+GroupedExperts.swiglu_down is the hook (dsv3.training.precision sets it under fp8.cache_swiglu_fp8); the dense FFN
+and the shared experts (dsv3.model.layers.MLP.swiglu_down) get the same through ``fp8_swiglu_linear``: one
 group, fp8_linear's GEMMs (issue 20, memory).
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ as a ``transformer_engine.pytorch.Linear`` that holds the model's own weight Par
 ZeRO-1 and checkpoints see no difference) under ``fp8_autocast(fp8_recipe=Float8BlockScaling())``. The
 routed experts keep dsv3's Triton grouped GEMM: TE's ``GroupedLinear`` owns one weight per expert, not the
 (E, N, K) tensor the expert-parallel shards and checkpoints are built on. The precision policy (which
-layers stay BF16/FP32) is the same as for every backend (``dsv3.precision``). The report's low-precision
+layers stay BF16/FP32) is the same as for every backend (``dsv3.training.precision``). The report's low-precision
 caches (``fp8.cache_wo_e5m6``, ``fp8.cache_swiglu_fp8``) are dsv3 kernels that TE's Linear does not run:
 with ``te`` they must be switched off (one line, exit 2, otherwise).
 

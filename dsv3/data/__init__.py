@@ -1,0 +1,1 @@
+"""Data: corpus, tokenizer, packed memory-mapped token shards, batch sizing."""

@@ -1,0 +1,1 @@
+"""The model in plain PyTorch (imports torch only): MLA, RoPE, DeepSeekMoE, MTP, the Transformer, and the hooks (Linear.impl, GroupedExperts.gmm, MoE.dispatcher) that kernels and parallelism swap in."""

@@ -1,0 +1,1 @@
+"""Commands around training: the planner, ablations and their report, plots, generation."""
