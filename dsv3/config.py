@@ -5,7 +5,7 @@ key's path and what was expected (``model.moe.n_activated_experts: expected int,
 A YAML file may name ``base: other.yaml`` (relative to itself); its keys override the base's.
 CLI overrides ``a.b.c=value`` are parsed as YAML scalars and type-checked the same way.
 
-``python -m dsv3.config configs/X.yaml [overrides...]`` prints the resolved config and the
+``python -m dsv3.tools.show_config configs/X.yaml [overrides...]`` prints the resolved config and the
 parameter counts, computed on the meta device.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 from dsv3.errors import UserError
+from dsv3.model.args import MLAConfig, MoEConfig, MTPConfig, ModelConfig, RopeScaling  # the model section of the tree
 
 
 class ConfigError(UserError):
@@ -29,76 +30,6 @@ class ConfigError(UserError):
 
 
 # --------------------------------------------------------------------------------------------- tree
-@dataclass(frozen=True)
-class RopeScaling:
-    """YaRN (DeepSeek-V3 long-context stages: factor 40, original 4096, beta 32/1, mscale 1/1)."""
-    type: Literal["yarn"] = "yarn"
-    factor: float = 40.0
-    original_max_position_embeddings: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
-
-
-@dataclass(frozen=True)
-class MLAConfig:
-    """Multi-head Latent Attention (DeepSeek-V2 §2.1). q_lora_rank None = plain query projection."""
-    n_heads: int = 4
-    q_lora_rank: Optional[int] = None
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScaling] = None
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """DeepSeekMoE with the V3 router and aux-loss-free balancing (report §2.1.2)."""
-    n_routed_experts: int = 16
-    n_shared_experts: int = 1
-    moe_inter_dim: int = 64
-    n_activated_experts: int = 4             # K_r, top-k
-    n_group: int = 1
-    topk_group: int = 1
-    routed_scaling_factor: float = 1.0
-    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
-    topk_method: Literal["noaux_tc", "group_limited_greedy", "greedy"] = "noaux_tc"
-    norm_topk_prob: bool = True
-    bias_update: Literal["sign", "proportional", "none"] = "sign"
-    bias_update_speed: float = 1e-3          # γ
-    bias_update_stop_tokens: Optional[int] = None   # γ → 0 after this many tokens (report: 14.3T)
-    aux_loss_alpha: float = 1e-4             # α of the complementary sequence-wise loss; 0 = off
-    aux_loss_type: Literal["sequence", "batch"] = "sequence"
-    grouped_mm_impl: Literal["auto", "loop", "segments", "grouped_mm"] = "auto"
-
-
-@dataclass(frozen=True)
-class MTPConfig:
-    """Multi-Token Prediction (report §2.2): D modules, loss weight λ1 then λ2 after a token count."""
-    depth: int = 1                           # D; 0 = no MTP
-    lambda_start: float = 0.3
-    lambda_end: float = 0.1
-    lambda_switch_tokens: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 512
-    dim: int = 128
-    n_layers: int = 4
-    n_dense_layers: int = 1                  # first_k_dense_replace
-    inter_dim: int = 256                     # dense FFN width
-    norm_eps: float = 1e-6
-    init_std: float = 0.006
-    max_seq_len: int = 4096
-    mla: MLAConfig = field(default_factory=MLAConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    mtp: MTPConfig = field(default_factory=MTPConfig)
-
-
 @dataclass(frozen=True)
 class FP8Config:
     """FP8 (E4M3) GEMMs with 1×128 activation and 128×128 weight scales (report §3.3)."""
@@ -547,27 +478,3 @@ def to_dict(cfg) -> dict:
 def replace(cfg: Config, overrides: list[str]) -> Config:
     """A copy of cfg with `a.b.c=value` overrides applied (strictly checked)."""
     return validate(_build(Config, apply_overrides(to_dict(cfg), overrides)))
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--describe" or "-h" in argv or "--help" in argv:
-        from dsv3.config_doc import main as doc_main   # the reference of every key (docs/config.md)
-        return doc_main(argv if argv[0] == "--describe" else ["--help"])
-    if not argv or argv[0].startswith("-"):
-        print("usage: python -m dsv3.config CONFIG.yaml [key.path=value ...] | --describe KEY | --help",
-              file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    from dsv3.model.params import count_params, format_counts
-    print(format_counts(count_params(cfg.model)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
 """The config reference, generated from the dataclasses of dsv3/config.py: every key's type, default,
 one line of meaning and, where the DeepSeek-V3 report names it, its symbol (report §2–4).
 
-    python -m dsv3.config --help                        # usage and the whole reference
-    python -m dsv3.config --describe model.moe.n_activated_experts
-    python -m dsv3.config --describe model.moe          # every key under a section
+    python -m dsv3.tools.show_config --help                        # usage and the whole reference
+    python -m dsv3.tools.show_config --describe model.moe.n_activated_experts
+    python -m dsv3.tools.show_config --describe model.moe          # every key under a section
 
 ``DOC`` holds the one-line meanings keyed by dotted path (``train.lr_segments[].kind`` for the
 fields of a list's items); ``SYMBOL`` the report's symbols. docs/config.md is ``markdown()`` written
@@ -273,7 +273,7 @@ def describe(path: str) -> str:
         near = difflib.get_close_matches(path, [k.path for k in ks] + [s for s, _ in sections()], n=3)
         word = _norm(path.rsplit(".", 1)[-1])   # "topk" finds the key whose meaning says "top-k"
         near += [k.path for k in ks if len(word) >= 3 and word in _norm(k.doc) and k.path not in near]
-        hint = f" (did you mean {', '.join(near)}?)" if near else " (python -m dsv3.config --help lists them)"
+        hint = f" (did you mean {', '.join(near)}?)" if near else " (python -m dsv3.tools.show_config --help lists them)"
         raise ConfigError(f"no config key '{path}'{hint}")
     if exact and not under:
         k = exact[0]
@@ -311,8 +311,8 @@ def markdown() -> str:
     out = ["# Config reference", "",
            "Generated from the dataclasses of `dsv3/config.py` and the descriptions in `dsv3/config_doc.py`; "
            "`tests/test_config_doc.py` fails when this file is stale (regenerate: "
-           "`python -m dsv3.config_doc > docs/config.md`). Print it with `python -m dsv3.config --help`, one key "
-           "with `python -m dsv3.config --describe KEY`.",
+           "`python -m dsv3.config_doc > docs/config.md`). Print it with `python -m dsv3.tools.show_config --help`, one key "
+           "with `python -m dsv3.tools.show_config --describe KEY`.",
            "",
            "Keys are set in a YAML file (nested mappings) or on the command line as `key.path=value`. "
            "Symbols are the DeepSeek-V3 report's (MLA's from DeepSeek-V2).", ""]
@@ -330,9 +330,9 @@ def markdown() -> str:
     return "\n".join(out)
 
 
-USAGE = """usage: python -m dsv3.config CONFIG.yaml [key.path=value ...]
-       python -m dsv3.config --describe KEY
-       python -m dsv3.config --help
+USAGE = """usage: python -m dsv3.tools.show_config CONFIG.yaml [key.path=value ...]
+       python -m dsv3.tools.show_config --describe KEY
+       python -m dsv3.tools.show_config --help
 
 Prints the resolved config (YAML) and the parameter counts of CONFIG.yaml with the overrides applied.
 A YAML file may name `base: other.yaml`; an override is key.path=value, its value parsed as YAML.
@@ -356,7 +356,7 @@ Exit codes: 0 finished, or stopped at train.time_limit_s after a checkpoint; 2 a
 (one line on stderr); 3 diverged (train.max_skipped_steps non-finite steps in a row); 143 / 130 stopped by
 SIGTERM / SIGINT after a checkpoint (a second signal stops at once, same code); 1 another rank failed.
 
-Every key: python -m dsv3.config --help (or docs/config.md); one key: python -m dsv3.config --describe KEY.
+Every key: python -m dsv3.tools.show_config --help (or docs/config.md); one key: python -m dsv3.tools.show_config --describe KEY.
 Often set:
 """
 TRAIN_KEYS = ("train.steps", "train.micro_batch_size", "train.global_batch", "train.lr", "train.dtype",
@@ -371,7 +371,7 @@ def train_help() -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m dsv3.config --help | --describe KEY`` (called by dsv3.config's main)."""
+    """``python -m dsv3.tools.show_config --help | --describe KEY`` (called by dsv3.tools.show_config's main)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--describe":
         if len(argv) != 2:

@@ -79,7 +79,7 @@ def test_cross_field_validation():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dsv3.config", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dsv3.tools.show_config", *args], cwd=REPO, capture_output=True, text=True)
 
 
 def test_cli_exit_code_and_one_line_message():

@@ -14,6 +14,7 @@ import pytest
 
 from dsv3 import config as config_mod
 from dsv3 import config_doc
+from dsv3.tools import show_config
 from dsv3.config import Config, load_config, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,30 +66,30 @@ def test_docs_config_md_is_current():
 
 
 def test_config_help_and_describe(capsys):
-    proc = subprocess.run([sys.executable, "-m", "dsv3.config", "--help"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "dsv3.tools.show_config", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: python -m dsv3.config")
+    assert proc.stdout.startswith("usage: python -m dsv3.tools.show_config")
     assert all(f"  {k.path} " in proc.stdout for k in config_doc.keys())
 
-    assert config_mod.main(["--describe", "model.moe.n_activated_experts"]) == 0
+    assert show_config.main(["--describe", "model.moe.n_activated_experts"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:4] == ["model.moe.n_activated_experts", "  type:    int", "  default: 4",
                        "  symbol:  K_r (DeepSeek-V3 report)"]
     assert out[4].strip() == config_doc.DOC["model.moe.n_activated_experts"]
 
-    assert config_mod.main(["--describe", "model.moe.topk"]) == 2    # a guess: one line naming the real key
+    assert show_config.main(["--describe", "model.moe.topk"]) == 2    # a guess: one line naming the real key
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no config key 'model.moe.topk'" in err[0] and "model.moe.n_activated_experts" in err[0]
 
-    assert config_mod.main(["--describe", "model.mtp"]) == 0          # a section: each of its keys, one a line
+    assert show_config.main(["--describe", "model.mtp"]) == 0          # a section: each of its keys, one a line
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == [f"model.mtp.{f.name}" for f in dataclasses.fields(config_mod.MTPConfig)]
 
-    assert config_mod.main([]) == 2                                   # no config: usage, exit 2 as before
-    assert "usage: python -m dsv3.config" in capsys.readouterr().err
-    assert config_mod.main(["configs/debug.yaml", "--help"]) == 0     # --help after the config too
-    assert capsys.readouterr().out.startswith("usage: python -m dsv3.config")
+    assert show_config.main([]) == 2                                   # no config: usage, exit 2 as before
+    assert "usage: python -m dsv3.tools.show_config" in capsys.readouterr().err
+    assert show_config.main(["configs/debug.yaml", "--help"]) == 0     # --help after the config too
+    assert capsys.readouterr().out.startswith("usage: python -m dsv3.tools.show_config")
 
 
 def test_train_help(capsys):
@@ -97,7 +98,7 @@ def test_train_help(capsys):
         assert main(argv) == 0
         out = capsys.readouterr().out
         assert out.startswith("usage: python -m dsv3.train [CONFIG.yaml] [key.path=value ...]")
-        assert "Exit codes:" in out and "python -m dsv3.config --help" in out
+        assert "Exit codes:" in out and "python -m dsv3.tools.show_config --help" in out
         assert all(k in out for k in config_doc.TRAIN_KEYS)
 
 

@@ -168,7 +168,7 @@ def test_micro_batch_size_auto_without_a_split_is_one_line(tmp_path):
     """4 sequences cannot give DualPipe on 4 stages its 8 chunks: exit 2, one line naming the numbers."""
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "dsv3.config", os.path.join(ROOT, "configs", "debug.yaml"),
+    r = subprocess.run([sys.executable, "-m", "dsv3.tools.show_config", os.path.join(ROOT, "configs", "debug.yaml"),
                         "train.global_batch=4", "parallel.pp=4", "parallel.pp_schedule=dualpipe"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

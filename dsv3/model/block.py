@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dsv3.config import ModelConfig
+from dsv3.model.args import ModelConfig
 from dsv3.model.layers import MLP, RMSNorm
 from dsv3.model.mla import MLA, MLACache
 from dsv3.model.moe import MoE

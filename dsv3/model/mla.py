@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dsv3.config import MLAConfig
+from dsv3.model.args import MLAConfig
 from dsv3.model.attention import mla_attention
 from dsv3.model.layers import Linear, RMSNorm, shared_input_linears
 from dsv3.model.rope import apply_rope, softmax_scale

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.config import MoEConfig
+from dsv3.model.args import MoEConfig
 from dsv3.model.experts import GroupedExperts, local_dispatch
 from dsv3.model.layers import MLP
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.model.block import Block
-from dsv3.config import ModelConfig
+from dsv3.model.args import ModelConfig
 from dsv3.model.layers import Linear, RMSNorm
 
 

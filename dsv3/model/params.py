@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3.config import ModelConfig
+from dsv3.model.args import ModelConfig
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from dsv3.config import MLAConfig, RopeScaling
+from dsv3.model.args import MLAConfig, RopeScaling
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dsv3.model.block import Block
-from dsv3.config import ModelConfig
+from dsv3.model.args import ModelConfig
 from dsv3.model.experts import GroupedExperts
 from dsv3.model.layers import MLP, Linear, RMSNorm
 from dsv3.model.loss import head_cross_entropy
