@@ -1,4 +1,5 @@
 """Discrete-event simulation of a pipeline schedule (DeepSeek-V3 report §3.2.1, Table 2: bubble and memory).
+Any kind of ``parallel.schedules.SCHEDULES`` runs here, its closed form from its ``Schedule``.
 
 Each rank runs its ``parallel.schedules`` op list in order; an op starts when its rank is free and
 every input it needs has arrived: F needs the previous pipe stage's F of the same micro-batch,
@@ -14,7 +15,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
-from parallel.schedules import KINDS, Layout, Op, all_schedules, layout
+from parallel.schedules import SCHEDULES, Layout, Op, all_schedules, get_schedule, layout
 
 
 class Deadlock(RuntimeError):
@@ -135,18 +136,17 @@ def _peak_activations(tl: list[tuple[float, float, Op]]) -> int:
 
 
 def closed_form_bubble(kind: str, num_ranks: int, costs: Costs = Costs()) -> float:
-    """The DualPipe README's table; PP = model stages (2N for DualPipeV)."""
-    F, B, W = costs.F, costs.B, costs.W
-    FB = F + B if costs.FB is None else costs.FB
-    PP = 2 * num_ranks if kind == "dualpipev" else num_ranks
-    return {"1f1b": (PP - 1) * (F + B), "zb1p": (PP - 1) * (F + B - 2 * W),
-            "dualpipe": (PP / 2 - 1) * (FB + B - 3 * W), "dualpipev": (PP / 2 - 1) * (FB + B - 3 * W)}[kind]
+    """The report's Table 2 (the DualPipe README's) bubble of ``kind``: ``Schedule.bubble``, PP = model stages."""
+    return get_schedule(kind).bubble(num_ranks, costs.F, costs.B, costs.W, costs.FB)
 
 
-def published_memory(kind: str, num_ranks: int) -> tuple[int, int]:
-    """(parameter copies in stage units, activations) per device from the report's Table 2 (DualPipe README)."""
-    PP = 2 * num_ranks if kind == "dualpipev" else num_ranks
-    return {"1f1b": (1, PP), "zb1p": (1, PP), "dualpipe": (2, PP + 1), "dualpipev": (2, PP + 1)}[kind]
+def published_memory(kind: str, num_ranks: int, num_chunks: Optional[int] = None) -> tuple[int, int]:
+    """(parameter copies in stage units, activations in micro-batches) per device as the report's Table 2
+    states them (1F1B, ZB1P: 1, PP; DualPipe, DualPipeV: 2, PP+1): the schedule's stage copies and
+    in-flight counts on its busiest rank. ``num_chunks`` defaults to the schedule's fewest."""
+    sched = get_schedule(kind)
+    C = sched.fewest_chunks(num_ranks) if num_chunks is None else num_chunks
+    return max(sched.stage_copies(num_ranks)), max(sched.peak_activations(num_ranks, C))
 
 
 COLOURS = {"F": "#4c8ed9", "B": "#3fa34d", "Bi": "#9fd89f", "W": "#b58bd6"}
@@ -156,9 +156,9 @@ HATCH = "////"   # direction 1 of DualPipe / the returning leg of DualPipeV's V
 
 
 def direction(res: SimResult, part: Op) -> int:
-    """0 or 1: DualPipe's second direction (pipe stages N…2N−1, fed on rank N−1) and DualPipeV's leg back
-    up the V (stages N…2N−1) are 1; 1F1B and ZB1P have one direction."""
-    return int(res.kind in ("dualpipe", "dualpipev") and part.stage >= res.num_ranks)
+    """0 or 1: pipe stages N…2N−1 are 1 — DualPipe's second direction (fed on rank N−1) and DualPipeV's
+    leg back up the V; 1F1B and ZB1P have N pipe stages, one direction."""
+    return int(part.stage >= res.num_ranks)
 
 
 def box_styles(res: SimResult) -> set[tuple[str, int]]:
@@ -183,7 +183,7 @@ def legend_entries(res: SimResult) -> list[tuple[str, str]]:
     if any(d == 1 for _, d in styles):
         N, C = res.num_ranks, res.num_chunks
         out.append(("dir1", f"hatched: direction 1, micro-batches {C // 2}–{C - 1} fed on rank {N - 1} "
-                            f"(plain: direction 0, 0–{C // 2 - 1} fed on rank 0)" if res.kind == "dualpipe" else
+                            f"(plain: direction 0, 0–{C // 2 - 1} fed on rank 0)" if len(layout(res.kind, N).chains) == 2 else
                             f"hatched: the V's way back, stages {N}–{2 * N - 1} from rank {N - 1} to rank 0 "
                             f"(plain: stages 0–{N - 1} down from rank 0)"))
     return out
@@ -277,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m parallel.simulate", description=__doc__.split("\n")[0],
                                  epilog="Prints the makespan, per-rank bubble and peak activations beside the "
                                         "closed-form bubble and the published memory of the report's Table 2.")
-    ap.add_argument("--kind", choices=KINDS, default="dualpipe", help="pipeline schedule (default dualpipe)")
+    ap.add_argument("--kind", choices=tuple(SCHEDULES), default="dualpipe", help="pipeline schedule (default dualpipe)")
     ap.add_argument("--ranks", type=int, default=8, help="pipeline ranks N (DualPipe: even; default 8)")
     ap.add_argument("--chunks", type=int, default=20,
                     help="micro-batches C per step (DualPipe: even, >= 2N; DualPipeV: >= 2N; default 20)")
