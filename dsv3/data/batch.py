@@ -13,7 +13,7 @@
 Under the ramp the step's batch is start + (global_batch − start) · tokens / ramp.tokens, rounded down
 to a multiple of dp · micro_batch_size, never below the schedule's fewest micro-batches (pp for
 1F1B / ZB1P, 2·pp for DualPipe and DualPipeV; 1 without a pipeline) and, under DualPipe, an even
-count. Without a ramp every step takes global_batch, which must split exactly.
+count (``parallel.schedules.Schedule.fewest_chunks`` / ``needs_even_chunks``). Without a ramp every step takes global_batch, which must split exactly.
 """
 from __future__ import annotations
 
@@ -21,16 +21,19 @@ import dataclasses
 import math
 
 from dsv3.errors import UserError
+from parallel.schedules import get_schedule
 
 
 def fewest_chunks(pp: int, schedule: str) -> int:
-    if pp == 1:
-        return 1
-    return 2 * pp if schedule in ("dualpipe", "dualpipev") else pp
+    return get_schedule(schedule).fewest_chunks(pp)
+
+
+def _even(pp: int, schedule: str) -> bool:
+    return get_schedule(schedule).needs_even_chunks(pp)
 
 
 def _accepted(chunks: int, pp: int, schedule: str) -> bool:
-    return chunks >= fewest_chunks(pp, schedule) and not (schedule == "dualpipe" and pp > 1 and chunks % 2)
+    return get_schedule(schedule).accepts_chunks(pp, chunks)
 
 
 def micro_batch_size(t, dp: int = 1, pp: int = 1, schedule: str = "1f1b") -> int:
@@ -45,7 +48,7 @@ def micro_batch_size(t, dp: int = 1, pp: int = 1, schedule: str = "1f1b") -> int
             if batch % (dp * m) == 0 and _accepted(batch // (dp * m), pp, schedule)]
     if batch % dp or not fits:
         what = "train.global_batch" if batch == t.global_batch else "gcd(train.global_batch, batch_ramp.start_sequences)"
-        even = "an even number of " if schedule == "dualpipe" and pp > 1 else ""
+        even = "an even number of " if _even(pp, schedule) else ""
         raise UserError(f"train.micro_batch_size=auto: {what}={batch} gives no micro-batch over dp={dp} with "
                         f"{even}>= {fewest_chunks(pp, schedule)} micro-batches per replica "
                         f"({schedule if pp > 1 else 'no pipeline'}, pp={pp}); raise train.global_batch")
@@ -68,8 +71,8 @@ def check_layout(t, dp: int, pp: int = 1, schedule: str = "1f1b") -> int:
         raise UserError(f"train.global_batch={t.global_batch} does not split over dp={dp} × "
                         f"train.micro_batch_size={mbs}: make it a multiple of {unit}")
     chunks, need = t.global_batch // unit, fewest_chunks(pp, schedule)
-    if chunks < need or (schedule == "dualpipe" and pp > 1 and chunks % 2):
-        even = "an even number of " if schedule == "dualpipe" else ""
+    if chunks < need or (_even(pp, schedule) and chunks % 2):
+        even = "an even number of " if _even(pp, schedule) else ""
         raise UserError(f"train.global_batch={t.global_batch} gives {chunks} micro-batches per pipeline "
                         f"(dp={dp} × micro_batch_size={mbs}); {schedule} with pp={pp} needs {even}"
                         f">= {need}: raise train.global_batch or lower train.micro_batch_size")
@@ -85,6 +88,6 @@ def micro_batches_at(t, tokens: int, dp: int = 1, pp: int = 1, schedule: str = "
         return full
     seqs = ramp.start_sequences + (t.global_batch - ramp.start_sequences) * tokens / ramp.tokens
     chunks = max(fewest_chunks(pp, schedule), int(seqs // unit))
-    if schedule == "dualpipe" and pp > 1 and chunks % 2:
+    if _even(pp, schedule) and chunks % 2:
         chunks -= 1
     return min(full, max(chunks, fewest_chunks(pp, schedule)))

@@ -21,6 +21,7 @@ from dsv3.errors import UserError
 from dsv3.tools.hardware import GPU, GPUS, get_gpu
 from dsv3.tools.plan_factors import FACTORS, Ctx, model_flops_per_token, step
 from dsv3.tools.plan_memory import ActDtypes, rank_activation_bytes, rank_state_bytes  # noqa: F401 (re-exported)
+from parallel.schedules import get_schedule
 
 GIB = 1024 ** 3
 # The reserve kept free on every GPU (GiB). Assumed, not measured here (this session had no GPU):
@@ -85,20 +86,22 @@ def _hours(h: float) -> str:
 def check_layout(cfg: Config, gpus: int, pp: int, ep: int, dp: int, micro_batch: int, global_batch: int) -> None:
     """One ConfigError naming what to change when the layout cannot run (the trainer's own rules)."""
     m, kind = cfg.model, cfg.parallel.pp_schedule
+    sched = get_schedule(kind)
     if pp * dp != gpus:
         raise ConfigError(f"--gpus {gpus} must equal pp × dp = {pp} × {dp}")
     if dp % ep or m.moe.n_routed_experts % ep:
         raise ConfigError(f"ep={ep} must divide dp={dp} and model.moe.n_routed_experts={m.moe.n_routed_experts}")
-    stages = 2 * pp if kind == "dualpipev" and pp > 1 else pp
+    stages = sched.num_model_stages(pp) if pp > 1 else pp
     if stages > m.n_layers:
         raise ConfigError(f"pp={pp} gives {stages} model stages for {m.n_layers} layers: lower --pp")
     chunks = global_batch // dp // micro_batch
     if global_batch % (dp * micro_batch) or chunks < 1:
         raise ConfigError(f"global batch {global_batch} does not split into dp={dp} × micro-batches of {micro_batch}")
-    need = 2 * pp if kind in ("dualpipe", "dualpipev") else pp
-    if pp > 1 and (chunks < need or (kind == "dualpipe" and (pp % 2 or chunks % 2))):
-        raise ConfigError(f"{kind} on pp={pp} needs {'an even pp and an even number of ' if kind == 'dualpipe' else ''}"
-                          f"≥ {need} micro-batches per step, got {chunks}: change --pp or the batch")
+    need = sched.fewest_chunks(pp)
+    if pp > 1 and (not sched.accepts_chunks(pp, chunks) or (sched.even_ranks and pp % 2)):
+        rules = ("an even pp and " if sched.even_ranks else "") + ("an even number of " if sched.even_chunks else "")
+        raise ConfigError(f"{kind} on pp={pp} needs {rules}≥ {need} micro-batches per step, got {chunks}: "
+                          f"change --pp or the batch")
 
 
 def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int, global_batch: int | None = None,
@@ -116,7 +119,7 @@ def plan(cfg: Config, gpus: int, gpu: str, pp: int, ep: int, dp: int, global_bat
     check_layout(cfg, gpus, pp, ep, dp, mb, gb)
     kind = cfg.parallel.pp_schedule if pp > 1 else "1f1b"
     states = rank_state_bytes(cfg, pp, dp, ep, kind)
-    acts = rank_activation_bytes(cfg, pp, kind, mb, ActDtypes.for_training(cfg))
+    acts = rank_activation_bytes(cfg, pp, kind, mb, ActDtypes.for_training(cfg), num_chunks=gb // dp // mb)
     r = max(range(pp), key=lambda i: states[i]["params"] + states[i]["grads"] + states[i]["optimizer"] + acts[i])
     reserve = (sum(RESERVE.values()) + FRAGMENTATION * g.hbm_gib if reserve_gib is None else reserve_gib) * GIB
     ctx = Ctx(cfg, g, pp, dp, ep, mb, gb, maxvio)

@@ -14,6 +14,7 @@ from dsv3.config import Config
 from dsv3.tools.hardware import GPU, GPUS
 from dsv3.tools import plan_sources as src
 from dsv3.tools.plan_memory import FP8_ROW, rank_stages
+from parallel.schedules import get_schedule
 from parallel.stage_cut import stage_bounds
 
 FACTORS = [  # (key, label) in the order they are applied
@@ -216,7 +217,7 @@ def _stage_times(ctx: Ctx, lo: int, hi: int, last: bool, on: set, n_params: floa
             mem += sum(head_membound_bytes(ctx).values()) * ctx.tokens / _hbm_rate(ctx)
     if "membound" in on:
         mem += 8 * n_params / _hbm_rate(ctx)          # FP32 main-grad read + write by each micro-batch's wgrad
-    overlapped = ctx.ep > 1 and cfg.parallel.overlap and cfg.parallel.pp_schedule in ("dualpipe", "dualpipev")
+    overlapped = ctx.ep > 1 and cfg.parallel.overlap and get_schedule(cfg.parallel.pp_schedule).overlaps_f_and_b
     if "sms" in on and overlapped:
         k = ctx.gpu.sms / (ctx.gpu.sms - src.COMM_SMS.value)
         F, B, W = F * k, B * k, W * k
@@ -250,6 +251,7 @@ def step(ctx: Ctx, on: set, rank_params: list[dict]) -> dict:
     """Seconds of one optimizer step and its parts, for the busiest rank (mean rank when 'imbalance' is off)."""
     cfg, m = ctx.cfg, ctx.cfg.model
     kind = cfg.parallel.pp_schedule if ctx.pp > 1 else "1f1b"
+    sched = get_schedule(kind)
     n_stages, held = rank_stages(kind, ctx.pp)
     bounds = stage_bounds(m.n_layers, n_stages)
     per_stage_params = {s: 0.0 for s in range(n_stages)}
@@ -257,7 +259,7 @@ def step(ctx: Ctx, on: set, rank_params: list[dict]) -> dict:
         for s in stages:
             per_stage_params[s] = rank_params[r]["n_params"] / len(stages)
     times = [_stage_times(ctx, bounds[s], bounds[s + 1], s == n_stages - 1, on, per_stage_params[s]) for s in range(n_stages)]
-    mbs = ctx.chunks // 2 if kind == "dualpipe" and ctx.pp > 1 else ctx.chunks
+    mbs = ctx.chunks // len(sched.chain_mbs(ctx.pp, ctx.chunks))   # micro-batches through each pipe stage
     work = [sum(mbs * (times[s]["F"] + times[s]["B"] + times[s]["exposed"]) for s in stages) for stages in held]
     busiest = max(range(len(held)), key=lambda r: work[r])
     compute = work[busiest] if "imbalance" in on else sum(work) / len(work)
@@ -265,16 +267,7 @@ def step(ctx: Ctx, on: set, rank_params: list[dict]) -> dict:
     if "imbalance" not in on:
         stage = {k: sum(t[k] for t in times) / n_stages for k in ("F", "B", "W")}
     F, B, W = stage["F"], stage["B"], stage["W"]
-    if ctx.pp == 1:
-        bubble = 0.0
-    elif kind == "dualpipe":
-        bubble = (ctx.pp / 2 - 1) * (F + B + B - 3 * W)
-    elif kind == "dualpipev":
-        bubble = (ctx.pp - 1) * (F + B + B - 3 * W)
-    elif kind == "zb1p":
-        bubble = (ctx.pp - 1) * (F + B - 2 * W)
-    else:
-        bubble = (ctx.pp - 1) * (F + B)
+    bubble = 0.0 if ctx.pp == 1 else sched.bubble(ctx.pp, F, B, W)   # report Table 2, F&B = F + B (no overlap gain)
     p2p = 0.0
     if "p2p" in on and ctx.pp > 1:
         p2p = 2 * (n_stages - 1) * ctx.tokens * m.dim * 2.0 / (src.IB_GBS.value * 1e9)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from dsv3.config import Config, ModelConfig
+from parallel.schedules import get_schedule
 from parallel.stage_cut import stage_bounds
 
 FP8_ROW = 1 + 4 / 128       # one E4M3 byte per value + one FP32 scale per 128 values
@@ -61,23 +62,20 @@ def stage_params(m: ModelConfig, lo: int, hi: int, first: bool, last: bool) -> l
 
 
 def rank_stages(schedule: str, pp: int) -> tuple[int, list[list[int]]]:
-    """(number of model stages, the model stages each pipeline rank holds) — parallel/schedules.layout."""
+    """(number of model stages, the model stages each pipeline rank holds) — the schedule's layout
+    (parallel/schedules.py)."""
     if pp == 1:
         return 1, [[0]]
-    if schedule == "dualpipe":
-        return pp, [sorted({r, pp - 1 - r}) for r in range(pp)]
-    if schedule == "dualpipev":
-        return 2 * pp, [[r, 2 * pp - 1 - r] for r in range(pp)]
-    return pp, [[r] for r in range(pp)]
+    lay = get_schedule(schedule).layout(pp)
+    return lay.num_model_stages, [lay.model_stages_of(r) for r in range(pp)]
 
 
-def in_flight(schedule: str, pp: int, num_stages: int, stage: int) -> int:
-    """Micro-batches whose activations model stage ``stage`` holds at the peak: N − s on its rank (1F1B,
-    ZB1P; and on each DualPipe holder, which runs 1F1B's count per direction), so a DualPipe rank holds
-    N − r + r + 1 = PP + 1 (SPEC §4: activations PP, PP, PP+1, PP+1); DualPipeV is DualPipe on 2·PP stages."""
+def in_flight(schedule: str, pp: int, num_stages: int, stage: int, num_chunks: int) -> int:
+    """Micro-batches whose activations model stage ``stage`` holds at the peak: the schedule's
+    ``Schedule.in_flight`` (1F1B, ZB1P, DualPipe(V): N − s, so a DualPipe rank holds PP + 1; report Table 2)."""
     if pp == 1:
         return 1
-    return num_stages - stage
+    return get_schedule(schedule).in_flight(num_stages, stage, num_chunks)
 
 
 def rank_state_bytes(cfg: Config, pp: int, dp: int, ep: int, schedule: str) -> list[dict]:
@@ -158,7 +156,7 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, dt: ActDtypes) -> floa
     # the RoPE cos / sin that RoPE and the checkpoint keep are views of the model's one table (a buffer): none
     b += d * R                                              # h: ffn_norm's recompute input
     # no FP8 weight copies: FP8 Linears and the routed experts' GEMMs keep the parameter itself and
-    # re-quantise it in the backward (triton_kernels/fp8_linear.py, grouped_gemm.py, fp8_swiglu.py)
+    # re-quantise it in the backward (triton_kernels/fp8_linear.py, fp8_grouped_mm.py, fp8_swiglu.py)
     if layer_id < m.n_dense_layers:                         # normed h; the SwiGLU's input and w2's
         return b + shared_in * d * L + _mlp_swiglu_bytes(m.inter_dim, dt)
     k, E, I = e.n_activated_experts, e.n_routed_experts, e.moe_inter_dim
@@ -202,12 +200,16 @@ def stage_activation_bytes(m: ModelConfig, lo: int, hi: int, last: bool, dt: Act
     return total
 
 
-def rank_activation_bytes(cfg: Config, pp: int, schedule: str, micro_batch: int, dt: ActDtypes) -> list[float]:
-    """Peak activation bytes per pipeline rank: Σ over its stages of in-flight micro-batches × tokens × per-token bytes."""
+def rank_activation_bytes(cfg: Config, pp: int, schedule: str, micro_batch: int, dt: ActDtypes,
+                          num_chunks: int | None = None) -> list[float]:
+    """Peak activation bytes per pipeline rank: Σ over its stages of in-flight micro-batches × tokens × per-token
+    bytes; ``num_chunks`` (micro-batches per step) defaults to the schedule's fewest."""
     m = cfg.model
+    if num_chunks is None:
+        num_chunks = get_schedule(schedule).fewest_chunks(pp)
     n_stages, held = rank_stages(schedule, pp)
     bounds = stage_bounds(m.n_layers, n_stages)
     tokens = micro_batch * cfg.data.seq_len
-    return [sum(in_flight(schedule, pp, n_stages, s) * tokens
+    return [sum(in_flight(schedule, pp, n_stages, s, num_chunks) * tokens
                 * stage_activation_bytes(m, bounds[s], bounds[s + 1], s == n_stages - 1, dt)
                 for s in stages) for stages in held]
