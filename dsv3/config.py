@@ -45,7 +45,7 @@ class FP8Config:
 @dataclass(frozen=True)
 class ParallelConfig:
     pp: int = 1
-    pp_schedule: Literal["1f1b", "zb1p", "dualpipe", "dualpipev"] = "1f1b"
+    pp_schedule: str = "1f1b"                # a name in parallel/schedules.SCHEDULES (checked in validate)
     ep: int = 1
     nodes: int = 0                           # 0 = from the launcher's environment
     ranks_per_node: int = 0                  # 0 = from the launcher's environment
@@ -409,7 +409,12 @@ def _layout_checks(cfg: "Config") -> list[tuple[bool, str]]:
     """What parallel/ needs of pp, its schedule and the global batch, checkable without the world size
     (the batch split is checked again with the real dp at start: dsv3/data/batch.py ``check_layout``)."""
     from dsv3.data.batch import check_layout
+    from parallel.schedules import SCHEDULES   # pure data: imports nothing from dsv3
     pc, t = cfg.parallel, cfg.train
+    if pc.pp_schedule not in SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule: expected one of {', '.join(map(repr, SCHEDULES))}, got "
+                          f"{pc.pp_schedule!r} (pipeline schedules: parallel/schedules.py)")
+    sched = SCHEDULES[pc.pp_schedule]
     try:
         check_layout(t, 1, pc.pp, pc.pp_schedule)   # dp = 1 gives the most micro-batches a layout can have
         split = (True, "")
@@ -419,12 +424,13 @@ def _layout_checks(cfg: "Config") -> list[tuple[bool, str]]:
                f"parallel.zero1=false works only with plain data parallelism (pp=1, ep=1), got pp={pc.pp}, ep={pc.ep}: "
                f"the pipeline and expert-parallel trainer shards the optimizer state (ZeRO-1)")]
     if pc.pp > 1:
-        stages = 2 * pc.pp if pc.pp_schedule == "dualpipev" else pc.pp
+        stages = sched.num_model_stages(pc.pp)
         checks += [
             (stages <= cfg.model.n_layers, f"parallel.pp={pc.pp} with {pc.pp_schedule} needs {stages} model stages but "
                                            f"model.n_layers={cfg.model.n_layers}; lower parallel.pp or add layers"),
-            (pc.pp_schedule != "dualpipe" or pc.pp % 2 == 0,
-             f"parallel.pp_schedule=dualpipe needs an even parallel.pp, got {pc.pp}; use dualpipev for an odd one")]
+            (not sched.even_ranks or pc.pp % 2 == 0,
+             f"parallel.pp_schedule={pc.pp_schedule} needs an even parallel.pp, got {pc.pp}"
+             + (f"; use {sched.odd_ranks_instead} for an odd one" if sched.odd_ranks_instead else ""))]
     return checks + [split, (t.batch_ramp is None or t.batch_ramp.start_sequences <= t.global_batch,
                              "train.batch_ramp.start_sequences must be <= train.global_batch")]
 
