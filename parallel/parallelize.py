@@ -33,7 +33,7 @@ from parallel.expert_parallel import apply_expert_parallel
 from parallel.mesh import Mesh
 from parallel.overlap_pipeline import OverlapPipeline
 from parallel.pipeline import Pipeline
-from parallel.schedules import layout
+from parallel.schedules import get_schedule, layout
 from parallel.zero import Zero1
 
 
@@ -95,7 +95,7 @@ class ParallelModel:
             materialize_(held, device, model.init_seed)   # only this rank's stages (no-op for a real model)
             # DualPipe(V) pairs a forward and a backward chunk in its FB ops: with expert parallelism, run
             # them interleaved so each chunk's all-to-alls hide under the other's compute (report §3.2.1)
-            overlapped = pc.overlap and pc.ep > 1 and pc.pp_schedule in ("dualpipe", "dualpipev")
+            overlapped = pc.overlap and pc.ep > 1 and get_schedule(pc.pp_schedule).overlaps_f_and_b
             executor = OverlapPipeline if overlapped else Pipeline
             self.pipe = executor(model, stages, pc.pp_schedule, self.num_chunks,
                                  act_shape=(cfg.train.micro_batch_size, T, D),
