@@ -80,7 +80,8 @@ DOC: dict[str, str] = {
     "fp8.cache_swiglu_fp8": "cache the SwiGLU input in FP8 and recompute its output in backward — routed and shared experts and the dense FFN (report §3.3.3)",
     # parallel
     "parallel.pp": "pipeline-parallel ranks",
-    "parallel.pp_schedule": "pipeline schedule: 1f1b, zb1p (zero bubble), dualpipe (even pp) or dualpipev",
+    "parallel.pp_schedule": "pipeline schedule, a name in parallel/schedules.py's SCHEDULES: 1f1b, zb1p (zero "
+                            "bubble), dualpipe (even pp) or dualpipev built in",
     "parallel.ep": "expert-parallel size (divides data-parallel size and n_routed_experts)",
     "parallel.nodes": "nodes in the job; 0 = from the launcher's environment",
     "parallel.ranks_per_node": "ranks per node; 0 = from the launcher's environment",
