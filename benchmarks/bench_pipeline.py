@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from parallel.schedules import KINDS, layout  # noqa: E402
+from parallel.schedules import KINDS, get_schedule, layout  # noqa: E402
 from parallel.simulate import Costs, closed_form_bubble, simulate  # noqa: E402
 
 DIM = 8
@@ -38,7 +38,7 @@ def bubble_table() -> None:
           f" {'peak act':>8s} {'params':>6s}")
     for PP in (4, 8, 16):
         for kind in KINDS:
-            N = PP // 2 if kind == "dualpipev" else PP
+            N = PP // get_schedule(kind).model_stages_per_rank
             for C in (PP, 2 * PP, 4 * PP):
                 try:
                     res = simulate(kind, N, C, unit)
@@ -128,7 +128,7 @@ def _time_torch_dualpipev(world, C, costs, steps, mb_shape):
 
 def _costs(kind: str, unit: float) -> Costs:
     """The same model on every schedule: DualPipeV cuts it into 2N stages, so each stage costs half."""
-    u = unit / 2 if kind == "dualpipev" else unit
+    u = unit / get_schedule(kind).model_stages_per_rank
     return Costs(F=u, B=2 * u, Bi=u, W=u, FB=3 * u)
 
 
