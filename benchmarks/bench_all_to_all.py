@@ -8,9 +8,10 @@ with its IB and NVLink hops pipelined in chunks (report §3.2.1; parallel/two_ho
 2. Measured dispatch + combine on 8 gloo processes standing in for 4 nodes × 2 GPUs (256 experts, top-8,
    8 groups: one per GPU; node limit 2 = 2 groups kept), 4096 tokens of width 2048 per rank: flat, two-hop
    unchunked and two-hop in 2, 4, 8 chunks, FP8 dispatch off and on. Every all-to-all takes the time of
-   ``parallel.link_model.LinkModel`` (one serial IB link at 50 and one serial NVLink link at 160 units per
-   rank, FIFO, latency = 4 KB on IB per message, unit = --unit bytes/s), slept out by the receiver until
-   its senders' links are done: loopback has no IB/NVLink asymmetry by itself. The unit is slow enough
+   ``parallel.sim.links.LinkModel`` (one serial IB link at 50 and one serial NVLink link at 160 units per
+   rank, FIFO, latency = 4 KB on IB per message, unit = --unit bytes/s), installed as the dispatcher's
+   transport (``ModelledTransport``) and slept out by the receiver until its senders' links are done:
+   loopback has no IB/NVLink asymmetry by itself. The unit is slow enough
    (IB 12.5 MB/s) that loopback TCP on 2 shared cores is not the bottleneck. Beside each measurement:
    the bytes per hop, the modelled time of the run (its link bookings, at the times the ranks issued
    them) and the traffic model's prediction for the same routing (``predict_route``: the same link rules
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dsv3.config import MoEConfig, ParallelConfig  # noqa: E402
 from dsv3.model.moe import Gate  # noqa: E402
-from parallel.launch_utils import run_ranks  # noqa: E402
+from parallel.sim.launch import run_ranks  # noqa: E402
 from parallel.routing_plan import Topology, cluster_plan, plan_flat, plan_inter, plan_intra, mask_choices  # noqa: E402
 
 IB, NVLINK = 50e9, 160e9                       # bytes/s per GPU (SPEC §5)
@@ -118,7 +119,7 @@ def _links():
 def predictions(tokens: int, dim: int, unit: float) -> dict:
     """The traffic model for the measured shape: per configuration (kind, fp8, chunks), the bytes each hop
     carries (copy matrices from the routing plans × bytes per copy) and predict_route's time."""
-    from parallel.link_model import LinkModel, predict_route
+    from parallel.sim.links import LinkModel, predict_route
     topo = Topology(NODES, RPN, E // WORLD)
     idx = {tg: [v3_router(tg, tokens, dim, x_seed=r)[2] for r in range(WORLD)] for tg in (GROUPS, 2)}
     flat_m = cluster_plan(idx[GROUPS], topo, "flat")["hops"][0]
@@ -149,7 +150,7 @@ def _per_link(m: torch.Tensor, link_of) -> dict:
 def _measure(rank, world, tokens, dim, iters, unit):
     import torch.distributed as dist
     from parallel.all_to_all import EPDispatcher
-    from parallel.link_model import LinkModel
+    from parallel.sim.links import LinkModel, ModelledTransport
     from parallel.mesh import Mesh
     from parallel.placement import Placement
     mesh = Mesh.from_config(ParallelConfig(ep=world, nodes=NODES, ranks_per_node=RPN))
@@ -157,14 +158,16 @@ def _measure(rank, world, tokens, dim, iters, unit):
     with torch.no_grad():      # warm-up: connects every group, starts the communication thread
         for kind, C in (("flat", 1), ("two_hop", CHUNKS[-1])):
             x, w, idx = (t[:64] for t in routes[2])
-            disp = EPDispatcher(mesh, Placement.contiguous(E, world), kind, True, link=LinkModel(unit=unit), chunks=C)
+            disp = EPDispatcher(mesh, Placement.contiguous(E, world), kind, True,
+                                transport=ModelledTransport(LinkModel(unit=unit)), chunks=C)
             recv = disp.dispatch(x, idx, w).wait()
             disp.combine(recv.x, recv).wait()
     res = {}
     for fp8 in (False, True):
         for kind, C in [("flat", 1)] + [("two_hop", c) for c in CHUNKS]:
             x, w, idx = routes[GROUPS if kind == "flat" else 2]
-            disp = EPDispatcher(mesh, Placement.contiguous(E, world), kind, fp8, link=LinkModel(unit=unit), chunks=C)
+            disp = EPDispatcher(mesh, Placement.contiguous(E, world), kind, fp8,
+                                transport=ModelledTransport(LinkModel(unit=unit)), chunks=C)
             wall, model = [], []
             with torch.no_grad():
                 for it in range(iters):
@@ -175,7 +178,7 @@ def _measure(rank, world, tokens, dim, iters, unit):
                     t1 = time.perf_counter()
                     dist.barrier()
                     wall.append(t1 - t0)
-                    model.append(disp.model_done - t0)
+                    model.append(disp.transport.model_done - t0)
             t = torch.tensor([wall, model], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)          # an iteration ends when its last rank is done
             n = iters

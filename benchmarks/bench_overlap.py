@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from parallel.launch_utils import run_ranks  # noqa: E402
+from parallel.sim.launch import run_ranks  # noqa: E402
 
 PP, EP, WORLD = 2, 4, 8
 
@@ -47,8 +47,9 @@ def _rank(rank, world, args):
     from parallel.dsv3_stages import dsv3_microbatches
     from parallel.mesh import Mesh
     from parallel.parallelize import parallelize
-    from parallel.link_model import LinkModel
-    from parallel.trace import SerialLink, Tracer, add_compute_cost
+    from parallel.sim.cost import add_compute_cost
+    from parallel.sim.links import LinkModel, ModelledTransport, SerialLink
+    from parallel.trace import Tracer
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "debug.yaml"), _overrides(args))
     mesh = Mesh.from_config(cfg.parallel)
     torch.manual_seed(0)
@@ -73,7 +74,7 @@ def _rank(rank, world, args):
             link = LinkModel(args.ib_mbps, 3.2 * args.ib_mbps, unit=1e6, latency=args.latency_ms * ms)
         else:
             link = SerialLink(args.latency_ms * ms, {"inter": args.ib_mbps * 1e6, "intra": args.ib_mbps * 3.2e6})
-        pipe.trace(tr, link)
+        pipe.trace(tr, ModelledTransport(link))
         pipe.overlap = overlap
         times = []
         for step in range(args.steps + 1):
@@ -129,7 +130,7 @@ def main() -> None:
     ap.add_argument("--a2a-chunks", type=int, default=1, help="two_hop: IB/NVLink pipelining chunks")
     ap.add_argument("--link", choices=("serial", "honest"), default="serial",
                     help="serial: one stream per rank, IB and NVLink of an all-to-all concurrent on it; honest: "
-                         "parallel.link_model (a serial IB and a serial NVLink link, latency per message)")
+                         "parallel.sim.links.LinkModel (a serial IB and a serial NVLink link, latency per message)")
     ap.add_argument("--trace", default="", help="write the overlapped step's Chrome trace here")
     args = ap.parse_args()
 

@@ -39,7 +39,6 @@ import torch.distributed as dist
 from dsv3.config import ConfigError
 from dsv3.model.experts import sum_rows
 from dsv3.training.faults import PeerError, fault_point, first_line
-from parallel.link_model import LinkModel
 from parallel.placement import Placement
 from parallel.a2a_rows import Hop, _pack, _unpack, dequant, quant_pow2
 from parallel.routing_plan import Topology, plan_experts, plan_hop, ExpertPlan
@@ -83,28 +82,45 @@ def _peer_error(group, e: BaseException) -> PeerError:
         ranks = "?"
     return PeerError(f"expert all-to-all over ranks {ranks} failed: {first_line(e)}")
 
-class _Pending:
-    """An in-flight all_to_all_single; ``wait`` also sleeps out the modelled link time: until the latest
-    of the senders' links is done (``ts``: each sender's done time for this rank, exchanged beside the
-    data) or, with a single-stream model, this rank's own ``t_done``."""
+# ------------------------------------------------------------------------------------- transport
+class Transfer:
+    """One issued all-to-all: ``wait()`` returns once its rows are in the output buffer. ``issued`` and
+    ``done`` bound it in time for a tracer (a real collective: both its issue time, the transport cannot
+    see it finish; a modelled link: its booking)."""
 
-    def __init__(self, work, out, t_done: float, group=None, ts=None, disp=None):
-        self.work, self.out, self.t_done, self.group, self.ts, self.disp = work, out, t_done, group, ts, disp
+    def __init__(self, work, issued: float, done: float):
+        self.work, self.issued, self.done = work, issued, done
+
+    def wait(self) -> None:
+        self.work.wait()
+
+
+class Transport:
+    """``EPDispatcher.transport``: the seam every all-to-all of a route goes through. ``start`` issues one
+    ``all_to_all_single`` over ``hop.group`` (``send_counts[peer]`` rows of ``buf`` to each peer,
+    ``recv_counts[peer]`` rows from each into ``out``) and returns its ``Transfer``. ``bytes_per_link`` and
+    ``messages``: what this rank puts on each link kind (intra / inter node, the peers of the group on it),
+    the input of a transport that models the links; this one, the production transport, only issues the
+    collective. The benchmarks install a modelled link around it (``parallel.sim.links.ModelledTransport``)."""
+
+    def start(self, hop: Hop, out: torch.Tensor, buf: torch.Tensor, send_counts: list[int],
+              recv_counts: list[int], bytes_per_link: dict[str, int], messages: dict[str, int]) -> Transfer:
+        work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=True)
+        now = time.perf_counter()
+        return Transfer(work, now, now)
+
+
+class _Pending:
+    """An in-flight all-to-all (a ``Transfer``) and its output buffer; ``wait`` returns the buffer."""
+
+    def __init__(self, transfer: Transfer, out: torch.Tensor, group=None):
+        self.transfer, self.out, self.group = transfer, out, group
 
     def wait(self) -> torch.Tensor:
         try:
-            if self.work is not None:
-                self.work.wait()
-            if self.ts is not None:
-                self.ts[0].wait()
-                self.t_done = float(self.ts[1].max())
+            self.transfer.wait()
         except RuntimeError as e:
             raise _peer_error(self.group, e) from e
-        if self.disp is not None:
-            self.disp.model_done = max(self.disp.model_done, self.t_done)
-        delay = self.t_done - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
         return self.out
 
 
@@ -112,13 +128,14 @@ class EPDispatcher:
     """Callable as ``MoE.dispatcher``. ``kind``: flat | two_hop. ``fp8``: dispatch E4M3 + pow2 scales;
     ``fp8_grad``: combine's backward (dy to the experts) in E4M3 + pow2 scales (``fp8.grad_dispatch``).
     ``chunks``: two_hop's hops pipelined in this many chunks (``parallel.a2a_chunks``; results do not
-    depend on it). ``link``: a ``parallel.link_model.LinkModel`` (or ``parallel.trace.SerialLink``) whose
-    modelled time every all-to-all also takes (benchmarks: loopback has no IB/NVLink asymmetry);
-    ``tracer``: records each all-to-all's modelled interval and the main thread's blocking waits."""
+    depend on it). ``transport``: what issues every all-to-all (default ``Transport()``: the collective as
+    is; the benchmarks install a modelled link, ``parallel.sim.links.ModelledTransport``, since loopback
+    has no IB/NVLink asymmetry); ``tracer``: records each all-to-all's interval (the transport's
+    ``Transfer.issued`` / ``done``) and the main thread's blocking waits."""
 
     def __init__(self, mesh, placement: Placement, kind: str = "two_hop", fp8: bool = False,
-                 traffic: Optional[TrafficCounters] = None, link=None, chunks: int = 1,
-                 fp8_grad: bool = False):
+                 traffic: Optional[TrafficCounters] = None, transport: Optional[Transport] = None,
+                 chunks: int = 1, fp8_grad: bool = False):
         if kind not in ("flat", "two_hop"):
             raise ValueError(f"parallel.dispatcher must be flat or two_hop, got {kind!r}")
         if not isinstance(chunks, int) or chunks < 1:
@@ -130,7 +147,7 @@ class EPDispatcher:
         self.kind = "flat" if lay.ep_nodes == 1 else kind  # inside one node both are the same
         self.topo = Topology(lay.ep_nodes, lay.ep_local, placement.slots_per_rank)
         self.traffic = traffic if traffic is not None else TrafficCounters()
-        self.link, self.tracer, self.model_done = link, None, 0.0
+        self.transport, self.tracer = transport if transport is not None else Transport(), None
         me = lay.ep_rank
         node = lambda r: r // lay.ep_local  # noqa: E731
         link_of = lambda p: "self" if p == me else ("intra" if node(p) == node(me) else "inter")  # noqa: E731
@@ -157,27 +174,14 @@ class EPDispatcher:
             if lk != "self":
                 per_link[lk] = per_link.get(lk, 0) + c * row_bytes
                 msgs[lk] = msgs.get(lk, 0) + 1
-        t_done, booked = time.perf_counter(), None
-        if isinstance(self.link, LinkModel):
-            booked = self.link.send(per_link, msgs)
-            start = min((s for s, _ in booked.values()), default=t_done)
-            t_done = max((d for _, d in booked.values()), default=t_done)
-        elif self.link is not None:   # one stream for both links (parallel.trace.SerialLink)
-            start, t_done = self.link.reserve(per_link)
-        if self.link is not None and self.tracer is not None:
-            self.tracer.add(direction, "a2a", start, t_done)
         out = buf.new_empty(sum(recv_counts), row_bytes)
-        ts = None
         try:
-            work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=hop.group, async_op=True)
-            if booked is not None:   # each sender's done time on the link to each peer
-                mine = torch.tensor([booked[lk][1] if lk in booked else 0.0 for lk in hop.links],
-                                    dtype=torch.float64, device=buf.device)
-                got = torch.empty_like(mine)
-                ts = (dist.all_to_all_single(got, mine, group=hop.group, async_op=True), got)
+            transfer = self.transport.start(hop, out, buf, send_counts, recv_counts, per_link, msgs)
         except RuntimeError as e:
             raise _peer_error(hop.group, e) from e
-        return _Pending(work, out, t_done, hop.group, ts, self)
+        if self.tracer is not None:
+            self.tracer.add(direction, "a2a", transfer.issued, transfer.done)
+        return _Pending(transfer, out, hop.group)
 
     def _blocking(self):
         """Context of a main-thread wait on an all-to-all (traced as ``wait`` when a tracer is set)."""

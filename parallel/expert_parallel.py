@@ -53,7 +53,7 @@ def shard_experts(experts: GroupedExperts, logical_ids: list[int]) -> GroupedExp
 
 def apply_expert_parallel(model: torch.nn.Module, mesh: Mesh, pcfg=None, *, fp8: bool = False,
                           placement: Optional[Placement] = None, kind: Optional[str] = None,
-                          sim_bandwidth: Optional[dict] = None, fp8_grad: bool = False) -> TrafficCounters:
+                          fp8_grad: bool = False) -> TrafficCounters:
     """Shard every MoE layer's routed experts over the mesh's EP group and install the dispatcher
     (``pcfg.dispatcher``: flat | two_hop); ``fp8`` / ``fp8_grad``: dispatch / combine's backward in FP8. ``placement`` defaults to contiguous blocks of experts.
     A placement with redundant replicas (EPLB) routes correctly in forward, but the replicas' grads
@@ -67,7 +67,7 @@ def apply_expert_parallel(model: torch.nn.Module, mesh: Mesh, pcfg=None, *, fp8:
         if pl.n_logical != n:
             raise ValueError(f"placement has {pl.n_logical} logical experts but the layer has {n}")
         moe.experts = shard_experts(moe.experts, pl.local_experts(mesh.ep_rank))
-        moe.dispatcher = EPDispatcher(mesh, pl, kind, fp8, traffic, sim_bandwidth, chunks=getattr(pcfg, "a2a_chunks", 1),
+        moe.dispatcher = EPDispatcher(mesh, pl, kind, fp8, traffic, chunks=getattr(pcfg, "a2a_chunks", 1),
                                       fp8_grad=fp8_grad)
     return traffic
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from dsv3.model.block import Block
 from dsv3.model.moe import MoE
-from parallel.all_to_all import EPDispatcher
+from parallel.all_to_all import EPDispatcher, Transport
 from parallel.comm_streams import NO_STREAMS, CommStreams
 from parallel.schedules import Op
 from parallel.trace import Tracer
@@ -54,29 +54,30 @@ WSink = Callable[[str, Callable[[], None]], None]   # receives each part's weigh
 WAIT = "wait"   # trace category: this rank's main thread blocked on an all-to-all (EPDispatcher._blocking)
 
 
-# ----------------------------------------------------------------- modelled, traced transport
-class LinkDispatcher(EPDispatcher):
-    """An ``EPDispatcher`` whose every all-to-all also takes this rank's modelled link time
-    (``parallel.trace.SerialLink`` or ``parallel.link_model.LinkModel``, slept out in ``wait``) and is
-    recorded in ``tracer``, as are the main thread's blocking waits (``WAIT``). Shared, not copied, when
-    a pipeline deep-copies its stages: it is this rank's communication, not a model weight."""
+# ----------------------------------------------------------------------- traced transport
+class TracedDispatcher(EPDispatcher):
+    """An ``EPDispatcher`` whose every all-to-all goes through ``transport`` and is recorded in ``tracer``,
+    as are the main thread's blocking waits (``WAIT``). Shared, not copied, when a pipeline deep-copies
+    its stages: it is this rank's communication, not a model weight."""
 
-    def __init__(self, base: EPDispatcher, link, tracer: Optional[Tracer] = None):
+    def __init__(self, base: EPDispatcher, tracer: Optional[Tracer], transport: Transport):
         self.__dict__.update(base.__dict__)
-        self.link, self.tracer = link, tracer
+        self.tracer, self.transport = tracer, transport
 
     def __deepcopy__(self, memo):
         return self
 
 
-def use_link_model(model: nn.Module, link, tracer: Optional[Tracer] = None) -> None:
-    """Wrap every MoE layer's ``EPDispatcher`` (from ``apply_expert_parallel``) in a ``LinkDispatcher``
-    (one already wrapped gets the new link and tracer)."""
+def trace_all_to_alls(model: nn.Module, tracer: Optional[Tracer], transport: Optional[Transport] = None) -> None:
+    """Wrap every MoE layer's ``EPDispatcher`` (from ``apply_expert_parallel``) in a ``TracedDispatcher``
+    (one already wrapped gets the new tracer and transport). ``transport``: default the production
+    ``Transport``; a benchmark passes a modelled link (``parallel.sim.links.ModelledTransport``)."""
+    transport = transport if transport is not None else Transport()
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        if isinstance(moe.dispatcher, LinkDispatcher):
-            moe.dispatcher.link, moe.dispatcher.tracer = link, tracer
+        if isinstance(moe.dispatcher, TracedDispatcher):
+            moe.dispatcher.tracer, moe.dispatcher.transport = tracer, transport
         elif isinstance(moe.dispatcher, EPDispatcher):
-            moe.dispatcher = LinkDispatcher(moe.dispatcher, link, tracer)
+            moe.dispatcher = TracedDispatcher(moe.dispatcher, tracer, transport)
 
 
 # --------------------------------------------------------------------------------- pieces

@@ -19,10 +19,11 @@ from typing import Optional
 import torch
 
 from parallel.comm_streams import CommStreams, comm_streams
-from parallel.overlap import drain, run_pair, stage_backward, stage_forward, use_link_model
+from parallel.overlap import drain, run_pair, stage_backward, stage_forward, trace_all_to_alls
 from parallel.pipeline import Pipeline
 from parallel.schedules import Op
-from parallel.trace import OP, P2P, SerialLink, Tracer
+from parallel.all_to_all import Transport
+from parallel.trace import OP, P2P, Tracer
 
 
 class _TracedRecv:
@@ -48,12 +49,13 @@ class OverlapPipeline(Pipeline):
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
         self._records: dict[int, tuple] = {}   # id(stage output) -> (output, parts record)
 
-    def trace(self, tracer: Tracer, link: Optional[SerialLink] = None) -> None:
+    def trace(self, tracer: Tracer, transport: Optional[Transport] = None) -> None:
         """Records every part, blocking receive and all-to-all of this rank's stages in ``tracer``; the
-        all-to-alls also hold ``link`` (default: a link that adds no time)."""
+        all-to-alls go through ``transport`` (default: the production ``Transport``; the benchmarks pass a
+        modelled link, ``parallel.sim.links.ModelledTransport``)."""
         self.tracer = tracer
         for module in self.stage_module.values():
-            use_link_model(module, link if link is not None else SerialLink(), tracer)
+            trace_all_to_alls(module, tracer, transport)
 
     def _keep(self, y: torch.Tensor, record: list) -> torch.Tensor:
         self._records[id(y)] = (y, record)

@@ -1,13 +1,9 @@
 """Per-rank timelines of compute parts and communications (report §3.2.1, Figure 4): a Chrome-trace
 JSON (open in Perfetto or chrome://tracing) and the share of communication time hidden under compute.
-
-Also the cost models the overlap test and benchmark run on a CPU box: ``SerialLink`` (one communication
-stream per rank; every all-to-all holds it for a fixed latency plus bytes / bandwidth, IB and NVLink
-concurrently) and ``add_compute_cost`` (a module's forward and backward also take a fixed time, spent
-on the calling thread, so that 2 shared cores still show the schedule rather than CPU contention).
+The cost models the overlap test and benchmark run on a CPU box live in parallel/sim/ (``links``, ``cost``).
 
     tracer = Tracer(rank)
-    with tracer.span("attn F", phase="F", mb=3): ...
+    with tracer.context("F", 3), tracer.span("attn F"): ...   # micro-batch 3's forward
     tracer.add("dispatch", "a2a", t0, t1, phase="F", mb=3)
     frac = overlapped_fraction(tracer.events)          # |comm ∩ compute| / |comm|
     write_chrome_trace("trace.json", [events_rank0, events_rank1, ...])
@@ -20,9 +16,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional, Sequence
-
-import torch
-from torch import nn
 
 COMPUTE, A2A, P2P, OP = "compute", "a2a", "p2p", "op"   # op: a whole schedule op (F, B, W, FB)
 
@@ -158,45 +151,3 @@ def write_chrome_trace(path: str, ranks: Sequence[Sequence[Event]]) -> None:
     with open(tmp, "w") as f:
         json.dump(chrome_trace(ranks), f)
     os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------ cost models
-class SerialLink:
-    """One rank's communication stream: an all-to-all starts when the previous one has finished and
-    holds the stream for ``latency`` + max over link kinds of bytes / bandwidth (IB and NVLink in
-    parallel, as on H800 where each GPU has both). ``bandwidth``: {'intra': B/s, 'inter': B/s}."""
-
-    def __init__(self, latency: float = 0.0, bandwidth: Optional[dict] = None):
-        self.latency, self.bandwidth = latency, bandwidth or {}
-        self.free_at = 0.0
-
-    def reserve(self, bytes_per_link: dict[str, int]) -> tuple[float, float]:
-        """(start, done) of a transfer issued now."""
-        secs = max((n / self.bandwidth[lk] for lk, n in bytes_per_link.items() if lk in self.bandwidth),
-                   default=0.0)
-        start = max(time.perf_counter(), self.free_at)
-        self.free_at = start + self.latency + secs
-        return start, self.free_at
-
-
-class _Cost(torch.autograd.Function):
-    """Identity that also spends ``fwd`` seconds in forward and ``bwd`` in backward."""
-
-    @staticmethod
-    def forward(ctx, x, fwd, bwd):
-        time.sleep(fwd)
-        ctx.bwd = bwd
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        time.sleep(ctx.bwd)
-        return g, None, None
-
-
-def add_compute_cost(module: nn.Module, fwd: float, bwd: float):
-    """Every call of ``module`` also takes ``fwd`` s, and its backward ``bwd`` s (a forward hook; the
-    values pass through unchanged, so results stay bitwise those of the bare module)."""
-    def hook(_m, _inputs, out):
-        return _Cost.apply(out, fwd, bwd) if torch.is_tensor(out) else out
-    return module.register_forward_hook(hook)

@@ -1,6 +1,6 @@
-"""Multi-process test helpers: spawning ranks (parallel.launch_utils.run_ranks) and the one-process
+"""Multi-process test helpers: spawning ranks (parallel.sim.launch.run_ranks) and the one-process
 reference training step the distributed runs are compared against."""
-from parallel.launch_utils import free_port, run_ranks  # noqa: F401
+from parallel.sim.launch import free_port, run_ranks  # noqa: F401
 
 
 def reference_step(model, optimizer, batch, grad_clip: float) -> tuple[float, float]:

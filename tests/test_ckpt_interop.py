@@ -29,7 +29,7 @@ import torch
 
 from tests.conftest import tiny_cfg
 from tests.dist_utils import reference_step, run_ranks
-from parallel.launch_utils import free_port
+from parallel.sim.launch import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from parallel.launch_utils import free_port
+from parallel.sim.launch import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "dsv3")

@@ -1,11 +1,15 @@
-"""The benchmarks' link model (parallel/link_model.py) on schedules computed by hand: one serial IB and
-one serial NVLink link per rank, FIFO, latency + bytes / bandwidth per message."""
+"""The benchmarks' link model (parallel/sim/links.py) on schedules computed by hand: one serial IB and
+one serial NVLink link per rank, FIFO, latency + bytes / bandwidth per message. And the line between
+that scaffolding and the library: no module of parallel/ outside parallel/sim/ imports it or sleeps."""
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 
-from parallel.link_model import LinkModel, predict_route
+from parallel.sim.links import LinkModel, predict_route
 
 
 def test_defaults_are_the_issue_constants():
@@ -59,3 +63,33 @@ def test_pipelined_route_by_hand():
     assert predict_route(hops, links, 1, make0) == pytest.approx(60.0)
     assert predict_route(hops, links, 2, make0) == pytest.approx(50.0)
     assert predict_route(hops, links, 1000, make0) >= 2 * 1000 / 50
+
+
+def _sim_imports_and_sleeps(path: Path) -> list[str]:
+    """What ``path`` does that only simulation code may: import parallel.sim, call time.sleep."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if node.module == "time" and any(a.name == "sleep" for a in node.names):
+                found.append(f"line {node.lineno}: from time import sleep")
+        found += [f"line {node.lineno}: imports {n}" for n in names
+                  if n == "parallel.sim" or n.startswith("parallel.sim.")]
+        if isinstance(node, ast.Attribute) and node.attr == "sleep" and isinstance(node.value, ast.Name) \
+                and node.value.id == "time":
+            found.append(f"line {node.lineno}: time.sleep")
+    return found
+
+
+def test_production_parallel_modules_neither_sleep_nor_import_sim():
+    root = Path(__file__).resolve().parents[1] / "parallel"
+    production = [p for p in sorted(root.rglob("*.py")) if "sim" not in p.relative_to(root).parts]
+    assert len(production) > 20                  # the walk found the package
+    bad = {str(p.relative_to(root.parent)): f for p in production if (f := _sim_imports_and_sleeps(p))}
+    assert bad == {}
+    # the checker itself: it sees what the simulation package does
+    found = [f.split(": ")[1] for f in _sim_imports_and_sleeps(root / "sim" / "cost.py")]
+    assert found == ["time.sleep", "time.sleep"]                 # forward and backward of SleepThrough

@@ -35,23 +35,23 @@ def _ep_model(cfg, latency: float, tracer, mesh=None):
     from dsv3.model.transformer import Transformer
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.mesh import Mesh
-    from parallel.overlap import use_link_model
-    from parallel.trace import SerialLink
+    from parallel.overlap import trace_all_to_alls
+    from parallel.sim.links import ModelledTransport, SerialLink
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     model.train()
     mesh = mesh or Mesh.from_config(cfg.parallel)
     apply_expert_parallel(model, mesh, cfg.parallel, kind="flat")
-    use_link_model(model, SerialLink(latency), tracer)
+    trace_all_to_alls(model, tracer, ModelledTransport(SerialLink(latency)))
     return model, mesh
 
 
 # ------------------------------------------------------------------------ 1. one paired op
 class ModelledClock:
-    """Stands in for ``time`` in the cost models (parallel.trace: spans, ``SerialLink``, ``add_compute_cost``;
-    parallel.all_to_all: the wait that sleeps out a transfer): only modelled costs advance it, real compute and
-    the real gloo transfers take no modelled time, so every start and end below is a function of the schedule
-    alone, the same on any machine under any load."""
+    """Stands in for ``time`` in the tracer's spans (parallel.trace) and the cost models (parallel.sim.links:
+    ``SerialLink`` and the wait that sleeps out a transfer; parallel.sim.cost: ``add_compute_cost``): only
+    modelled costs advance it, real compute and the real gloo transfers take no modelled time, so every
+    start and end below is a function of the schedule alone, the same on any machine under any load."""
 
     def __init__(self):
         self.now = 0.0
@@ -64,12 +64,14 @@ class ModelledClock:
 
 
 def _paired_op(rank, world):
-    import parallel.all_to_all
+    import parallel.sim.cost
+    import parallel.sim.links
     import parallel.trace
     from parallel.dsv3_stages import DSV3Stage
     from parallel.overlap import drain, run_pair, stage_backward, stage_forward
-    from parallel.trace import Tracer, add_compute_cost, length, overlap_with_other, union
-    clock = parallel.trace.time = parallel.all_to_all.time = ModelledClock()   # this spawned rank only
+    from parallel.sim.cost import add_compute_cost
+    from parallel.trace import Tracer, length, overlap_with_other, union
+    clock = parallel.trace.time = parallel.sim.links.time = parallel.sim.cost.time = ModelledClock()  # this rank
     tr = Tracer(rank)
     model, _ = _ep_model(tiny_cfg("model.n_dense_layers=0", "parallel.ep=2"), LATENCY, tr)
     for b in model.layers:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from parallel.schedules import layout
-from parallel.toy_stages import ToyLM, toy_microbatches, toy_stages
+from parallel.sim.toy_stages import ToyLM, toy_microbatches, toy_stages
 from parallel.weight_grad import backward_input
 
 B, T, VOCAB, DIM, LAYERS = 2, 5, 32, 16, 8

@@ -1,9 +1,12 @@
-"""An honest link model for the expert all-to-all benchmarks (SPEC §5; DeepSeek-V3 report §3.2.1).
+"""Modelled links for the expert all-to-all benchmarks and the overlap test (DeepSeek-V3 report §3.2.1),
+installed around the dispatcher's transport: loopback gloo on one box has no IB / NVLink asymmetry of its
+own, so ``ModelledTransport`` (``EPDispatcher.transport``) makes every all-to-all also hold this rank's
+modelled link and its receiver wait, sleeping, until the modelled arrival.
 
-Every rank has one serial IB link and one serial NVLink link. A link carries one transfer at a time,
-first in first out; a transfer of ``n`` messages (one per peer of the collective on that link, empty ones
-included) and ``b`` bytes holds it for ``n · latency + b / bandwidth``. The two links of a rank run
-concurrently. Nothing is free: N chunks issued together take N latencies plus the same bytes, one after
+``LinkModel``: every rank has one serial IB link and one serial NVLink link. A link carries one transfer at
+a time, first in first out; a transfer of ``n`` messages (one per peer of the collective on that link,
+empty ones included) and ``b`` bytes holds it for ``n · latency + b / bandwidth``. The two links of a rank
+run concurrently. Nothing is free: N chunks issued together take N latencies plus the same bytes, one after
 the other on the link, so chunking pays only when it lets another link work meanwhile (the IB hop's
 chunk c+1 while NVLink forwards chunk c).
 
@@ -12,6 +15,7 @@ scale to MB/s so that loopback gloo is much faster than the model); latency = th
 
 ``LinkModel.send`` books one collective on a rank's links and returns when it is done on each;
 ``predict_route`` runs the same rules for a whole cluster without processes (the traffic model's time).
+``SerialLink`` is the coarser model of benchmarks/bench_overlap.py's default: one stream per rank.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ import time
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
+
+from parallel.all_to_all import Transfer, Transport
 
 IB_BW, NVLINK_BW = 50.0, 160.0
 LINKS = ("inter", "intra")           # inter = IB, intra = NVLink
@@ -54,12 +61,84 @@ class LinkModel:
 
     def reserve(self, bytes_per_link: dict, messages: Optional[dict] = None,
                 now: Optional[float] = None) -> tuple[float, float]:
-        """(first start, last done) over the links, as ``parallel.trace.SerialLink.reserve``."""
+        """(first start, last done) over the links, as ``SerialLink.reserve``."""
         now = time.perf_counter() if now is None else now
         booked = self.send(bytes_per_link, messages, now)
         if not booked:
             return now, now
         return min(s for s, _ in booked.values()), max(d for _, d in booked.values())
+
+
+class SerialLink:
+    """One rank's communication stream: an all-to-all starts when the previous one has finished and
+    holds the stream for ``latency`` + max over link kinds of bytes / bandwidth (IB and NVLink in
+    parallel, as on H800 where each GPU has both). ``bandwidth``: {'intra': B/s, 'inter': B/s}."""
+
+    def __init__(self, latency: float = 0.0, bandwidth: Optional[dict] = None):
+        self.latency, self.bandwidth = latency, bandwidth or {}
+        self.free_at = 0.0
+
+    def reserve(self, bytes_per_link: dict[str, int]) -> tuple[float, float]:
+        """(start, done) of a transfer issued now."""
+        secs = max((n / self.bandwidth[lk] for lk, n in bytes_per_link.items() if lk in self.bandwidth),
+                   default=0.0)
+        start = max(time.perf_counter(), self.free_at)
+        self.free_at = start + self.latency + secs
+        return start, self.free_at
+
+
+# ------------------------------------------------------------------------- the dispatcher's transport
+class ModelledTransport(Transport):
+    """``EPDispatcher.transport`` that also takes the modelled link time: each all-to-all goes through
+    ``inner`` (default: the production ``Transport``) and books ``link``; its ``wait`` returns no earlier
+    than the modelled arrival, sleeping out the rest.
+
+    ``link``: a ``LinkModel`` (serial IB and NVLink links; the receiver waits for the latest of its senders'
+    links, each sender's done time for each peer travelling in one more all-to-all on the same group right
+    after the data) or a ``SerialLink`` (one stream per rank; the receiver waits for its own booking).
+    ``model_done``: the latest modelled arrival waited on so far. Shared by every dispatcher it is installed
+    in (one rank's links)."""
+
+    def __init__(self, link, inner: Optional[Transport] = None):
+        self.link, self.inner, self.model_done = link, inner if inner is not None else Transport(), 0.0
+
+    def start(self, hop, out, buf, send_counts, recv_counts, bytes_per_link, messages) -> "ModelledTransfer":
+        issued = done = time.perf_counter()
+        booked = None
+        if isinstance(self.link, LinkModel):
+            booked = self.link.send(bytes_per_link, messages)
+            issued = min((s for s, _ in booked.values()), default=issued)
+            done = max((d for _, d in booked.values()), default=done)
+        else:
+            issued, done = self.link.reserve(bytes_per_link)
+        transfer = self.inner.start(hop, out, buf, send_counts, recv_counts, bytes_per_link, messages)
+        arrivals = None
+        if booked is not None:   # this sender's done time on the link to each peer
+            mine = torch.tensor([booked[lk][1] if lk in booked else 0.0 for lk in hop.links],
+                                dtype=torch.float64, device=buf.device)
+            got = torch.empty_like(mine)
+            arrivals = (dist.all_to_all_single(got, mine, group=hop.group, async_op=True), got)
+        return ModelledTransfer(self, transfer, issued, done, arrivals)
+
+
+class ModelledTransfer(Transfer):
+    """A ``Transfer`` whose ``wait`` also sleeps until its modelled arrival: the latest of the senders'
+    done times (``arrivals``: the exchange in flight and its buffer) or, without them, this rank's ``done``."""
+
+    def __init__(self, owner: ModelledTransport, inner: Transfer, issued: float, done: float, arrivals=None):
+        super().__init__(inner, issued, done)
+        self.owner, self.arrivals = owner, arrivals
+
+    def wait(self) -> None:
+        self.work.wait()
+        arrival = self.done
+        if self.arrivals is not None:
+            self.arrivals[0].wait()
+            arrival = float(self.arrivals[1].max())
+        self.owner.model_done = max(self.owner.model_done, arrival)
+        delay = arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
 
 
 # ------------------------------------------------------------------------- whole-cluster schedule
