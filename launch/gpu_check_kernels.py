@@ -263,7 +263,7 @@ def e5m6_wgrad(dev, small):
 def autograd_ops(dev, small):
     """fp8_linear and fp8_grouped_mm forward + backward, triton against the torch backend (test_fp8_linear)."""
     from triton_kernels.fp8_linear import fp8_linear
-    from triton_kernels.grouped_gemm import fp8_grouped_mm
+    from triton_kernels.fp8_grouped_mm import fp8_grouped_mm
     g = torch.Generator().manual_seed(0)
     x, w, dy = torch.randn(3, 67, 300, generator=g), torch.randn(70, 300, generator=g) * 0.05, torch.randn(3, 67, 70, generator=g)
     off = torch.tensor(OFFSETS, dtype=torch.int32)

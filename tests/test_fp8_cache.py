@@ -19,7 +19,7 @@ from dsv3.model.moe import MoE
 from dsv3.training.precision import apply_fp8
 from triton_kernels.fp8_linear import fp8_linear
 from triton_kernels.fp8_swiglu import fp8_swiglu_down, fp8_swiglu_linear
-from triton_kernels.grouped_gemm import fp8_gate_up, fp8_grouped_mm
+from triton_kernels.fp8_grouped_mm import fp8_gate_up, fp8_grouped_mm
 from triton_kernels.quant_ref import act_dequant_ref, act_quant_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

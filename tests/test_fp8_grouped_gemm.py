@@ -19,6 +19,7 @@ if importlib.util.find_spec("triton") is None:  # declared on Linux (pyproject.t
     if platform.system() == "Linux":
         pytest.fail("triton is not installed, but pyproject.toml declares it on Linux", pytrace=False)
     pytest.skip(f"triton is not a dependency on {platform.system()}", allow_module_level=True)
+from triton_kernels import fp8_grouped_mm as GM  # noqa: E402
 from triton_kernels import grouped_gemm as GG  # noqa: E402
 
 # expert sizes 0, 3, 0, 147, 1, 139: empty first/middle/last-but-one groups, a ragged 128-tile tail
@@ -113,7 +114,7 @@ def test_fp8_grouped_mm_autograd_triton_vs_torch_and_vs_fp64():
     triton_kernels.reset_counters()
     for backend in ("torch", "triton"):
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = GG.fp8_grouped_mm(xx, ww, OFFSETS, backend=backend)
+        y = GM.fp8_grouped_mm(xx, ww, OFFSETS, backend=backend)
         y.backward(dy)
         results[backend] = (y, xx.grad, ww.grad)
     assert dict(triton_kernels.counters) == {f"fp8_grouped_mm.{op}": 2 for op in ("fprop", "dgrad", "wgrad")}
@@ -132,12 +133,12 @@ def test_fp8_grouped_mm_autograd_triton_vs_torch_and_vs_fp64():
 def test_fp8_grouped_mm_dtypes_and_pow2_scales():
     x, w = _data(8)
     xx, ww = x.to(torch.bfloat16).requires_grad_(), w.clone().requires_grad_()
-    y = GG.fp8_grouped_mm(xx, ww, OFFSETS, backend="torch", pow2_scale=True)
+    y = GM.fp8_grouped_mm(xx, ww, OFFSETS, backend="torch", pow2_scale=True)
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and xx.grad.dtype == torch.bfloat16 and ww.grad.dtype == torch.float32
     assert _rel_fro(y.float(), _loop_mm(xx.detach().float(), w, OFFSETS)) < 0.06
     with pytest.raises(ValueError, match="offsets has 2 entries for 6 experts"):
-        GG.fp8_grouped_mm(x, w, OFFSETS[:2])
+        GM.fp8_grouped_mm(x, w, OFFSETS[:2])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -146,7 +147,7 @@ def test_pow2_flag_reaches_the_fprop_scales(backend, monkeypatch):
     dispatched activations): the fprop's activation scales, recorded as the op makes them, have a zero
     mantissa field bit by bit, and the output equals the grouped GEMM of those FP8 operands; with the flag
     off the same scales are not powers of two."""
-    real = GG.fp8_ops
+    real = GM.fp8_ops
     seen = []
 
     def spying(b):
@@ -159,13 +160,13 @@ def test_pow2_flag_reaches_the_fprop_scales(backend, monkeypatch):
             return out
         ops.act_quant = record
         return ops
-    monkeypatch.setattr(GG, "fp8_ops", spying)
+    monkeypatch.setattr(GM, "fp8_ops", spying)
     x, w = _data(9)
     x, w = x[:160, :128], w[:, :, :128]
     offsets = torch.tensor([0, 3, 3, 100, 101, 160], dtype=torch.int32)
     for pow2 in (True, False):
         seen.clear()
-        y = GG.fp8_grouped_mm(x, w, offsets, backend=backend, pow2_scale=pow2)
+        y = GM.fp8_grouped_mm(x, w, offsets, backend=backend, pow2_scale=pow2)
         assert len(seen) == 1
         mant = seen[0].contiguous().view(torch.int32) & 0x7FFFFF
         assert bool((mant == 0).all()) == pow2, (pow2, mant)
@@ -192,7 +193,7 @@ def test_gate_up_and_swiglu_down_triton_vs_torch():
     w1, w3 = (torch.randn(E, N, K, generator=g) * 0.05 for _ in range(2))
     w2 = torch.randn(E, K, N, generator=g) * 0.05
     gu, rw = torch.randn(M, 2 * N, generator=g), torch.rand(M, generator=g)
-    ops = {"gate_up": (lambda t, be: GG.fp8_gate_up(t[0], t[1], t[2], OFFSETS, backend=be), (x, w1, w3), dgu),
+    ops = {"gate_up": (lambda t, be: GM.fp8_gate_up(t[0], t[1], t[2], OFFSETS, backend=be), (x, w1, w3), dgu),
            "swiglu_down": (lambda t, be: fp8_swiglu_down(t[0], t[1], t[2], OFFSETS, backend=be), (gu, rw, w2), dy)}
     for name, (fn, inputs, grad) in ops.items():
         results = {}

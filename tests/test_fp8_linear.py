@@ -133,7 +133,7 @@ def test_torch_path_imports_and_runs_without_triton():
         "import torch, triton_kernels\n"
         "from triton_kernels import quant_ref, gemm_ref\n"
         "from triton_kernels.fp8_linear import fp8_linear\n"
-        "from triton_kernels.grouped_gemm import fp8_grouped_mm\n"
+        "from triton_kernels.fp8_grouped_mm import fp8_grouped_mm\n"
         "x = torch.randn(5, 130, requires_grad=True); w = torch.randn(7, 130, requires_grad=True)\n"
         "fp8_linear(x, w).sum().backward()\n"
         "off = torch.tensor([2, 5], dtype=torch.int32)\n"

@@ -133,7 +133,7 @@ def training_launches() -> None:
     import torch
     from triton_kernels import e5m6, quant
     from triton_kernels.fp8_linear import fp8_linear
-    from triton_kernels.grouped_gemm import fp8_grouped_mm
+    from triton_kernels.fp8_grouped_mm import fp8_grouped_mm
     for m in (512, 64):
         x = torch.randn(m, 256, dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(384, 256, dtype=torch.bfloat16, requires_grad=True)

@@ -29,7 +29,7 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
     ``fp8.backend=te``: the Linears through Transformer Engine on ``device`` (triton_kernels/te_backend.py)."""
     from triton_kernels.fp8_linear import fp8_linear, fp8_linear_shared
     from triton_kernels.fp8_swiglu import fp8_swiglu_down, fp8_swiglu_linear
-    from triton_kernels.grouped_gemm import fp8_gate_up, fp8_grouped_mm
+    from triton_kernels.fp8_grouped_mm import fp8_gate_up, fp8_grouped_mm
 
     wo_inputs: set = set()     # Linears whose input is cached in E5M6: each quantises its own
     if cfg.backend == "te":   # TE Linears; routed experts on the Triton grouped GEMM; caches refused by check_te

@@ -103,7 +103,7 @@ MUTATIONS = [
     M(id="fp8-amax-without-abs", area="FP8 quant", file="triton_kernels/quant_ref.py",
       old="scale = scale_from_amax(tiles.abs().amax(-1), pow2_scale)", new="scale = scale_from_amax(tiles.amax(-1), pow2_scale)",
       tests=FP8_QUANT_TESTS, why="amax of signed values: negative tiles clip"),
-    M(id="grouped-gemm-ignores-pow2", area="FP8 GEMM", file="triton_kernels/grouped_gemm.py",
+    M(id="grouped-gemm-ignores-pow2", area="FP8 GEMM", file="triton_kernels/fp8_grouped_mm.py",
       old="x_fp8, x_s = ops.act_quant(x, pow2_scale=pow2_scale)", new="x_fp8, x_s = ops.act_quant(x)",
       tests=["tests/test_fp8_grouped_gemm.py::test_pow2_flag_reaches_the_fprop_scales"], why="the grouped GEMM ignores its power-of-2 flag"),
     M(id="dispatch-not-pow2", area="FP8 dispatch", file="parallel/a2a_rows.py",
