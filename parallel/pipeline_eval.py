@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dsv3.model.mla import MLACache
+from dsv3.model.sampling import decode, limits
 from dsv3.training.balance_metrics import BalanceMonitor
 from parallel.dsv3_stages import moe_by_name, stage_modules
 
@@ -161,13 +163,11 @@ def _owners(pipe) -> tuple[int, int, list[int], list[int]]:
 @torch.no_grad()
 def pipeline_generate(pm, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int = 0) -> list[int]:
-    """``dsv3.tools.generate.generate`` through the pipeline: the same decoding loop and the same ops (embedding,
+    """``dsv3.model.sampling.generate`` through the pipeline: the same decoding loop and the same ops (embedding,
     each Block with its compressed MLA cache, final norm and head), each stage run by its owner with the
     hidden states handed on as in ``evaluate``; the last stage's logits of replica 0 are summed onto every
     rank (the others add zeros: exact), so every rank draws the same token. Every rank calls it (the
     pipeline and the expert all-to-all need them all); every rank returns the new ids."""
-    from dsv3.tools.generate import decode, limits
-    from dsv3.model.mla import MLACache
     pipe, mcfg = pm.pipe, pm.cfg.model
     S, me, owner, peer = _owners(pipe)
     stages = {s: pipe.stage_module[s] for s in range(S) if owner[s] == me}

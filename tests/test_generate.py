@@ -11,7 +11,8 @@ import yaml
 
 from dsv3.checkpoint.store import save_checkpoint
 from dsv3.config import Config, DataConfig, to_dict
-from dsv3.tools.generate import generate, main as generate_main, sample_next
+from dsv3.model.sampling import generate, sample_next
+from dsv3.tools.generate import main as generate_main
 from dsv3.checkpoint.hf import load_hf_checkpoint, main as hf_main
 from dsv3.model.transformer import Transformer
 from test_hf import hf_v3, ours_cfg, randomize

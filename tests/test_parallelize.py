@@ -48,7 +48,7 @@ def _reference(fp64=False, steps=STEPS):
 
 
 def _worker(rank, world, fp64=False, steps=STEPS):
-    from dsv3.tools.generate import generate
+    from dsv3.model.sampling import generate
     from parallel.dist_checkpoint import _slices
     from parallel.dsv3_stages import moe_by_name
     from parallel.mesh import Mesh
@@ -91,7 +91,7 @@ def _gathered(results, name, like: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def _one_process_sample(weights, bias, fp64) -> list[int]:
     """The one-process greedy sample of the layout's own weights and routing biases."""
-    from dsv3.tools.generate import generate
+    from dsv3.model.sampling import generate
     _, model, _ = _setup([])
     if fp64:
         model.double()

@@ -9,7 +9,7 @@ Other floating tensors become BF16, except ``e_score_correction_bias``, which st
 
 Before anything is written the source must be a DeepSeek-V3 / V2 checkpoint (config.json's model_type
 and architectures) holding exactly the tensors its config.json implies, with their shapes
-(``dsv3.checkpoint.hf.check_hf_tensors``), and OUT must be new, empty or an earlier output (``--overwrite``).
+(``dsv3.checkpoint.hf_folder.check_hf_tensors``), and OUT must be new, empty or an earlier output (``--overwrite``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 
 from dsv3.errors import CheckpointError
 from dsv3.checkpoint.hf_config import fp8_quantization_config
+from dsv3.checkpoint.hf_folder import check_hf_tensors, fp8_block, open_hf_checkpoint
 from dsv3.checkpoint.hf_shards import INDEX_NAME, MARKER, check_out_dir, row_blocks, write_checkpoint
 from dsv3.checkpoint.hf_weights import SCALE_SUFFIX, is_fp8_weight
 from triton_kernels.quant_ref import FP8_DTYPE, weight_dequant_ref, weight_quant_ref
@@ -38,12 +39,11 @@ def _rows_per_chunk(shape: tuple, block: int) -> int:
 def convert(src: str, dst: str, to: str = "bf16", max_shard_bytes: int = 5 << 30, overwrite: bool = False) -> list[str]:
     """Convert the checkpoint in ``src`` into ``dst`` (written atomically); to is 'bf16' or 'fp8'.
     An earlier output in ``dst`` is replaced only with ``overwrite``."""
-    from dsv3.checkpoint.hf import _fp8_block, check_hf_tensors, open_hf_checkpoint
     if to not in ("bf16", "fp8"):
         raise ValueError(f"to must be 'bf16' or 'fp8', got {to!r}")
     check_out_dir(dst, [src], overwrite)
     hf, cfg, reader = open_hf_checkpoint(src)
-    block = _fp8_block(hf, src)
+    block = fp8_block(hf, src)
     check_hf_tensors(src, cfg, reader)
     entries, plans, scales = [], {}, {}
     for name in reader.names():

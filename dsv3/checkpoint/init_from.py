@@ -51,15 +51,16 @@ def resolve(path: str) -> tuple[str, str]:
 
 def load_hf_weights(path: str, model: torch.nn.Module) -> None:
     """A Hugging Face DeepSeek-V3 / V2 folder's weights into ``model`` (FP8 dequantised). Every tensor the
-    model holds must be stored with its shape (``dsv3.checkpoint.hf.check_hf_tensors`` checks the folder against its
-    own config.json first, then config.json's shapes are compared with the model's)."""
-    from dsv3.checkpoint.hf import _our_shapes, iter_hf_weights, open_hf_checkpoint
+    model holds must be stored with its shape (``dsv3.checkpoint.hf_folder.check_hf_tensors`` checks the folder
+    against its own config.json first, then config.json's shapes are compared with the model's)."""
+    from dsv3.checkpoint.hf import iter_hf_weights
+    from dsv3.checkpoint.hf_folder import model_shapes, open_hf_checkpoint
     _, hf_cfg, _ = open_hf_checkpoint(path)
     if hf_cfg.mtp.depth != model.cfg.mtp.depth:
         raise CheckpointError(f"init_from {path}: the checkpoint stores {hf_cfg.mtp.depth} MTP layer(s), the model "
                               f"has model.mtp.depth={model.cfg.mtp.depth}; set model.mtp.depth={hf_cfg.mtp.depth}")
     own = model.state_dict()
-    check_tensors(f"init_from {path} (config.json)", _our_shapes(hf_cfg), {k: v.shape for k, v in own.items()})
+    check_tensors(f"init_from {path} (config.json)", model_shapes(hf_cfg), {k: v.shape for k, v in own.items()})
     written: set[tuple[str, Optional[int]]] = set()
     with torch.no_grad():
         for ours, expert, tensor, _ in iter_hf_weights(path, dequantize=True):
