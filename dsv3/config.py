@@ -22,6 +22,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 from dsv3.errors import UserError
+from dsv3.model import router   # the router variants' tables (model.moe.scoring_func, topk_method, bias_update)
 from dsv3.model.args import MLAConfig, MoEConfig, MTPConfig, ModelConfig, RopeScaling  # the model section of the tree
 
 
@@ -435,20 +436,32 @@ def _layout_checks(cfg: "Config") -> list[tuple[bool, str]]:
                              "train.batch_ramp.start_sequences must be <= train.global_batch")]
 
 
+def _check_router(moe: MoEConfig) -> None:
+    """scoring_func, topk_method and bias_update name entries of dsv3/model/router.py's tables (which a
+    user's code may extend with its register_* functions)."""
+    for key in router.FIELDS:
+        name, known = getattr(moe, key), router.names(key)
+        if name not in known:
+            raise ConfigError(f"model.moe.{key}: expected one of {', '.join(map(repr, known))}, got {name!r} "
+                              f"(router variants: dsv3/model/router.py)")
+
+
 def validate(cfg: Config) -> Config:
+    _check_router(cfg.model.moe)
     _check_finite(cfg)
     _check_ranges(cfg)
     m, moe, mla, t = cfg.model, cfg.model.moe, cfg.model.mla, cfg.train
     per_group = moe.n_routed_experts // moe.n_group
+    group_top = router.topk_method(moe.topk_method).group_score_experts
     checks = [
         (moe.n_activated_experts <= moe.n_routed_experts, "model.moe.n_activated_experts must be <= n_routed_experts"),
         (moe.n_routed_experts % moe.n_group == 0, "model.moe.n_routed_experts must be divisible by n_group"),
         (1 <= moe.topk_group <= moe.n_group, "model.moe.topk_group must be in [1, n_group]"),
         (moe.n_activated_experts <= moe.topk_group * per_group,
          "model.moe.n_activated_experts exceeds the experts in topk_group groups"),
-        (moe.n_group == 1 or moe.topk_method != "noaux_tc" or per_group >= 2,
-         f"model.moe.n_group={moe.n_group} leaves {per_group} expert per group, but noaux_tc scores a group by its "
-         f"top-2 experts; lower n_group to at most {moe.n_routed_experts // 2}"),
+        (moe.n_group == 1 or per_group >= group_top,
+         f"model.moe.n_group={moe.n_group} leaves {per_group} expert per group, but {moe.topk_method} scores a group "
+         f"by its top-{group_top} experts; lower n_group to at most {moe.n_routed_experts // group_top}"),
         (m.n_dense_layers <= m.n_layers, "model.n_dense_layers must be in [0, n_layers]"),
         (mla.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim must be even"),
         (cfg.data.seq_len <= m.max_seq_len, "data.seq_len must be <= model.max_seq_len"),

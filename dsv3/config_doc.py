@@ -55,11 +55,13 @@ DOC: dict[str, str] = {
     "model.moe.n_group": "expert groups (one group per node in the report's layout)",
     "model.moe.topk_group": "groups a token may be routed to (node-limited routing); = n_group turns the limit off",
     "model.moe.routed_scaling_factor": "scale on the routed experts' gate weights",
-    "model.moe.scoring_func": "affinity function: sigmoid (V3) or softmax (V2)",
-    "model.moe.topk_method": "expert selection: noaux_tc (V3, biased scores, groups by top-2 sum), "
-                             "group_limited_greedy (V2), greedy",
+    "model.moe.scoring_func": "affinity function, a name in dsv3/model/router.py's table: sigmoid (V3) or "
+                              "softmax (V2) built in",
+    "model.moe.topk_method": "expert selection, a name in dsv3/model/router.py's table: noaux_tc (V3, biased "
+                             "scores, groups by top-2 sum), group_limited_greedy (V2), greedy built in",
     "model.moe.norm_topk_prob": "normalise the selected gate weights to sum to 1",
-    "model.moe.bias_update": "aux-loss-free bias update rule: sign (report), proportional, or none",
+    "model.moe.bias_update": "aux-loss-free bias update rule, a name in dsv3/model/router.py's table: sign "
+                             "(report), proportional or none built in",
     "model.moe.bias_update_speed": "bias update speed per step (report: 0.001, then 0)",
     "model.moe.bias_update_stop_tokens": "γ becomes 0 after this many training tokens (report: 14.3T); null = never",
     "model.moe.aux_loss_alpha": "weight of the complementary balance loss (report: 0.0001); 0 = off",

@@ -39,13 +39,15 @@ def route_one_token(logits: list[float], bias: list[float], c: MoEConfig):
     return chosen, [v * c.routed_scaling_factor for v in w]
 
 
-def check_against_loop(gate: Gate, x: torch.Tensor):
+def check_against_loop(gate: Gate, x: torch.Tensor, route=route_one_token):
+    """The gate on x against ``route`` (logits, bias, cfg) → (chosen, weights), token by token: the same
+    experts, the weights within fp64 rounding. tests/test_router_registry.py passes its own ``route``."""
     weights, indices, _ = gate(x)
     logits = (x.double() @ gate.weight.double().t()).tolist()
     bias = gate.e_score_correction_bias.double().tolist()
     counts = [0] * gate.cfg.n_routed_experts
     for t in range(x.shape[0]):
-        chosen, w = route_one_token(logits[t], bias, gate.cfg)
+        chosen, w = route(logits[t], bias, gate.cfg)
         assert indices[t].tolist() == chosen, f"token {t}"
         # fp64 gate vs Python floats: they differ by fp64 rounding (16-term logits, libm vs SLEEF exp),
         # ~1e-13 relative on any CPU, far inside this bound, which is there to catch a wrong weight

@@ -11,8 +11,13 @@ from typing import Optional
 from dsv3.config import (Config, ConfigError, DataConfig, MLAConfig, ModelConfig, MoEConfig, MTPConfig,
                          RopeScaling, validate)
 from dsv3.errors import CheckpointError
+from dsv3.model import router
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+# the router variants (dsv3/model/router.py) a config.json can express: transformers' DeepSeek routers
+# implement these and no others, so a variant registered beyond them trains but is not exported
+HF_SCORING_FUNCS = ("sigmoid", "softmax")
+HF_TOPK_METHODS = {"noaux_tc": "deepseek_v3", "group_limited_greedy": "deepseek_v2", "greedy": "deepseek_v2"}
 
 # transformers' defaults where a config.json may leave a routing key out
 _DEFAULTS = {
@@ -92,9 +97,20 @@ def config_from_hf(hf: dict, mtp_depth: Optional[int] = None, where: str = "conf
         validate(Config(model=cfg, data=DataConfig(seq_len=min(DataConfig.seq_len, cfg.max_seq_len))))
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
-    if cfg.moe.scoring_func not in ("sigmoid", "softmax") or cfg.moe.topk_method not in ("noaux_tc", "group_limited_greedy", "greedy"):
-        raise CheckpointError(f"{where}: scoring_func {cfg.moe.scoring_func!r} / topk_method {cfg.moe.topk_method!r} not supported")
+    check_hf_router(cfg.moe, where)
     return cfg
+
+
+def check_hf_router(moe: MoEConfig, where: str) -> None:
+    """CheckpointError unless the Hugging Face format expresses the router's scoring_func and
+    topk_method (HF_SCORING_FUNCS, HF_TOPK_METHODS); the message tells a registered variant the format
+    lacks from a name no table of dsv3/model/router.py holds."""
+    for key, expressible in (("scoring_func", HF_SCORING_FUNCS), ("topk_method", tuple(HF_TOPK_METHODS))):
+        name = getattr(moe, key)
+        if name not in expressible:
+            what = " (a router variant registered in dsv3/model/router.py)" if name in router.names(key) else ""
+            raise CheckpointError(f"{where}: {key} {name!r}{what} is not supported by the Hugging Face DeepSeek "
+                                  f"format, which expresses {', '.join(expressible)}")
 
 
 def rope_interleaved(hf: dict) -> bool:
@@ -103,8 +119,10 @@ def rope_interleaved(hf: dict) -> bool:
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
-    """V3 architecture for the sigmoid / noaux_tc router, V2 for the softmax ones."""
-    return "deepseek_v3" if cfg.moe.topk_method == "noaux_tc" else "deepseek_v2"
+    """V3 architecture for the noaux_tc router, V2 for the others (HF_TOPK_METHODS); CheckpointError for
+    a router the format cannot express."""
+    check_hf_router(cfg.moe, "config.json export")
+    return HF_TOPK_METHODS[cfg.moe.topk_method]
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16", fp8: bool = False,

@@ -44,10 +44,12 @@ class MoEConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
-    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
-    topk_method: Literal["noaux_tc", "group_limited_greedy", "greedy"] = "noaux_tc"
+    # router variants: names in dsv3/model/router.py's tables (built in: sigmoid | softmax; noaux_tc |
+    # group_limited_greedy | greedy; sign | proportional | none), checked by dsv3.config's validate
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
     norm_topk_prob: bool = True
-    bias_update: Literal["sign", "proportional", "none"] = "sign"
+    bias_update: str = "sign"
     bias_update_speed: float = 1e-3          # γ
     bias_update_stop_tokens: Optional[int] = None   # γ → 0 after this many tokens (report: 14.3T)
     aux_loss_alpha: float = 1e-4             # α of the complementary sequence-wise loss; 0 = off

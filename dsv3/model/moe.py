@@ -1,12 +1,12 @@
 """DeepSeekMoE (report §2.1.2): shared experts plus fine-grained routed experts, the V3 router with
 auxiliary-loss-free balancing, and the complementary sequence-wise balance loss.
 
-Router per token (official ``Gate``; SPEC §2):
-1. s = sigmoid(h·e_i) (V3) or softmax (V2), in FP32;
+Router per token (the official ``Gate``; each variant is an entry of dsv3/model/router.py's tables):
+1. s = sigmoid(h·e_i) (V3) or softmax (V2), in FP32 (``scoring_func``);
 2. selection uses s + b (``noaux_tc``; b = ``e_score_correction_bias``, a buffer, not trained);
 3. group score = sum of the top-2 biased scores (noaux_tc) or the group max (V2), keep the best
    ``topk_group`` of ``n_group`` groups, mask the others with −inf;
-4. top-k of the rest (ties go to the lower expert index);
+4. top-k of the rest (ties go to the lower expert index) — steps 2–4 are the ``topk_method``;
 5. gate weights = unbiased s of the chosen experts, normalised when ``norm_topk_prob``, × scale.
 No token is ever dropped.
 """
@@ -21,12 +21,7 @@ from torch import nn
 from dsv3.model.args import MoEConfig
 from dsv3.model.experts import GroupedExperts, local_dispatch
 from dsv3.model.layers import MLP
-
-
-def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest along the last dim; equal values go to the lower index. Their own
-    storage: a kept index does not hold the whole sort's (…, n) indices alive."""
-    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+from dsv3.model.router import bias_update, gate_dtype, scoring, topk_method
 
 
 XFrom = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]
@@ -67,39 +62,29 @@ class Gate(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
+        # the variant's functions, looked up once: an unknown name fails here, at construction
+        self.score_fn = scoring(cfg.scoring_func)
+        self.method = topk_method(cfg.topk_method)
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, dim))
         # per-expert routing bias b (aux-loss-free balancing); FP32, updated by update_bias only
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def _select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Steps 2–4 of the module docstring: the (N, k) chosen experts."""
-        c = self.cfg
-        choice = scores
-        if c.topk_method == "noaux_tc":
-            choice = scores + self.e_score_correction_bias.to(scores.dtype)
-        if c.n_group > 1 and c.topk_method != "greedy":
-            grouped = choice.view(scores.shape[0], c.n_group, c.n_routed_experts // c.n_group)  # N may be 0
-            if c.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_scores = grouped.amax(dim=-1)
-            keep = stable_topk(group_scores, c.topk_group)
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        return stable_topk(choice, c.n_activated_experts)
+        """Steps 2–4 of the module docstring (the ``topk_method``): the (N, k) chosen experts."""
+        return self.method.select(scores, self.e_score_correction_bias, self.cfg)
 
     def forward(self, x: torch.Tensor, x_from: Optional[XFrom] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, dim) → gate weights (N, k) fp32, expert indices (N, k), unbiased scores s (N, E).
         ``x_from``: (fn, src) with fn(src) = x, to recompute x in the backward instead of keeping it."""
         c = self.cfg
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = gate_linear(x, self.weight, torch.float64 if x.dtype == torch.float64 else torch.float32, x_from)
-        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+            logits = gate_linear(x, self.weight, gate_dtype(x), x_from)
+        scores = self.score_fn(logits)
         with torch.no_grad():   # the selection yields indices only: no gradient, nothing kept for a backward
             indices = self._select(scores)
         weights = scores.gather(1, indices)
         # the official V3 gate normalises even a single choice; V2 only when top_k > 1
-        if c.norm_topk_prob and (c.topk_method == "noaux_tc" or c.n_activated_experts > 1):
+        if c.norm_topk_prob and (self.method.normalise_single or c.n_activated_experts > 1):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * c.routed_scaling_factor, indices, scores
 
@@ -189,6 +174,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = Gate(dim, cfg)
+        self.bias_rule = bias_update(cfg.bias_update)   # Δ of update_bias (dsv3/model/router.py)
         self.experts = GroupedExperts(cfg.n_routed_experts, dim, cfg.moe_inter_dim, cfg.grouped_mm_impl)
         self.shared_experts = MLP(dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         # the `dispatcher` hook: None = local; parallel/ installs the expert-parallel all-to-all
@@ -261,17 +247,15 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor, gamma: Optional[float] = None) -> None:
-        """Aux-loss-free balancing (report eq. 16 region): b_i ← b_i + γ·sign(mean − load_i), after the
-        optimizer step, with loads summed over the whole global batch by the caller. ``proportional``
-        uses γ·(mean − load_i)/mean instead (an ablation variant)."""
+        """Aux-loss-free balancing (report §2.1.2): b_i ← b_i + γ·Δ_i after the optimizer step, with loads
+        summed over the whole global batch by the caller; Δ is the ``bias_update`` rule of
+        dsv3/model/router.py (the report's sign(mean − load_i), ``proportional`` (mean − load_i)/mean, or
+        none). Only a ``topk_method`` that ranks s + b has a bias to update."""
         gamma = self.cfg.bias_update_speed if gamma is None else gamma
-        if self.cfg.bias_update == "none" or self.cfg.topk_method != "noaux_tc" or gamma == 0:
+        if not self.gate.method.biased or gamma == 0:
             return
-        load = tokens_per_expert.to(torch.float32)
-        mean = load.mean()
-        if self.cfg.bias_update == "sign":
-            delta = torch.sign(mean - load)
-        else:
-            delta = (mean - load) / mean.clamp_min(1e-9)
+        delta = self.bias_rule(tokens_per_expert.to(torch.float32))
+        if delta is None:
+            return
         bias = self.gate.e_score_correction_bias
         bias += (gamma * delta).to(bias.device)
