@@ -1,4 +1,4 @@
-"""Pipeline schedules as data (SPEC §4): ordering, message matching, phase counts, errors."""
+"""Pipeline schedules as data (report §3.2.1): ordering, message matching, phase counts, errors."""
 from collections import Counter
 
 import pytest
@@ -62,7 +62,7 @@ def test_sends_match_receives_in_order(kind, N, C):
 
 @pytest.mark.parametrize("N,C", [(2, 4), (4, 8), (4, 12), (6, 14), (8, 20)])
 def test_dualpipe_phase_counts(N, C):
-    """SPEC §4: K F and K B per direction; Bi = W = 2H − h − 1; rank N−1−r is rank r mirrored;
+    """Report §3.2.1's DualPipe: K F and K B per direction; Bi = W = 2H − h − 1; rank N−1−r is rank r mirrored;
     the middle ranks' first steady iteration is F then a full B, not overlapped."""
     H = N // 2
     for r in range(N):
@@ -77,7 +77,7 @@ def test_dualpipe_phase_counts(N, C):
         mirror = schedule("dualpipe", N - 1 - r, N, C)
         shape = lambda o: (o.kind, tuple(p.kind for p in o.parts()), tuple(p.mb % (C // 2) for p in o.parts()))
         assert [shape(o) for o in ops] == [shape(o) for o in mirror]
-    # rank 0's opening for N=4, C=8 spelled out from SPEC §4's phases
+    # rank 0's opening for N=4, C=8 spelled out from DualPipe's eight phases
     got = [repr(o) for o in schedule("dualpipe", 0, 4, 8)[:9]]
     assert got == ["F0.0", "F0.1", "F0.2", "F7.4", "Bi7.4", "W7.4", "F7.5", "FB(F0.3&B7.5)", "FB(F7.6&B0.0)"]
 

@@ -1,4 +1,4 @@
-"""Simulated bubbles and memory against the DualPipe README's table (SPEC §4)."""
+"""Simulated bubbles and memory against the DualPipe README's table (report §3.2.1, Table 2)."""
 import pytest
 
 from parallel.schedules import KINDS, Op, schedule
@@ -59,7 +59,7 @@ def test_cli_and_png(tmp_path, capsys):
 
 
 def test_text_timeline_dualpipe_n4():
-    """Rank 0 of DualPipe N=4, C=8 at unit costs: SPEC §4's phases with two idle slots (bubble 2)."""
+    """Rank 0 of DualPipe N=4, C=8 at unit costs: DualPipe's eight phases with two idle slots (bubble 2)."""
     from parallel.simulate import text_timeline
     rows = text_timeline(simulate("dualpipe", 4, 8, UNIT)).splitlines()
     assert rows[0] == "rank  0 |FFFFbWFXXX.XXXBB.XXXBBbWbW|"
