@@ -1,4 +1,4 @@
-"""Pipeline bubbles (SPEC §4): (a) simulated vs the closed-form table, (b) measured step times of
+"""Pipeline bubbles (report §3.2.1, Table 2): (a) simulated vs the closed-form table, (b) measured step times of
 1F1B, ZB1P, DualPipe, DualPipeV and torch.distributed.pipelining's ScheduleDualPipeV on 4 processes.
 
 In (b) every op costs a modelled time: stage compute is replaced by sleeps (F in forward, Bi in the
