@@ -277,8 +277,9 @@ def _one_f_one_b(rank: int, N: int, C: int, zero_bubble: bool) -> list[tuple[str
 
 
 def _dualpipe(rank: int, N: int, C: int) -> list[tuple]:
-    """DualPipe's eight phases (report §3.2.1, Figure 5; deepseek-ai/DualPipe) for rank r of N (N even) with C chunks. Entries are ('F'|'B'|'Bi', dir),
-    ('W',) or ('FB', dir_f, dir_b); directions resolve to pipe stages and micro-batches below."""
+    """DualPipe's eight phases (report §3.2.1, Figure 5; deepseek-ai/DualPipe) for rank r of N (N even) with
+    C chunks. Entries are ('F'|'B'|'Bi', dir), ('W',) or ('FB', dir_f, dir_b); directions resolve to pipe
+    stages and micro-batches below."""
     H, K, h = N // 2, C // 2, min(rank, N - 1 - rank)
     near = 0 if rank < H else 1
     far = 1 - near

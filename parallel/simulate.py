@@ -183,7 +183,8 @@ def legend_entries(res: SimResult) -> list[tuple[str, str]]:
     if any(d == 1 for _, d in styles):
         N, C = res.num_ranks, res.num_chunks
         out.append(("dir1", f"hatched: direction 1, micro-batches {C // 2}–{C - 1} fed on rank {N - 1} "
-                            f"(plain: direction 0, 0–{C // 2 - 1} fed on rank 0)" if len(layout(res.kind, N).chains) == 2 else
+                            f"(plain: direction 0, 0–{C // 2 - 1} fed on rank 0)"
+                            if len(layout(res.kind, N).chains) == 2 else
                             f"hatched: the V's way back, stages {N}–{2 * N - 1} from rank {N - 1} to rank 0 "
                             f"(plain: stages 0–{N - 1} down from rank 0)"))
     return out

@@ -13,7 +13,8 @@
 Under the ramp the step's batch is start + (global_batch − start) · tokens / ramp.tokens, rounded down
 to a multiple of dp · micro_batch_size, never below the schedule's fewest micro-batches (pp for
 1F1B / ZB1P, 2·pp for DualPipe and DualPipeV; 1 without a pipeline) and, under DualPipe, an even
-count (``parallel.schedules.Schedule.fewest_chunks`` / ``needs_even_chunks``). Without a ramp every step takes global_batch, which must split exactly.
+count (``parallel.schedules.Schedule.fewest_chunks`` / ``needs_even_chunks``). Without a ramp every step
+takes global_batch, which must split exactly.
 """
 from __future__ import annotations
 
