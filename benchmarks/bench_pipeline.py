@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from parallel.schedules import KINDS, get_schedule, layout  # noqa: E402
+from parallel.sim.cost import SleepThrough  # noqa: E402
 from parallel.simulate import Costs, closed_form_bubble, simulate  # noqa: E402
 
 DIM = 8
@@ -49,21 +50,6 @@ def bubble_table() -> None:
 
 
 # ------------------------------------------------------------------------ (b) measurement
-class _SleepThrough(torch.autograd.Function):
-    """Identity that costs ``fwd`` seconds forward and ``bwd`` seconds backward."""
-
-    @staticmethod
-    def forward(ctx, x, fwd, bwd):
-        time.sleep(fwd)
-        ctx.bwd = bwd
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        time.sleep(ctx.bwd)
-        return g, None, None
-
-
 class SleepStage(nn.Module):
     """y = sleep_F/Bi(x) + sleep_W(w): the weight branch hangs off the add, so a B/W split (ours or
     torch's) runs Bi's sleep in B and W's in W; a full B runs both."""
@@ -75,7 +61,7 @@ class SleepStage(nn.Module):
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         c = self.costs
-        return _SleepThrough.apply(x, c.F, c.Bi) + _SleepThrough.apply(self.w, 0.0, c.W)
+        return SleepThrough.apply(x, c.F, c.Bi) + SleepThrough.apply(self.w, 0.0, c.W)
 
     def forward(self, x, mb=None):  # our executor calls stage(x, mb); torch's calls stage(x)
         if mb is not None and self.first:
