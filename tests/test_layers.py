@@ -49,7 +49,8 @@ def test_shared_input_linears_equal_separate_calls():
     """Under BF16 autocast the Linears sharing an input run as one GEMM on the concatenated weights:
     outputs and weight gradients equal the separate calls (same BF16 products), the input gradient to
     BF16 rounding (summed inside one GEMM instead of two BF16 results added)."""
-    from dsv3.model.layers import Linear, packed_linear, shared_input_linears
+    from dsv3.model.layers import Linear
+    from dsv3.model.fast.shared_input import packed_linear, shared_input_linears
     torch.manual_seed(0)
     a, b = Linear(12, 5), Linear(12, 7)
     x = torch.randn(3, 4, 12, requires_grad=True)
@@ -75,7 +76,7 @@ def test_shared_input_linears_equal_separate_calls():
 def test_packed_swiglu_equals_autograd_formula():
     """swiglu_packed([g | u], w) = silu(g) · u · w per row; its hand-written backward (packed dg/du and
     the row-weight gradient) passes gradcheck in fp64 and equals autograd of the formula in fp32."""
-    from dsv3.model.layers import swiglu_packed
+    from dsv3.model.fast.swiglu import swiglu_packed
     g = torch.Generator().manual_seed(0)
     gu = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
     rw = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -141,7 +142,8 @@ def test_fp8_shared_input_linears_quantise_x_once():
     every gradient equal separate fp8_linear calls bit for bit (the same GEMMs; dx the same two dgrads
     added), and x's token-tiled FP8 copy is kept once: exactly one copy's bytes fewer are saved."""
     import functools
-    from dsv3.model.layers import Linear, shared_input_linears
+    from dsv3.model.layers import Linear
+    from dsv3.model.fast.shared_input import shared_input_linears
     from triton_kernels.fp8_linear import fp8_linear, fp8_linear_shared
     g = torch.Generator().manual_seed(1)
     lins = [Linear(160, 200), Linear(160, 72)]                       # ragged 128-tiles

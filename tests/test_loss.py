@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dsv3.model.loss as L
+import dsv3.model.fast.head_loss as L
 from dsv3.model.layers import Linear
 
 

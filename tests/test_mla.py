@@ -147,7 +147,7 @@ def test_flash_mla_core_equals_sdpa_path():
     """dsv3.model.attention: the direct flash-kernel Function (CPU, FP32) equals F.scaled_dot_product_attention
     on the concatenated heads — outputs and the gradients of all five pieces, the shared rope key's
     gradient summed over heads — for FP32 and BF16 inputs."""
-    import dsv3.model.attention as A
+    import dsv3.model.fast.attention_core as A
     if not A._HAS_CPU_FLASH:
         pytest.fail("this torch has no CPU flash-attention kernels (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)")
     B, T, H, dn, dr, dv = 2, 37, 3, 16, 8, 12
@@ -185,7 +185,7 @@ def test_flash_mla_core_equals_sdpa_path():
 def test_rope_function_equals_pairwise_formula():
     """apply_rope (complex multiplication with a hand-written backward) equals the pairwise rotation
     x0·cos − x1·sin, x0·sin + x1·cos and its autograd, in fp64, on a strided slice as MLA passes it."""
-    from dsv3.model.rope import apply_rope
+    from dsv3.model.fast.rope import rotate_pairs as apply_rope
     g = torch.Generator().manual_seed(0)
     cos, sin = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
     base = torch.randn(2, 5, 3, 12, generator=g, dtype=torch.float64)
@@ -278,7 +278,7 @@ def test_blocked_causal_core_equals_sdpa_path():
     five pieces — at a length that leaves a partial last block. The FP32 result differs from the fp64 one
     by rounding only: |Δ| ≤ 64·u·(1 + |ref|) with u = 2⁻²⁴ covers the ≤ T-term dot products' accumulated
     rounding (√T·u·Σ|terms| with terms O(1)) and the softmax's."""
-    import dsv3.model.attention as A
+    import dsv3.model.fast.attention_core as A
     B, T, H, dn, dr, dv = 2, A.BLOCK * 2 + 21, 3, 16, 8, 12
     g = torch.Generator().manual_seed(1)
     shapes = [(B, T, H, dn), (B, T, H, dr), (B, T, H, dn), (B, T, 1, dr), (B, T, H, dv)]

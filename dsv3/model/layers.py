@@ -1,5 +1,7 @@
 """Small building blocks shared by the model: RMSNorm, the hookable Linear, the SwiGLU MLP.
 
+Each module computes the plain formula unless a hook says otherwise; the hooks' defaults are the speed
+paths of dsv3/model/fast/ (``fast.auto``: chosen by device and dtype, tested against the formulas here).
 ``Linear.impl`` is the `linear_impl` hook: a callable (x, weight) -> x @ weight.T. The default is
 ``F.linear``; dsv3.training.precision swaps in the FP8 kernel for every Linear whose ``fp8_exempt`` is False,
 and ``MLP.swiglu_down`` under fp8.cache_swiglu_fp8.
@@ -11,6 +13,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dsv3.model import fast
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = x · rsqrt(mean(x²) + eps) · w, computed in ≥ FP32 and written in ``out_dtype``."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)).to(out_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -24,36 +34,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.autocast_output = False
+        # hook: (x, weight, eps, out_dtype) -> y; default: the formula with a memory-light backward
+        self.impl: Callable = fast.auto("rms_norm", rms_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
         if self.autocast_output and torch.is_autocast_enabled(x.device.type):
             out_dtype = torch.get_autocast_dtype(x.device.type)
-        return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """y = x · rsqrt(mean(x²) + eps) · w in ≥ FP32, saving only x and the (…, 1) reciprocal RMS; the
-    backward is dx = rstd · (g − x̂ · mean(g · x̂)), g = dy · w, dw = Σ dy · x̂ (tests/test_layers.py
-    checks it against autograd of the plain formula and with gradcheck)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
-        ctx.save_for_backward(x, w, rstd)
-        return (xf * rstd).mul_(w.to(xf.dtype)).to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w, rstd = ctx.saved_tensors
-        xhat = x.to(rstd.dtype) * rstd
-        dyf = dy.to(rstd.dtype)
-        dw = (dyf * xhat).flatten(0, -2).sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
-        g = dyf * w.to(rstd.dtype)
-        c = (g * xhat).mean(-1, keepdim=True).mul_(rstd)
-        dx = torch.addcmul(g.mul_(rstd), xhat, c, value=-1).to(x.dtype)     # rstd·(g − x̂·mean(g·x̂))
-        return dx, dw, None, None
+        return self.impl(x, self.weight, self.eps, out_dtype)
 
 
 class Linear(nn.Linear):
@@ -66,70 +54,36 @@ class Linear(nn.Linear):
         # shared_impl hook: (x, [weights]) -> x · [W_1; …]ᵀ (…, ΣN) for Linears that share an input and
         # the same hook object (the FP8 one quantises x once and keeps one FP8 copy; dsv3.training.precision sets it)
         self.shared_impl: Optional[Callable] = None
+        # shared_input hook: (self, x) -> y for a group of Linears that read the same x, run as one GEMM
+        # where that pays (fast.share_input sets it: MLA's down-projections); None = this Linear alone
+        self.shared_input: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_input is not None:
+            return self.shared_input(self, x)
         return self.impl(x, self.weight)
 
 
-def packed_linear(x: torch.Tensor, *linears: Linear) -> Optional[torch.Tensor]:
-    """The Linears that share input ``x`` as one GEMM on their concatenated weights, outputs side by side
-    on the last dim — through their common ``shared_impl`` when they have one (FP8: one quantisation of
-    x); None when some Linear has a swapped ``impl`` and no common ``shared_impl``, and on CPU outside
-    autocast (measured slower there: benchmarks/README.md)."""
-    hook = linears[0].shared_impl
-    if hook is not None and all(lin.shared_impl is hook for lin in linears):
-        return hook(x, [lin.weight for lin in linears])
-    if any(lin.impl is not F.linear for lin in linears):
-        return None
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    if dtype is None and x.device.type == "cpu":
-        return None     # without a cast to fuse into, concatenating the weights costs more than it saves on CPU
-    return F.linear(x, torch.cat([lin.weight if dtype is None else lin.weight.to(dtype) for lin in linears]))
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
-def shared_input_linears(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
-    """``[lin(x) for lin in linears]``, as one GEMM where packed_linear can (one input cast and one GEMM
-    per pass instead of one per Linear; the input gradient is summed inside the GEMM in FP32), or one
-    FP8 quantisation of x for all of them (``shared_impl``)."""
-    y = packed_linear(x, *linears) if len(linears) > 1 else None
-    if y is None:
-        return [lin(x) for lin in linears]
-    return list(y.split([lin.out_features for lin in linears], dim=-1))
+def swiglu(x: torch.Tensor, w1: Linear, w3: Linear, recompute: bool = False) -> torch.Tensor:
+    """silu(w1 x) · w3 x. With ``recompute`` (report §3.2.3) only w1 x and w3 x are kept for the
+    backward, the product is recomputed there."""
+    gate, up = w1(x), w3(x)
+    if recompute:
+        return torch.utils.checkpoint.checkpoint(silu_mul, gate, up, use_reentrant=False)
+    return silu_mul(gate, up)
 
 
-class _PackedSwiGLU(torch.autograd.Function):
-    """h = silu(g) · u (· w per row) from gu = [g | u]; the backward writes dg and du into one packed
-    gradient (no zero-filled buffer per half) with torch's fused silu_backward."""
-
-    @staticmethod
-    def forward(ctx, gu: torch.Tensor, row_weight: Optional[torch.Tensor]) -> torch.Tensor:
-        g, u = gu.chunk(2, dim=-1)
-        h = F.silu(g).mul_(u)
-        if row_weight is not None:
-            h.mul_(row_weight.unsqueeze(-1).to(h.dtype))
-        ctx.save_for_backward(gu, row_weight)
-        return h
-
-    @staticmethod
-    def backward(ctx, dh: torch.Tensor):
-        gu, rw = ctx.saved_tensors
-        g, u = gu.chunk(2, dim=-1)
-        a = F.silu(g)
-        drw = None
-        if rw is not None:
-            if ctx.needs_input_grad[1]:
-                drw = (dh * a * u).sum(-1).to(rw.dtype)
-            dh = dh * rw.unsqueeze(-1).to(dh.dtype)
-        dgu = torch.empty_like(gu)
-        dg, du = dgu.chunk(2, dim=-1)
-        torch.mul(dh, a, out=du)
-        torch.ops.aten.silu_backward(dh * u, g, grad_input=dg)
-        return dgu, drw
-
-
-def swiglu_packed(gu: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """silu(gate) · up (· row_weight per row) for gu = [gate | up] on the last dim."""
-    return _PackedSwiGLU.apply(gu, row_weight)
+def gate_up(x: torch.Tensor, w1: Linear, w3: Linear) -> torch.Tensor:
+    """[w1 x | w3 x] on the last dim, through the Linears' common ``shared_impl`` when they have one (FP8:
+    one quantisation of x for both)."""
+    hook = w1.shared_impl
+    if hook is not None and w3.shared_impl is hook:
+        return hook(x, [w1.weight, w3.weight])
+    return torch.cat([w1(x), w3(x)], dim=-1)
 
 
 class MLP(nn.Module):
@@ -141,24 +95,14 @@ class MLP(nn.Module):
         self.w2 = Linear(inter_dim, dim)  # down_proj
         self.w3 = Linear(dim, inter_dim)  # up_proj
         self.recompute = False
+        # swiglu hook: (x, w1, w3, recompute) -> silu(w1 x) · w3 x; default: w1 and w3 as one GEMM where
+        # that pays, with a packed backward
+        self.swiglu: Callable = fast.auto("mlp_swiglu", swiglu)
         # swiglu_down hook: ([gate | up], w2) -> y, the SwiGLU and w2 as one op that caches [gate | up]
         # in FP8 and recomputes the SwiGLU output in the backward (report §3.3.3); dsv3.training.precision sets it
         self.swiglu_down: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = packed_linear(x, self.w1, self.w3)
         if self.swiglu_down is not None:        # it keeps no SwiGLU output: recompute would add nothing
-            if gu is None:
-                gu = torch.cat([self.w1(x), self.w3(x)], dim=-1)
-            return self.swiglu_down(gu, self.w2.weight)
-        fn, args = (swiglu_packed, (gu,)) if gu is not None else (swiglu, (self.w1(x), self.w3(x)))
-        if self.recompute and torch.is_grad_enabled():
-            # report §3.2.3: keep only SwiGLU's inputs, recompute its output in backward
-            h = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-        else:
-            h = fn(*args)
-        return self.w2(h)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+            return self.swiglu_down(gate_up(x, self.w1, self.w3), self.w2.weight)
+        return self.w2(self.swiglu(x, self.w1, self.w3, self.recompute and torch.is_grad_enabled()))

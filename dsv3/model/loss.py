@@ -1,14 +1,11 @@
-"""Output head + cross-entropy fused and chunked over rows: the (tokens × vocab) logits are never held
-whole, and the softmax gradient is formed while each chunk's logits are at hand.
+"""The language-model loss from hidden states: the output head, then cross-entropy (report §2.2, eq. 24–25
+for the MTP depths).
 
 ``head_cross_entropy(head, h, targets)`` returns the SUM of the token cross-entropies over targets that
 are not ``ignore_index`` (callers divide by the count they need: valid tokens for the main loss, B·T for
-an MTP depth). When a gradient is wanted it runs ``_LinearCrossEntropy``: per chunk of rows, logits =
-h_c W^T in the GEMM precision (the autocast dtype under autocast, like any Linear), log-softmax in at
-least FP32 (report §3.3), then dlogits = softmax − onehot, dh_c = dlogits W and dW += dlogits^T h_c,
-all in the forward; backward only scales the stored dh, dW by the incoming gradient. Without a
-gradient (evaluation) it is the plain head + F.cross_entropy. The same maths as F.cross_entropy on the
-head's logits: tests/test_loss.py checks the loss and both gradients against it.
+an MTP depth), log-softmax in at least FP32 (report §3.3). It is the reference of the
+``OutputHead.loss_impl`` hook, whose default in training fuses the head with the cross-entropy in row
+chunks so the (tokens × vocab) logits are never held whole (dsv3/model/fast/head_loss.py).
 """
 from __future__ import annotations
 
@@ -16,78 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOGIT_CHUNK_ELEMENTS = 1 << 22   # rows per chunk = this / vocab (at least 128): 16 MB of FP32 logits
-
-
-def _gemm_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(h.device.type):
-        return torch.get_autocast_dtype(h.device.type)
-    return torch.promote_types(h.dtype, w.dtype)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                gemm_dtype: torch.dtype, chunk: int) -> torch.Tensor:
-        with torch.autocast(h.device.type, enabled=False):
-            loss, dh, dw = _LinearCrossEntropy._run(ctx, h, w, targets, ignore_index, gemm_dtype, chunk)
-        ctx.save_for_backward(dh, dw)
-        ctx.dtypes = (h.dtype, w.dtype)
-        return loss
-
-    @staticmethod
-    def _run(ctx, h, w, targets, ignore_index, gemm_dtype, chunk):
-        acc = torch.promote_types(gemm_dtype, torch.float32)
-        x_all, wc = h.to(gemm_dtype), w.to(gemm_dtype)
-        valid = targets != ignore_index
-        tgt = targets.masked_fill(~valid, 0)
-        loss = torch.zeros((), dtype=acc, device=h.device)
-        dh = torch.empty_like(x_all) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
-        # one set of chunk buffers reused by every chunk (fresh multi-MB tensors per chunk cost page faults)
-        rows = min(chunk, h.shape[0])
-        logits = x_all.new_empty(rows, w.shape[0])
-        logp = torch.empty(rows, w.shape[0], dtype=acc, device=h.device)
-        up = torch.empty_like(logp) if gemm_dtype != acc else None      # the logits upcast, in place
-        wgrad = torch.empty(w.shape, dtype=gemm_dtype, device=w.device) if dw is not None and gemm_dtype != acc else None
-        for s in range(0, h.shape[0], chunk):
-            x, t, v = x_all[s:s + chunk], tgt[s:s + chunk, None], valid[s:s + chunk, None]
-            n = x.shape[0]
-            lg, lp = logits[:n], logp[:n]
-            torch.mm(x, wc.t(), out=lg)
-            torch.log_softmax(lg if up is None else up[:n].copy_(lg), dim=-1, out=lp)
-            loss -= (lp.gather(1, t) * v).sum()
-            probs = lp.exp_()                                      # softmax, in place
-            probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0)).mul_(v)
-            g = lg.copy_(probs) if gemm_dtype != acc else probs
-            if dh is not None:
-                torch.mm(g, wc, out=dh[s:s + chunk])
-            if dw is not None:
-                if wgrad is None:
-                    dw.addmm_(g.t(), x)
-                else:
-                    dw += torch.mm(g.t(), x, out=wgrad)
-        return loss, dh, dw
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        dh, dw = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        dh = None if dh is None else (dh * grad).to(h_dtype)
-        dw = None if dw is None else (dw * grad).to(w_dtype)
-        return dh, dw, None, None, None, None
+from dsv3.model import fast
+from dsv3.model.layers import Linear
 
 
 def head_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
                        ignore_index: int = -100) -> torch.Tensor:
-    """Sum over valid positions of CE(head(h), targets); h (..., dim), targets (...). The fused path is
-    taken for a plain head (``head.impl`` is F.linear) when a gradient is wanted."""
-    h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    w = head.weight
-    fusable = getattr(head, "impl", F.linear) is F.linear and getattr(head, "bias", None) is None
-    if fusable and torch.is_grad_enabled() and (h2.requires_grad or w.requires_grad):
-        chunk = max(128, LOGIT_CHUNK_ELEMENTS // w.shape[0])
-        return _LinearCrossEntropy.apply(h2, w, t, ignore_index, _gemm_dtype(h2, w), chunk)
-    logits = head(h2)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), t,
+    """Sum over valid positions of CE(head(h), targets); h (..., dim), targets (...)."""
+    logits = head(h.reshape(-1, h.shape[-1]))
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1),
                            ignore_index=ignore_index, reduction="sum")
+
+
+class OutputHead(Linear):
+    """The output head (kept in BF16/FP32: report §3.3) and its loss: ``cross_entropy(h, targets)`` is
+    Σ CE(head(h), targets) through the ``loss_impl`` hook (head, h, targets, ignore_index) -> sum, whose
+    default fuses the head with the cross-entropy when training (no logits kept)."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__(dim, vocab_size, fp8_exempt=True)
+        self.loss_impl = fast.auto("head_loss", head_cross_entropy)
+
+    def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        return self.loss_impl(self, h, targets, ignore_index)

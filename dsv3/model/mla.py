@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dsv3.model import fast
 from dsv3.model.args import MLAConfig
-from dsv3.model.attention import mla_attention
-from dsv3.model.layers import Linear, RMSNorm, shared_input_linears
+from dsv3.model.attention import attention
+from dsv3.model.layers import Linear, RMSNorm
 from dsv3.model.rope import apply_rope, softmax_scale
 
 
@@ -54,6 +55,12 @@ class MLA(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, dim)
         self.softmax_scale = softmax_scale(cfg)
         self.recompute = False  # report §3.2.3: recompute the up-projections (and the core) in backward
+        # hooks (dsv3/model/fast/), defaults chosen by device and dtype, references the formulas:
+        # rotate: (x, cos, sin) -> RoPE(x); attention_core: (q_nope, q_rope, k_nope, k_rope, v, scale) -> o;
+        # the down-projections, which read the same x, run as one GEMM where that pays (Linear.shared_input)
+        self.rotate = fast.auto("rotate", apply_rope)
+        self.attention_core = fast.auto("attention_core", attention)
+        fast.share_input(self.wq if cfg.q_lora_rank is None else self.wq_a, self.wkv_a)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[MLACache] = None, start_pos: int = 0) -> torch.Tensor:
@@ -63,8 +70,8 @@ class MLA(nn.Module):
         core's output runs under one checkpoint (report §3.2.3): autograd keeps only c_Q (before q_norm),
         wkv_a's output (c_KV before kv_norm, and the un-rotated k_rope) and the core's output (wo's input);
         backward re-runs the norms, the q / kv up-projections, RoPE and the core forward."""
-        q_in = self.wq if self.cfg.q_lora_rank is None else self.wq_a
-        q_a, kv_a = shared_input_linears(x, q_in, self.wkv_a)     # the down-projections share one GEMM
+        q_a = self.wq(x) if self.cfg.q_lora_rank is None else self.wq_a(x)   # q, or c_Q before q_norm
+        kv_a = self.wkv_a(x)                                  # [c_KV | k_rope] before kv_norm and RoPE
         if cache is not None:
             q_nope, q_rope, kv, k_rope = self._latents(q_a, kv_a, cos, sin)
             out = self._attend_absorbed(q_nope, q_rope, kv, k_rope.squeeze(2), cache, start_pos)
@@ -82,10 +89,10 @@ class MLA(nn.Module):
         c = self.cfg
         q = q_a if c.q_lora_rank is None else self.wq_b(self.q_norm(q_a))
         q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_head_dim).split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin)
+        q_rope = self.rotate(q_rope, cos, sin)
         kv, k_rope = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)                                            # c_KV: (B, T, kv_lora_rank)
-        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)               # (B, T, 1, rope_dim)
+        k_rope = self.rotate(k_rope.unsqueeze(2), cos, sin)               # (B, T, 1, rope_dim)
         return q_nope, q_rope, kv, k_rope
 
     def _attend_decompressed(self, q_a, kv_a, cos, sin) -> torch.Tensor:
@@ -93,7 +100,7 @@ class MLA(nn.Module):
         q_nope, q_rope, kv, k_rope = self._latents(q_a, kv_a, cos, sin)
         B, T, H, _ = q_nope.shape
         k_nope, v = self.wkv_b(kv).view(B, T, H, -1).split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)
-        return mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.softmax_scale)
+        return self.attention_core(q_nope, q_rope, k_nope, k_rope, v, self.softmax_scale)
 
     def _attend_absorbed(self, q_nope, q_rope, kv, k_rope, cache: MLACache, start_pos: int) -> torch.Tensor:
         B, T, H, _ = q_nope.shape

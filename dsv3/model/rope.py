@@ -62,26 +62,9 @@ def softmax_scale(cfg: MLAConfig) -> float:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs. x: (B, T, H, d); cos, sin: (T, d/2). Computed in the tables' dtype and
-    returned in x's; as complex multiplication by e^{iθ} (one kernel), whose backward is the
-    multiplication by e^{−iθ} (tests/test_mla.py checks it against the pairwise formula)."""
-    return _RotatePairs.apply(x, cos, sin)
-
-
-def _as_complex(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)).contiguous())
-
-
-class _RotatePairs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot = torch.complex(cos, sin)[:, None, :]                       # (T, 1, d/2)
-        ctx.save_for_backward(rot)
-        ctx.x_dtype = x.dtype
-        return torch.view_as_real(_as_complex(x, cos.dtype) * rot).flatten(-2).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        rot, = ctx.saved_tensors
-        dx = torch.view_as_real(_as_complex(grad, rot.real.dtype) * rot.conj()).flatten(-2).to(ctx.x_dtype)
-        return dx, None, None
+    """Rotate adjacent pairs: (x[2i] + i·x[2i+1]) · e^{iθ}, as DeepSeek's ``apply_rotary_emb``. x: (B, T, H, d);
+    cos, sin: (T, d/2). Computed in the tables' dtype and returned in x's. The reference of the
+    ``MLA.rotate`` hook (dsv3/model/fast/rope.py: the same forward with a lighter backward)."""
+    rot = torch.complex(cos, sin)[:, None, :]                                     # e^{iθ}: (T, 1, d/2)
+    pairs = torch.view_as_complex(x.to(cos.dtype).unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)

@@ -19,8 +19,8 @@ from torch import nn
 from dsv3.model.block import Block
 from dsv3.model.args import ModelConfig
 from dsv3.model.experts import GroupedExperts
-from dsv3.model.layers import MLP, Linear, RMSNorm
-from dsv3.model.loss import head_cross_entropy
+from dsv3.model.layers import MLP, RMSNorm
+from dsv3.model.loss import OutputHead
 from dsv3.model.mla import MLA, MLACache
 from dsv3.model.moe import MoE, Gate
 from dsv3.model.mtp import MTPModule, shifted
@@ -57,7 +57,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm.autocast_output = True            # feeds the head only
-        self.head = Linear(cfg.dim, cfg.vocab_size, fp8_exempt=True)
+        self.head = OutputHead(cfg.dim, cfg.vocab_size)
         self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.mtp.depth))
         cos, sin = rope_cos_sin(cfg.mla, cfg.max_seq_len, device=self.embed.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -160,8 +160,8 @@ class Transformer(nn.Module):
 
     def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the next-token targets (−100 ignored) from the final hidden states;
-        head and cross-entropy fused and chunked when training (dsv3/model/loss.py): no logits are kept."""
-        return head_cross_entropy(self.head, self.norm(h), labels) / (labels != -100).sum()
+        through the head's ``loss_impl`` hook (fused and chunked when training: no logits are kept)."""
+        return self.head.cross_entropy(self.norm(h), labels) / (labels != -100).sum()
 
     def mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over depths k = 1…D of L_k (report eq. 24–25); 0 when D = 0."""
@@ -171,7 +171,7 @@ class Transformer(nn.Module):
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             h = module(h, self.embed(shifted(input_ids, k, 0)), cos, sin)
-            losses.append(head_cross_entropy(self.head, module.norm(h), shifted(labels, k, -100)) / labels.numel())
+            losses.append(self.head.cross_entropy(module.norm(h), shifted(labels, k, -100)) / labels.numel())
         return torch.stack(losses).mean()
 
     def new_caches(self, batch: int, max_len: int) -> list[MLACache]:
