@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from parallel.sim.links import LinkModel, predict_route
+from tests.dist_utils import run_ranks
 
 
 def test_defaults_are_the_issue_constants():
@@ -63,6 +64,52 @@ def test_pipelined_route_by_hand():
     assert predict_route(hops, links, 1, make0) == pytest.approx(60.0)
     assert predict_route(hops, links, 2, make0) == pytest.approx(50.0)
     assert predict_route(hops, links, 1000, make0) >= 2 * 1000 / 50
+
+
+class _Clock:
+    """Modelled time for parallel.sim.links: only the transport's sleeps advance it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+
+def _two_ranks_over_ib(rank, world):
+    """Two rounds of a 2-rank all-to-all through ``ModelledTransport`` on IB only (unit 1 B/s, latency 1):
+    round 1 rank 0 sends 1000 B, rank 1 100 B; round 2 rank 0 500 B, rank 1 nothing (one empty message)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    import parallel.sim.links as links
+    clock = links.time = _Clock()          # this spawned rank only
+    transport = links.ModelledTransport(links.LinkModel(unit=1.0, latency=1.0))
+    hop = SimpleNamespace(group=dist.group.WORLD, links=["self", "inter"] if rank == 0 else ["inter", "self"])
+    rounds = []
+    for sent in ((1000, 100), (500, 0)):
+        n, m = sent[rank], sent[1 - rank]
+        buf = torch.full((n, 1), rank + 1, dtype=torch.uint8)
+        got = buf.new_empty(m, 1)
+        counts = lambda k: [0, k] if rank == 0 else [k, 0]   # noqa: E731  rows to / from the other rank
+        t = transport.start(hop, got, buf, counts(n), counts(m), {"inter": n}, {"inter": 1})
+        t.wait()
+        rounds.append((t.issued, t.done, clock.now, bool((got == 2 - rank).all())))
+    return rounds, transport.model_done
+
+
+def test_modelled_transport_waits_for_the_senders_serial_links():
+    """By hand (IB 50 B/s, 1 s per message). Round 1: rank 0's link busy 0→21, rank 1's 0→3; each receiver
+    sleeps until its sender's link is done: rank 0 until 3, rank 1 until 21. Round 2, issued at 3 and 21:
+    rank 0's link is still busy until 21 (FIFO), so its 500 B go 21→32; rank 1's empty message 21→22."""
+    (r0, done0), (r1, done1) = run_ranks(_two_ranks_over_ib, 2, timeout=120)
+    assert r0 == [(0.0, 21.0, 3.0, True), (21.0, 32.0, 22.0, True)]
+    assert r1 == [(0.0, 3.0, 21.0, True), (21.0, 22.0, 32.0, True)]
+    assert (done0, done1) == (22.0, 32.0)
 
 
 def _sim_imports_and_sleeps(path: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """A small language model cut into pipeline stages: the generic stand-in tests/test_pipeline.py runs
-every schedule on (report §3.2.1). It has what makes placement interesting in DeepSeek-V3: an input embedding on
-the first stage, an output head and an MTP-like extra loss on the last, the MTP reusing the embedding
-and the head (report §2.2). The stage forwards run the very ops of ``ToyLM.forward``, so a pipelined
+every schedule on (report §3.2.1). It has what makes placement interesting in DeepSeek-V3: an input
+embedding on the first stage, an output head and an MTP-like extra loss on the last, the MTP reusing
+the embedding and the head (report §2.2). The stage forwards run the very ops of ``ToyLM.forward``, so a pipelined
 loss can be compared bitwise with the single-process one.
 """
 from __future__ import annotations
