@@ -46,6 +46,17 @@ def fill_drain():
         unregister_schedule(NAME)
 
 
+def test_registry_refuses_a_second_name_a_wrong_layout_and_unknown_names(fill_drain):
+    import dataclasses
+    with pytest.raises(ValueError, match=f"'{NAME}' is already registered"):
+        register_schedule(FILL_DRAIN)
+    v_claim = dataclasses.replace(FILL_DRAIN, name="fill_drain_v", model_stages_per_rank=2)
+    with pytest.raises(ValueError, match="layout on 2 ranks has kind 'fill_drain', 2 model stages"):
+        register_schedule(v_claim)
+    with pytest.raises(ValueError, match=f"unknown pipeline schedule 'fill_drain_v'; choose one of .*{NAME}"):
+        get_schedule("fill_drain_v")
+
+
 @pytest.mark.parametrize("N,C", [(1, 1), (2, 2), (4, 4), (4, 9)])
 def test_op_lists_are_a_valid_schedule(fill_drain, N, C):
     from parallel.p2p_model import nccl_check
