@@ -74,7 +74,7 @@ def _slices(pm) -> dict[str, tuple[int, object]]:
     out = {}
     ep_rank = pm.mesh.ep_rank if pm.cfg.parallel.ep > 1 else 0
     for n, e in pm.zero.entries.items():
-        if pm.pipe is not None and pm.pipe.rank != min(pm.pipe.holders[n]):
+        if pm.pipe is not None and pm.pipe.rank != pm.pipe.holders_of(n)[0]:
             continue  # the other copy of a mirrored stage writes it
         valid = min(e.chunk, e.param.numel() - e.index * e.chunk)
         if valid <= 0:
@@ -97,7 +97,7 @@ def _state(pm, numel: dict[str, int], fill: bool) -> dict:
                 off, e, valid = mine[n]
                 if suffix:
                     st = pm.zero.optimizer.state.get(e.master)
-                    dtype = pm.zero.optimizer._moment_dtype(e.master)
+                    dtype = pm.zero.optimizer.moment_dtype_of(e.master)
                     src = st[suffix[1:]][:valid] if st else torch.zeros(valid, dtype=dtype, device=e.master.device)
                 else:
                     src = e.master.detach()[:valid]
@@ -318,11 +318,11 @@ def _install(pm, opt_step: int, local, biases: dict) -> None:
             e.master.copy_(vals[""])
             if opt_step > 0:
                 pm.zero.optimizer.state[e.master] = dict(
-                    step=step_t.clone(), **{m: vals["." + m].to(pm.zero.optimizer._moment_dtype(e.master)) for m in _MOMENTS})
+                    step=step_t.clone(), **{m: vals["." + m].to(pm.zero.optimizer.moment_dtype_of(e.master)) for m in _MOMENTS})
         for name, moe in _moes(pm).items():
             b = moe.gate.e_score_correction_bias
             b.copy_(biases[f"{name}.gate.e_score_correction_bias"].to(b.dtype))
-    pm.zero._all_gather()
+    pm.zero.all_gather_params()
 
 
 def _read_single(path: str, pm) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -373,7 +373,7 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> di
         sd[n] = torch.empty(p.numel(), dtype=torch.promote_types(p.dtype, torch.float32))
         if optimizer is not None:
             for m in _MOMENTS:
-                sd[f"{n}.{m}"] = torch.empty(p.numel(), dtype=optimizer._moment_dtype(p))
+                sd[f"{n}.{m}"] = torch.empty(p.numel(), dtype=optimizer.moment_dtype_of(p))
     for n, b in biases.items():
         sd[n] = torch.empty(b.shape, dtype=torch.float32)
     _dcp_load(path, sd, metadata, no_dist=True)
@@ -382,7 +382,7 @@ def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> di
             p.copy_(sd[n].view_as(p))
             if optimizer is not None and meta["opt_step"] > 0:
                 optimizer.state[p] = dict(step=torch.tensor(float(meta["opt_step"])),
-                                          **{m: sd[f"{n}.{m}"].view_as(p).to(optimizer._moment_dtype(p)) for m in _MOMENTS})
+                                          **{m: sd[f"{n}.{m}"].view_as(p).to(optimizer.moment_dtype_of(p)) for m in _MOMENTS})
         for n, b in biases.items():
             b.copy_(sd[n])
     return meta

@@ -1,12 +1,12 @@
-"""One function applies the parallelism to a built model (report §3.2, §3.4; SPEC §5 training layout):
+"""One function applies the parallelism to a built model (report §3.2: PP16 × EP64 × ZeRO-1 DP, no TP):
 pipeline parallelism (any schedule of parallel/schedules.py) × data parallelism, expert parallelism
 carved out of the data-parallel ranks of each stage, ZeRO-1 over "dp" (dense) and "edp" (experts).
 With ``train.weights_dtype=bf16`` the parameters are BF16 (ZeRO-1 keeps FP32 main grads and master,
 parallel/zero.py) and the pipeline's P2P activations and their gradients travel in BF16, the autocast dtype.
 
     mesh = Mesh.from_config(cfg.parallel)
-    pm = parallelize(model, mesh, cfg)
-    stats = pm.train_step(rows, lr=lr, mtp_weight=λ, gamma=None)   # rows: this DP replica's (n, T+1) tokens
+    parallel_model = parallelize(model, mesh, cfg)
+    stats = parallel_model.train_step(rows, lr=lr, mtp_weight=λ, gamma=None)   # rows: this replica's (n, T+1) tokens
 
 The gradient of a step is the mean over the global batch: every micro-batch's loss (lm + λ·mtp, with
 the balance loss's gradient injected by each MoE layer) is back-propagated unscaled and the reduced sum
@@ -16,7 +16,7 @@ over the data-parallel ranks of the stage (every rank that routed tokens), befor
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,19 @@ from parallel.overlap_pipeline import OverlapPipeline
 from parallel.pipeline import Pipeline
 from parallel.schedules import get_schedule, layout
 from parallel.zero import Zero1
+
+
+class LossSums(NamedTuple):
+    """A step's losses, each summed over the micro-batches (then over the replicas and divided by their
+    count: the global means); ``weighted`` = lm + λ·mtp, what each micro-batch back-propagates beside
+    the balance loss."""
+    weighted: torch.Tensor
+    lm: torch.Tensor
+    mtp: torch.Tensor
+    balance: torch.Tensor
+
+
+_AT = LossSums(*range(4))   # each loss's position in the step's one fp64 device vector (one all-reduce)
 
 
 def _ready_after(pipe: Pipeline) -> dict[str, Optional[int]]:
@@ -63,10 +76,10 @@ class ParallelModel:
         only what this rank holds — its pipeline stages, its experts — is materialised, with the values
         the whole model gets (``dsv3.model.param_init``)."""
         cfg = resolved(cfg, mesh.dp, cfg.parallel.pp, cfg.parallel.pp_schedule)   # train.micro_batch_size=auto
-        where = torch.device(device) if device is not None else next(model.parameters()).device
-        cfg = with_weights_dtype(cfg, where)   # train.weights_dtype=auto: BF16 on CUDA under BF16 autocast
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        cfg = with_weights_dtype(cfg, device)   # train.weights_dtype=auto: BF16 on CUDA under BF16 autocast
         bf16_weights = cfg.train.weights_dtype == "bf16"
-        if bf16_weights and choose_dtype(cfg.train.dtype, where)[0] != "bf16":
+        if bf16_weights and choose_dtype(cfg.train.dtype, device)[0] != "bf16":
             raise ConfigError("train.weights_dtype=bf16 needs BF16 autocast: set train.dtype=bf16 "
                               f"(train.dtype={cfg.train.dtype} runs FP32 here)")
         pc = cfg.parallel
@@ -78,7 +91,6 @@ class ParallelModel:
             self.traffic = apply_expert_parallel(model, mesh, pc, fp8=cfg.fp8.enabled and cfg.fp8.dispatch,
                                                  fp8_grad=cfg.fp8.enabled and cfg.fp8.grad_dispatch)
         on_meta = any(p.is_meta for p in model.parameters())
-        device = torch.device(device) if device is not None else next(model.parameters()).device
         expert_names = {n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
         self.pipe: Optional[Pipeline] = None
         if pc.pp > 1:
@@ -108,8 +120,7 @@ class ParallelModel:
                 moe.dispatcher = dispatchers[n]
             set_aux_loss_scale(self.pipe, 1.0)
             self.params = dict(self.pipe.params)
-            copies = {n: ((self.pipe._copy_groups.get(self.pipe.holders[n]), len(self.pipe.holders[n]))
-                          if len(self.pipe.holders[n]) > 1 else (None, 1)) for n in self.params}
+            copies = {n: self.pipe.copies_of(n) for n in self.params}
             ready = _ready_after(self.pipe)
         else:
             materialize_(model, device, model.init_seed)   # the whole (expert-sharded) model
@@ -135,7 +146,7 @@ class ParallelModel:
         autocast = autocast or nullcontext
         may_step = may_step or (lambda loss, norm: math.isfinite(loss) and math.isfinite(norm))
         device = next(iter(self.params.values())).device
-        sums = torch.zeros(4, dtype=torch.float64, device=device)   # lm + λ·mtp, lm, mtp, balance; summed over micro-batches
+        sums = torch.zeros(len(LossSums._fields), dtype=torch.float64, device=device)   # laid out as LossSums
         if self.pipe is not None:
             C = rows.shape[0] // self.cfg.train.micro_batch_size
             if C != self.pipe.num_chunks:   # the batch ramp: this step's schedule has another chunk count
@@ -145,9 +156,9 @@ class ParallelModel:
                 losses = self.pipe.step(dsv3_microbatches(rows, C))
             done = [l.detach().double() for l in losses if l is not None]   # device tensors: no sync per micro-batch
             if done:
-                sums[0] = torch.stack(done).sum()
+                sums[_AT.weighted] = torch.stack(done).sum()
             parts = take_loss_parts(self.pipe)
-            for i, k in enumerate(("lm_loss", "mtp_loss", "balance_loss"), start=1):
+            for i, k in ((_AT.lm, "lm_loss"), (_AT.mtp, "mtp_loss"), (_AT.balance, "balance_loss")):
                 sums[i] = parts[k]
         else:
             C = rows.shape[0] // self.cfg.train.micro_batch_size
@@ -160,17 +171,19 @@ class ParallelModel:
                 out.loss.backward()
                 if on_micro is not None:   # the balance monitor's per-layer loss (one replica's micro-batches)
                     on_micro(C)
-                sums += torch.stack([out.lm_loss + mtp_weight * out.mtp_loss, out.lm_loss, out.mtp_loss,
-                                     out.balance_loss.detach()]).double()   # on the device: read once a step
+                sums += torch.stack(LossSums(weighted=out.lm_loss + mtp_weight * out.mtp_loss, lm=out.lm_loss,
+                                             mtp=out.mtp_loss, balance=out.balance_loss.detach())
+                                    ).double()   # on the device: read once a step
         divisor = C * self.dp
         dist.all_reduce(sums)
         sums /= divisor
-        loss = float(sums[0] + sums[3])
+        mean = LossSums(*sums.unbind())
+        loss = float(mean.weighted + mean.balance)
         grad_norm = self.zero.step(lr, divisor, may_step=lambda norm: may_step(loss, norm))
         stepped = self.zero.stepped
         loads = self._update_bias(gamma if stepped else 0.0)
-        return dict(loss=loss, lm_loss=float(sums[1]), mtp_loss=float(sums[2]),
-                    balance_loss=float(sums[3]), grad_norm=grad_norm, loads=loads, skipped=not stepped)
+        return dict(loss=loss, lm_loss=float(mean.lm), mtp_loss=float(mean.mtp),
+                    balance_loss=float(mean.balance), grad_norm=grad_norm, loads=loads, skipped=not stepped)
 
     def _set_chunks(self, C: int) -> None:
         """Rebuild this rank's schedule for C micro-batches, and when each parameter's gradient is

@@ -1,6 +1,6 @@
-"""One executor for every pipeline schedule (SPEC §4; report §3.2.1).
+"""One executor for every pipeline schedule (report §3.2.1).
 
-    stages = model_stages(model, layout("dualpipe", N).num_model_stages)   # the model's own cut
+    stages = dsv3_stages(model, layout("dualpipe", N).num_model_stages)   # parallel/dsv3_stages.py
     pipe = Pipeline(model, stages, "dualpipe", num_chunks=C, act_shape=(B, T, D), act_dtype=torch.float32)
     losses = pipe.step(microbatches)      # runs this rank's ops; grads accumulate in pipe.params
     pipe.sync_grads()                     # sums the copies of every parameter (DualPipe mirrors, tied embedding)
@@ -77,7 +77,7 @@ class Pipeline:
             for s in self.layout.model_stages_of(r):
                 for n in stage_names[s]:
                     holders[n] = tuple(sorted(set(holders.get(n, ())) | {r}))
-        self.holders = holders
+        self._holders = holders
         global_ranks = dist.get_process_group_ranks(self.group)
         self._copy_groups: dict[tuple[int, ...], Optional[dist.ProcessGroup]] = {}
         for hs in sorted({h for h in holders.values() if len(h) > 1}):
@@ -195,7 +195,7 @@ class Pipeline:
         self._after_backward(b, dx)
 
     def _forward_backward(self, op: Op) -> None:
-        """A paired F&B (SPEC §4 steady state), here its F then its B; ``OverlapPipeline``
+        """A paired F&B (DualPipe's steady state, report §3.2.1), here its F then its B; ``OverlapPipeline``
         (parallel/overlap_pipeline.py) interleaves the two chunks instead."""
         self._forward(op.f)
         self._backward(op.b)
@@ -233,8 +233,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------ copies
     def sync_grads(self) -> None:
-        """Sums each parameter's gradient over the ranks holding a copy (SPEC §4: mirrored stages'
-        grads summed; the tied embedding's all-reduced). Missing grads count as zero."""
+        """Sums each parameter's gradient over the ranks holding a copy (DualPipe's mirrored stages'
+        grads summed, report §3.2.1; the tied embedding's all-reduced). Missing grads count as zero."""
         self._sum_over_copies({n: p.grad if p.grad is not None else torch.zeros_like(p)
                                for n, p in self.params.items()}, assign_grad=True)
 
@@ -246,7 +246,7 @@ class Pipeline:
         for hs, pg in self._copy_groups.items():
             if pg is None:
                 continue
-            names = sorted(n for n in tensors if self.holders[n] == hs)
+            names = sorted(n for n in tensors if self._holders[n] == hs)
             if not names:
                 continue
             flat = torch.cat([tensors[n].reshape(-1) for n in names])
@@ -256,6 +256,16 @@ class Pipeline:
         if assign_grad:
             for n, p in self.params.items():
                 p.grad = tensors[n]
+
+    def holders_of(self, name: str) -> tuple[int, ...]:
+        """The pipeline ranks (ascending) holding a copy of ``name``, a model-level parameter or buffer name."""
+        return self._holders[name]
+
+    def copies_of(self, name: str) -> tuple[Optional[dist.ProcessGroup], int]:
+        """``name``'s copies: (the group that sums them, None where there is one copy or this rank holds
+        none; how many ranks hold one)."""
+        hs = self._holders[name]
+        return (self._copy_groups[hs], len(hs)) if len(hs) > 1 else (None, 1)
 
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, each once (for the optimizer)."""

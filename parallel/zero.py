@@ -1,4 +1,4 @@
-"""ZeRO-1 (Rajbhandari et al. 2020, stage 1; report §3.4 "ZeRO-1 data parallelism"): each rank keeps the
+"""ZeRO-1 (Rajbhandari et al. 2020, stage 1; report §3.2 "ZeRO-1 data parallelism"): each rank keeps the
 FP32 master weights and AdamW moments of 1/W of every parameter of its shard group — dense parameters
 over the data-parallel group "dp", routed experts over the expert-data-parallel group "edp".
 
@@ -183,7 +183,7 @@ class Zero1:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
-        self._all_gather()
+        self.all_gather_params()
         self._clear()
         return norm
 
@@ -199,7 +199,8 @@ class Zero1:
             for e, piece in zip(es, flat.split([e.chunk for e in es])):
                 e.master.grad.copy_(piece)
 
-    def _all_gather(self) -> None:
+    def all_gather_params(self) -> None:
+        """Every rank's parameters from the masters' shards (after a step, or after masters were loaded)."""
         pending = []
         for b in self.buckets:
             mine = torch.cat([e.master.detach() for e in b.entries])

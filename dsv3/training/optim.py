@@ -25,8 +25,8 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self._moment_dtype(p))
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self._moment_dtype(p))
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype_of(p))
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype_of(p))
             if self._fusable(params):
                 self._fused_step(group, params)
             else:
@@ -34,8 +34,8 @@ class AdamW(torch.optim.Optimizer):
                     self._step_one(group, p)
         return None
 
-    def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
-        """BF16 when asked for; otherwise FP32, or the parameters' dtype when wider (fp64 reference runs)."""
+    def moment_dtype_of(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of ``p``'s moments: BF16 when asked for; otherwise FP32, or the parameters' dtype when wider (fp64 reference runs)."""
         if self.moment_dtype == torch.bfloat16:
             return torch.bfloat16
         return torch.promote_types(self.moment_dtype, p.dtype)
@@ -82,7 +82,7 @@ class AdamW(torch.optim.Optimizer):
         for state in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    state[key] = state[key].to(self._moment_dtype(state[key]))
+                    state[key] = state[key].to(self.moment_dtype_of(state[key]))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AdamW:
