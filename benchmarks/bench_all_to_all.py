@@ -1,5 +1,5 @@
-"""Expert-parallel dispatch: flat vs two-hop vs two-hop with node-limited routing (SPEC §5), and two-hop
-with its IB and NVLink hops pipelined in chunks (report §3.2.1; parallel/two_hop_chunks.py).
+"""Expert-parallel dispatch: flat vs two-hop vs two-hop with node-limited routing (report §3.2.2),
+and two-hop with its IB and NVLink hops pipelined in chunks (report §3.2.2; parallel/two_hop_chunks.py).
 
 1. Traffic model for DeepSeek-V3's routing shape (256 experts, top-8, 8 groups, 4 kept) on 8 nodes × 8 GPUs
    (EP64, 4 experts per GPU, one group = one node), from real router outputs (dsv3.model.moe.Gate on random
@@ -35,7 +35,7 @@ from dsv3.model.moe import Gate  # noqa: E402
 from parallel.sim.launch import run_ranks  # noqa: E402
 from parallel.routing_plan import Topology, cluster_plan, plan_flat, plan_inter, plan_intra, mask_choices  # noqa: E402
 
-IB, NVLINK = 50e9, 160e9                       # bytes/s per GPU (SPEC §5)
+IB, NVLINK = 50e9, 160e9                       # bytes/s per GPU (report §3.2.2)
 HIDDEN, E, TOPK, GROUPS = 7168, 256, 8, 8
 NODES, RPN, WORLD = 4, 2, 8                    # the measured shape
 CHUNKS = (1, 2, 4, 8)

@@ -1,7 +1,7 @@
 """TFLOPS of our block-scaled FP8 GEMMs beside BF16 torch.matmul, torch._scaled_mm and Transformer Engine.
 
-Claims checked (DeepSeek-V3 report §3.3, SPEC §6): FP8 with 1×128 / 128×128 scaling and FP32
-promotion beats BF16 (target ≥ 1.3× at M = 4096) and approaches DeepGEMM (1.0–1.5 PFLOPS dense on
+Claims checked (DeepSeek-V3 report §3.3; DeepGEMM's published H800 figures): FP8 with 1×128 / 128×128
+scaling and FP32 promotion beats BF16 (target ≥ 1.3× at M = 4096) and approaches DeepGEMM (1.0–1.5 PFLOPS dense on
 H800 at large shapes). Shapes: DeepSeek-V3's (N, K) with M ∈ {64, 128, 4096}; grouped: DeepGEMM's
 contiguous-layout table. Columns: TFLOPS per implementation; "err" = relative Frobenius error of
 our output against the BF16 matmul; "×bf16" = our speed-up over BF16; "%DG" = our TFLOPS as a

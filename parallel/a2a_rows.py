@@ -1,4 +1,4 @@
-"""What the expert all-to-all puts on the wire (SPEC §5): every row of a hop as one byte buffer (gloo has
+"""What the expert all-to-all puts on the wire (report §3.2.2): every row of a hop as one byte buffer (gloo has
 no float8, so everything travels as uint8: activation or E4M3 bytes and scales, gate weights, expert
 slots), and one hop of a route (its group, link kinds and plan). FP8 rows (report §3.3.3): E4M3 bytes and
 one power-of-2 fp32 scale per 1×128 tile — the dispatched activations and, in the backward, the gradient of
@@ -50,7 +50,7 @@ def quantise_grad(y: torch.Tensor) -> torch.Tensor:
     return _QuantiseGrad.apply(y)
 
 
-def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
+def pack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     """Row-wise concatenation of (S, ...) tensors of any dtype as raw bytes: (S, B) uint8."""
     S = parts[0].shape[0]
     return torch.cat([_dense(p).view(torch.uint8).reshape(S, _row_bytes(p)) for p in parts], dim=1)
@@ -71,7 +71,7 @@ def _row_bytes(p: torch.Tensor) -> int:
     return n
 
 
-def _unpack(buf: torch.Tensor, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+def unpack_rows(buf: torch.Tensor, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
     out, col = [], 0
     for dtype, tail in specs:
         n = torch.empty((), dtype=dtype).element_size()

@@ -1,4 +1,4 @@
-"""Expert-parallel dispatch and combine on torch.distributed (SPEC §5), behind one interface:
+"""Expert-parallel dispatch and combine on torch.distributed (report §3.2.2), behind one interface:
 
     d = dispatcher.dispatch(x, topk_idx, topk_weight)   # asynchronous: returns a handle
     recv = d.wait()                                      # Dispatched: rows for this rank's experts
@@ -40,7 +40,7 @@ from dsv3.config import ConfigError
 from dsv3.model.experts import sum_rows
 from dsv3.training.faults import PeerError, fault_point, first_line
 from parallel.placement import Placement
-from parallel.a2a_rows import Hop, _pack, _unpack, dequant, quant_pow2
+from parallel.a2a_rows import Hop, pack_rows, unpack_rows, dequant, quant_pow2
 from parallel.routing_plan import Topology, plan_experts, plan_hop, ExpertPlan
 from parallel.two_hop_chunks import ForwardWait, ReverseWait, Route, comm_thread, dispatch_task, forward_task, \
     plan_dispatch, reverse_task
@@ -110,7 +110,7 @@ class Transport:
         return Transfer(work, now, now)
 
 
-class _Pending:
+class Pending:
     """An in-flight all-to-all (a ``Transfer``) and its output buffer; ``wait`` returns the buffer."""
 
     def __init__(self, transfer: Transfer, out: torch.Tensor, group=None):
@@ -151,20 +151,23 @@ class EPDispatcher:
         me = lay.ep_rank
         node = lambda r: r // lay.ep_local  # noqa: E731
         link_of = lambda p: "self" if p == me else ("intra" if node(p) == node(me) else "inter")  # noqa: E731
+        # per hop of a route: (group, link kind to each of its ranks, physical slot -> that group's rank)
         if self.kind == "flat":
-            self._hop_specs = [(mesh.group("ep"), [link_of(p) for p in range(lay.ep)], self.topo.rank_of)]
+            self.hop_specs = [(mesh.group("ep"), [link_of(p) for p in range(lay.ep)], self.topo.rank_of)]
         else:
             L = lay.ep_local
             inter_peers = [n * L + lay.ep_local_rank for n in range(lay.ep_nodes)]
             intra_peers = [lay.ep_node * L + l for l in range(L)]
-            self._hop_specs = [(mesh.group("ep_inter"), [link_of(p) for p in inter_peers], self.topo.node_of),
+            self.hop_specs = [(mesh.group("ep_inter"), [link_of(p) for p in inter_peers], self.topo.node_of),
                                (mesh.group("ep_intra"), [link_of(p) for p in intra_peers], self.topo.local_of)]
-            self._ep_hop = Hop(mesh.group("ep"), [link_of(p) for p in range(lay.ep)])   # two_hop's count exchange
+            self.count_hop = Hop(mesh.group("ep"), [link_of(p) for p in range(lay.ep)])   # two_hop's count exchange
 
     # ------------------------------------------------------------------------------ transport
-    def _send(self, hop: Hop, buf: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-              direction: str, async_op: bool = True) -> _Pending:
-        """Every collective of a route goes through here (always asynchronous; wait on the result)."""
+    def send(self, hop: Hop, buf: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+             direction: str) -> Pending:
+        """Every data collective of a route goes through here: ``buf`` (rows, bytes) uint8, ``send_counts[peer]``
+        rows to each peer of ``hop``, counted in ``traffic`` under ``direction``. Always asynchronous: wait
+        on the result."""
         row_bytes = buf.shape[1]
         per_link: dict[str, int] = {}
         msgs: dict[str, int] = {}
@@ -181,13 +184,14 @@ class EPDispatcher:
             raise _peer_error(hop.group, e) from e
         if self.tracer is not None:
             self.tracer.add(direction, "a2a", transfer.issued, transfer.done)
-        return _Pending(transfer, out, hop.group)
+        return Pending(transfer, out, hop.group)
 
-    def _blocking(self):
+    def wait_span(self):
         """Context of a main-thread wait on an all-to-all (traced as ``wait`` when a tracer is set)."""
         return self.tracer.span("wait", "wait") if self.tracer is not None else contextlib.nullcontext()
 
-    def _exchange_counts(self, hop: Hop, send_counts: torch.Tensor) -> list[int]:
+    def exchange_counts(self, hop: Hop, send_counts: torch.Tensor) -> list[int]:
+        """Blocking: every peer of ``hop`` gets its entries of ``send_counts``; returns what each peer sent here."""
         recv = torch.empty_like(send_counts)
         try:
             dist.all_to_all_single(recv, send_counts, group=hop.group)
@@ -198,12 +202,12 @@ class EPDispatcher:
     def _reverse_hop(self, hop: Hop, parts: list[torch.Tensor], direction: str):
         """Flat: receiver-side rows back to the sender; returns a closure finishing the index_add."""
         specs = [(p.dtype, tuple(p.shape[1:])) for p in parts]
-        pend = self._send(hop, _pack(parts), hop.recv_counts, hop.send_counts, direction)
+        pend = self.send(hop, pack_rows(parts), hop.recv_counts, hop.send_counts, direction)
 
         def finish() -> list[torch.Tensor]:
-            with self._blocking():
+            with self.wait_span():
                 got = pend.wait()
-            back = _unpack(got, specs)
+            back = unpack_rows(got, specs)
             rows = hop.plan.send_rows
             return [torch.zeros((hop.n_in,) + b.shape[1:], dtype=b.dtype, device=b.device).index_add_(0, rows, b)
                     for b in back]
@@ -223,8 +227,8 @@ class EPDispatcher:
         if self.kind == "two_hop":
             return ForwardWait(self, route, comm_thread().submit(forward_task, self, route, parts, direction))
         hop = route[0]
-        pend = self._send(hop, _pack([p[hop.plan.send_rows] for p in parts]), hop.send_counts, hop.recv_counts,
-                          direction)
+        pend = self.send(hop, pack_rows([p[hop.plan.send_rows] for p in parts]), hop.send_counts, hop.recv_counts,
+                         direction)
         return _FlatForward(self, pend, [(p.dtype, tuple(p.shape[1:])) for p in parts])
 
     def dispatch_backward(self, route, parts: list[torch.Tensor]):
@@ -255,14 +259,14 @@ class EPDispatcher:
             h.route, h.rows = route, ForwardWait(self, route, comm_thread().submit(dispatch_task, self, route,
                                                                                     payload, w, phys))
         else:
-            group, links, dest_of = self._hop_specs[0]
+            group, links, dest_of = self.hop_specs[0]
             plan = plan_hop(dest_of(phys.long()), len(links))
             hop = Hop(group, links, plan, n_in=N, send_counts=plan.send_counts.tolist())
-            hop.recv_counts = self._exchange_counts(hop, plan.send_counts)
+            hop.recv_counts = self.exchange_counts(hop, plan.send_counts)
             parts = [p[plan.send_rows] for p in payload]
             parts += [torch.where(plan.choice_mask, w[plan.send_rows], 0.0),
                       torch.where(plan.choice_mask, phys[plan.send_rows], -1)]
-            pend = self._send(hop, _pack(parts), hop.send_counts, hop.recv_counts, "dispatch")
+            pend = self.send(hop, pack_rows(parts), hop.send_counts, hop.recv_counts, "dispatch")
             h.route, h.rows = [hop], _FlatForward(self, pend, [(p.dtype, tuple(p.shape[1:])) for p in parts])
         fault_point("a2a")   # DSV3_FAULT=a2a:step:rank dies with this dispatch in flight
         return h
@@ -306,13 +310,13 @@ class _Dequantised:
 
 
 class _FlatForward:
-    def __init__(self, disp: EPDispatcher, pend: _Pending, specs):
+    def __init__(self, disp: EPDispatcher, pend: Pending, specs):
         self.disp, self.pend, self.specs = disp, pend, specs
 
     def wait(self) -> list[torch.Tensor]:
-        with self.disp._blocking():
+        with self.disp.wait_span():
             got = self.pend.wait()
-        return _unpack(got, self.specs)
+        return unpack_rows(got, self.specs)
 
 
 @dataclass

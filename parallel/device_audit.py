@@ -32,7 +32,7 @@ mode); other threads are not.
 
     audit = DeviceAudit(torch.device("cpu"))
     with audit:
-        pm.train_step(rows, lr, mtp_weight)
+        parallel_model.train_step(rows, lr, mtp_weight)   # parallel_model = parallelize(model, mesh, cfg)
     assert not audit.findings, audit.findings
 """
 from __future__ import annotations
@@ -182,8 +182,8 @@ class DeviceAudit:
             self.call_sites[site] += 1
         for t in _tensors((args, kwargs)):
             if is_host(t) or t.device != self.expected:
-                where = "the host" if is_host(t) else str(t.device)
-                self._find("collective", f"dist.{name} got a {tuple(t.shape)} {t.dtype} tensor on {where}, "
+                location = "the host" if is_host(t) else str(t.device)
+                self._find("collective", f"dist.{name} got a {tuple(t.shape)} {t.dtype} tensor on {location}, "
                                          f"the model is on {self.expected}")
 
     def _wrap(self, name: str, orig):

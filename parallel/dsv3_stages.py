@@ -1,4 +1,4 @@
-"""A dsv3 ``Transformer`` cut into pipeline stages for any schedule (SPEC §4; report §3.2.1).
+"""A dsv3 ``Transformer`` cut into pipeline stages for any schedule (report §3.2.1).
 
     stages = dsv3_stages(model, layout("dualpipe", N).num_model_stages)
     pipe = Pipeline(model, stages, "dualpipe", C, act_shape=(B, T, dim), act_dtype=torch.float32)

@@ -51,7 +51,7 @@ from parallel.trace import Tracer
 from parallel.weight_grad import backward_input
 
 WSink = Callable[[str, Callable[[], None]], None]   # receives each part's weight-grad closure
-WAIT = "wait"   # trace category: this rank's main thread blocked on an all-to-all (EPDispatcher._blocking)
+WAIT = "wait"   # trace category: this rank's main thread blocked on an all-to-all (EPDispatcher.wait_span)
 
 
 # ----------------------------------------------------------------------- traced transport
@@ -136,29 +136,32 @@ def _moe_forward(block: Block, x: torch.Tensor, cos, sin, tr: Tracer, streams: C
         with streams.comm(x_send, indices, w_send):
             handle = moe.dispatch(x_send, indices, w_send)
         aux = moe.balance(scores, indices, B)
-    flat_s = s = None
+    x_shared = y_shared = None
     if moe.shared_experts is not None:   # under this dispatch and the paired backward's combine-bwd
         with tr.span("shared F"):
-            flat_s = flat.detach().requires_grad_()
-            s = moe.shared_experts(flat_s)
+            x_shared = flat.detach().requires_grad_()
+            y_shared = moe.shared_experts(x_shared)
     yield
     recv = streams.finish(handle)
     with tr.span("mlp F"):
-        rx, rw = recv.x.detach().requires_grad_(), recv.weight.detach().requires_grad_()
-        recv = dataclasses.replace(recv, x=rx, weight=rw)
+        x_recv, w_recv = recv.x.detach().requires_grad_(), recv.weight.detach().requires_grad_()
+        recv = dataclasses.replace(recv, x=x_recv, weight=w_recv)
         y_rows = moe.run_experts(recv)
         y_send = y_rows.detach()
         with streams.comm(y_send):
             combine = moe.combine(y_send, recv)
     yield
-    yc = streams.finish(combine).detach().requires_grad_()
+    y_combined = streams.finish(combine).detach().requires_grad_()
     with tr.span("out F"):
-        h_o = h.detach().requires_grad_()
-        s_o = None if s is None else s.detach().requires_grad_()
-        aux_o = None if aux is None else aux.detach().requires_grad_()
-        out = h_o + moe.attach_balance(moe.merge(yc, s_o, (B, T, D)), aux_o)
-    return out, dict(x=x, h=h, flat=flat, w=w, aux=aux, hops=recv.hops, rx=rx, rw=rw, y_rows=y_rows,
-                     flat_s=flat_s, s=s, h_o=h_o, yc=yc, s_o=s_o, aux_o=aux_o, out=out)
+        h_leaf = h.detach().requires_grad_()
+        y_shared_leaf = None if y_shared is None else y_shared.detach().requires_grad_()
+        aux_leaf = None if aux is None else aux.detach().requires_grad_()
+        out = h_leaf + moe.attach_balance(moe.merge(y_combined, y_shared_leaf, (B, T, D)), aux_leaf)
+    # what the backward needs, by part: attention (x, h, flat, w, aux), experts (x_recv, w_recv, y_rows),
+    # shared experts (x_shared, y_shared) and the output's leaves (h_leaf, y_combined, y_shared_leaf, aux_leaf)
+    return out, dict(x=x, h=h, flat=flat, w=w, aux=aux, hops=recv.hops, x_recv=x_recv, w_recv=w_recv,
+                     y_rows=y_rows, x_shared=x_shared, y_shared=y_shared, h_leaf=h_leaf, y_combined=y_combined,
+                     y_shared_leaf=y_shared_leaf, aux_leaf=aux_leaf, out=out)
 
 
 def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: Optional[WSink],
@@ -166,34 +169,35 @@ def _moe_backward(block: Block, r: dict, g_out: torch.Tensor, tr: Tracer, sink: 
     moe: MoE = block.ffn
     disp: EPDispatcher = moe.dispatcher
     with tr.span("out B"):
-        leaves = [t for t in (r["h_o"], r["yc"], r["s_o"], r["aux_o"]) if t is not None]
+        leaves = [t for t in (r["h_leaf"], r["y_combined"], r["y_shared_leaf"], r["aux_leaf"]) if t is not None]
         g = dict(zip([id(t) for t in leaves], _part_grads([r["out"]], [g_out], leaves, [], sink, "out W")))
-        g_yc = g[id(r["yc"])]
-        with streams.comm(g_yc):
-            route = disp.combine_backward(r["hops"], g_yc)
+        g_y_combined = g[id(r["y_combined"])]
+        with streams.comm(g_y_combined):
+            route = disp.combine_backward(r["hops"], g_y_combined)
     yield
     (g_rows,) = streams.finish(route)
     with tr.span("mlp B"):
-        g_rx, g_rw = _part_grads([r["y_rows"]], [g_rows], [r["rx"], r["rw"]], params_of(moe.experts), sink, "mlp W")
-        g_rx = torch.zeros_like(r["rx"]) if g_rx is None else g_rx
-        g_rw = torch.zeros_like(r["rw"]) if g_rw is None else g_rw
-        g_rw = g_rw.to(torch.promote_types(r["w"].dtype, torch.float32))   # as _DispatchAttach.backward sends it
-        parts = [g_rx.to(r["flat"].dtype).contiguous(), g_rw.contiguous()]
+        g_x_recv, g_w_recv = _part_grads([r["y_rows"]], [g_rows], [r["x_recv"], r["w_recv"]], params_of(moe.experts),
+                                         sink, "mlp W")
+        g_x_recv = torch.zeros_like(r["x_recv"]) if g_x_recv is None else g_x_recv
+        g_w_recv = torch.zeros_like(r["w_recv"]) if g_w_recv is None else g_w_recv
+        g_w_recv = g_w_recv.to(torch.promote_types(r["w"].dtype, torch.float32))   # as _DispatchAttach.backward sends
+        parts = [g_x_recv.to(r["flat"].dtype).contiguous(), g_w_recv.contiguous()]
         with streams.comm(parts):
             route = disp.dispatch_backward(r["hops"], parts)
     yield
     g_flat = None
-    if r["s"] is not None:   # under this dispatch-bwd and the paired forward's combine
+    if r["y_shared"] is not None:   # under this dispatch-bwd and the paired forward's combine
         with tr.span("shared B"):
-            (g_flat,) = _part_grads([r["s"]], [g[id(r["s_o"])]], [r["flat_s"]], params_of(moe.shared_experts),
-                                    sink, "shared W")
-    g_flat_d, g_w = streams.finish(route)
+            (g_flat,) = _part_grads([r["y_shared"]], [g[id(r["y_shared_leaf"])]], [r["x_shared"]],
+                                    params_of(moe.shared_experts), sink, "shared W")
+    g_flat_routed, g_w = streams.finish(route)
     with tr.span("attn B"):
-        g_flat = g_flat_d if g_flat is None else g_flat + g_flat_d
-        outs, grads = [r["h"], r["flat"], r["w"]], [g[id(r["h_o"])], g_flat, g_w.to(r["w"].dtype)]
-        if r["aux_o"] is not None:
+        g_flat = g_flat_routed if g_flat is None else g_flat + g_flat_routed
+        outs, grads = [r["h"], r["flat"], r["w"]], [g[id(r["h_leaf"])], g_flat, g_w.to(r["w"].dtype)]
+        if r["aux_leaf"] is not None:
             outs.append(r["aux"])
-            grads.append(g[id(r["aux_o"])])
+            grads.append(g[id(r["aux_leaf"])])
         params = params_of(block.attn_norm, block.attn, block.ffn_norm, moe.gate)
         (g_x,) = _part_grads(outs, grads, [r["x"]], params, sink, "attn W")
     return g_x

@@ -1,4 +1,4 @@
-"""The pipeline executor with overlapped F&B chunks (report §3.2.1; SPEC §4 "An overlapped chunk ...").
+"""The pipeline executor with overlapped F&B chunks (report §3.2.1, Figure 4: overlapped chunks).
 
     pipe = OverlapPipeline(model, dsv3_stages(model, 2), "dualpipe", num_chunks=C, act_shape=..., act_dtype=...)
     losses = pipe.step(microbatches)

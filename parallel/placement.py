@@ -3,9 +3,9 @@
 A placement is ``phys_to_log`` (P,): physical slot p lives on EP rank p // slots_per_rank at local
 index p % slots_per_rank and holds logical expert phys_to_log[p]. Without redundancy P = E and the
 map is the identity (rank r holds experts r·E/ep … (r+1)·E/ep − 1, contiguous, so that with
-n_group = nodes one expert group is one node: SPEC §2 step 3).
+n_group = nodes one expert group is one node: node-limited routing, report §2.1.2).
 
-``eplb_placement`` is the hierarchical policy of DeepSeek's EPLB (SPEC §5), written from its
+``eplb_placement`` is the hierarchical policy of DeepSeek's EPLB (report §3.4.1, redundant experts), written from its
 description: (1) pack expert groups onto nodes, each node taking the same number of groups, heaviest
 group first onto the lightest node; (2) inside each node, give redundant slots one at a time to the
 expert with the largest load per replica; (3) pack the node's replicas onto its GPUs the same way as (1).

@@ -1,5 +1,5 @@
 """Routing plans: pure functions from the router's choices and the expert placement to the rows each
-rank sends on each hop, in what order, and how the results come back (SPEC §5).
+rank sends on each hop, in what order, and how the results come back (report §3.2.2).
 
 A hop moves rows of a table (tokens at the source, forwarded rows at a relay) to peers of one process
 group. ``plan_hop`` gives, for each destination, the rows that have at least one choice there —

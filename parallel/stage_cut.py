@@ -1,4 +1,4 @@
-"""Where the pipeline cuts the layers (SPEC §4; report §3.2.1): the one rule shared by the trainer
+"""Where the pipeline cuts the layers (report §3.2.1): the one rule shared by the trainer
 (``parallel.dsv3_stages.dsv3_stages``) and the planner (``dsv3.tools.plan``), so both see the same stages.
 
     stage_bounds(61, 16) -> [0, 4, 8, ..., 52, 55, 58, 61]   # stages 0–12 take 4 layers, 13–15 take 3

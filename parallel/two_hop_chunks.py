@@ -1,4 +1,4 @@
-"""Two-hop dispatch and combine with the hops pipelined in chunks (SPEC §5; DeepSeek-V3 report §3.2.1:
+"""Two-hop dispatch and combine with the hops pipelined in chunks (DeepSeek-V3 report §3.2.2:
 "IB sending, IB-to-NVLink forwarding ... handled by dedicated warps"; DeepEP's normal kernels).
 
 The IB hop (``ep_inter``) is cut into ``chunks`` all-to-alls, chunk c carrying the c-th of C near-equal
@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from parallel.a2a_rows import Hop, _pack, _unpack
+from parallel.a2a_rows import Hop, pack_rows, unpack_rows
 from parallel.routing_plan import plan_hop
 
 
@@ -154,8 +154,8 @@ def plan_dispatch(disp, route: Route, phys: torch.Tensor) -> None:
     on both hops, chunk by chunk: a source knows, for each row it sends, its chunk and the local ranks it
     reaches, so it tells each rank (n, l) how many rows of each chunk will reach it through relay
     (n, its own local index). Sets ``route.hop1`` (and its chunk layout) and ``route.pairs``."""
-    group, links, dest_of = disp._hop_specs[0]
-    _, links2, dest2 = disp._hop_specs[1]
+    group, links, dest_of = disp.hop_specs[0]
+    _, links2, dest2 = disp.hop_specs[1]
     P, L, C, dev = len(links), len(links2), route.chunks, phys.device
     me = links2.index("self")                                     # this rank's local index
     plan = plan_hop(dest_of(phys.long()), P)
@@ -170,7 +170,7 @@ def plan_dispatch(disp, route: Route, phys: torch.Tensor) -> None:
     vec = torch.zeros(P, L, C + 1, dtype=torch.long, device=dev)  # to EP rank n·L + l: hop-1 rows, rows per chunk
     vec[:, :, 1:] = reach.view(C, P, L).permute(1, 2, 0)
     vec[:, me, 0] = plan.send_counts
-    got = disp._exchange_counts(disp._ep_hop, vec.reshape(-1))
+    got = disp.exchange_counts(disp.count_hop, vec.reshape(-1))
     got = torch.tensor(got).view(P, L, C + 1)                      # from EP rank p·L + l
     hop1.recv_counts = got[:, me, 0].tolist()
     route.pairs = got[:, :, 1:].permute(2, 1, 0)                    # (C, L, P)
@@ -182,21 +182,21 @@ def dispatch_task(disp, route: Route, payload, w, phys):
     planning its hop 2 there. Returns the hop-2 pendings and the row specs."""
     _device(phys)
     hop1, pairs, C = route.hop1, route.pairs, route.chunks
-    group2, links2, dest2 = disp._hop_specs[1]
+    group2, links2, dest2 = disp.hop_specs[1]
     L = len(links2)
     parts = _masked(payload, w, phys, hop1.plan)
     specs = _specs(parts)
-    buf = _pack(parts)
-    pend = [disp._send(hop1, buf[i], s, r, "dispatch", True) for i, s, r in zip(route.send_idx, route.s1, route.r1)]
+    buf = pack_rows(parts)
+    pend = [disp.send(hop1, buf[i], s, r, "dispatch") for i, s, r in zip(route.send_idx, route.s1, route.r1)]
     out = []
     for c in range(C):
-        *pl, wc, ph = _unpack(pend[c].wait(), specs)
+        *pl, wc, ph = unpack_rows(pend[c].wait(), specs)
         plan2 = plan_hop(dest2(ph.long()), L)
         hop2 = Hop(group2, links2, plan2, n_in=ph.shape[0], send_counts=plan2.send_counts.tolist(),
                    recv_counts=pairs[c].sum(1).tolist())
         route.hop2.append(hop2)
-        out.append(disp._send(hop2, _pack(_masked(pl, wc, ph, plan2)), hop2.send_counts, hop2.recv_counts,
-                              "dispatch", True))
+        out.append(disp.send(hop2, pack_rows(_masked(pl, wc, ph, plan2)), hop2.send_counts, hop2.recv_counts,
+                             "dispatch"))
     route.perm = arrival_perm(pairs).to(phys.device) if C > 1 else None
     return out, specs
 
@@ -206,12 +206,12 @@ def forward_task(disp, route: Route, parts: list[torch.Tensor], direction: str):
     chunk by chunk; the relay forwards the packed rows as they came."""
     _device(parts[0])
     specs = _specs(parts)
-    buf = _pack([p[route.hop1.plan.send_rows] for p in parts])
-    pend = [disp._send(route.hop1, buf[i], s, r, direction, True)
+    buf = pack_rows([p[route.hop1.plan.send_rows] for p in parts])
+    pend = [disp.send(route.hop1, buf[i], s, r, direction)
             for i, s, r in zip(route.send_idx, route.s1, route.r1)]
     out = []
     for c, h in enumerate(route.hop2):
-        out.append(disp._send(h, pend[c].wait()[h.plan.send_rows], h.send_counts, h.recv_counts, direction, True))
+        out.append(disp.send(h, pend[c].wait()[h.plan.send_rows], h.send_counts, h.recv_counts, direction))
     return out, specs
 
 
@@ -223,14 +223,14 @@ def reverse_task(disp, route: Route, parts: list[torch.Tensor], direction: str):
     if route.perm is not None:     # back to arrival order: arrival[perm] = rows
         parts = [torch.empty_like(p).index_copy_(0, route.perm, p) for p in parts]
     sizes = [sum(h.recv_counts) for h in route.hop2]
-    bufs = _pack(parts).split(sizes)
-    pend = [disp._send(h, b, h.recv_counts, h.send_counts, direction, True) for h, b in zip(route.hop2, bufs)]
+    bufs = pack_rows(parts).split(sizes)
+    pend = [disp.send(h, b, h.recv_counts, h.send_counts, direction) for h, b in zip(route.hop2, bufs)]
     out = []
     for c, h in enumerate(route.hop2):
-        back = _unpack(pend[c].wait(), specs)
+        back = unpack_rows(pend[c].wait(), specs)
         table = [torch.zeros((h.n_in,) + b.shape[1:], dtype=b.dtype, device=b.device).index_add_(
             0, h.plan.send_rows, b) for b in back]
-        out.append(disp._send(route.hop1, _pack(table), route.r1[c], route.s1[c], direction, True))
+        out.append(disp.send(route.hop1, pack_rows(table), route.r1[c], route.s1[c], direction))
     return out, specs
 
 
@@ -242,12 +242,12 @@ class ForwardWait:
         self.disp, self.route, self.fut = disp, route, fut
 
     def wait(self) -> list[torch.Tensor]:
-        with self.disp._blocking():
+        with self.disp.wait_span():
             pend, specs = self.fut.result()
             buf = torch.cat([p.wait() for p in pend])
         if self.route.perm is not None:
             buf = buf[self.route.perm]
-        return _unpack(buf, specs)
+        return unpack_rows(buf, specs)
 
 
 class ReverseWait:
@@ -258,7 +258,7 @@ class ReverseWait:
 
     def wait(self) -> list[torch.Tensor]:
         hop1 = self.route.hop1
-        with self.disp._blocking():
+        with self.disp.wait_span():
             pend, specs = self.fut.result()
             got = [p.wait() for p in pend]
         row_bytes = got[0].shape[1]
@@ -267,4 +267,4 @@ class ReverseWait:
             full[idx] = g
         rows = hop1.plan.send_rows
         return [torch.zeros((hop1.n_in,) + b.shape[1:], dtype=b.dtype, device=b.device).index_add_(0, rows, b)
-                for b in _unpack(full, specs)]
+                for b in unpack_rows(full, specs)]

@@ -1,5 +1,5 @@
 """Split a stage's backward into B (input grad) and W (weight grad) through the autograd graph
-(zero-bubble pipelining, Qi et al. 2023 §2; DualPipe's Bi/W, SPEC §4).
+(zero-bubble pipelining, Qi et al. 2023 §2; DualPipe's Bi/W, report §3.2.1).
 
 B runs only the graph nodes that lead to the stage's input. At every node of that part with an
 edge into a weight-only branch, a pre-hook keeps the gradient flowing into the node; W later

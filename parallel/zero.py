@@ -39,7 +39,8 @@ from dsv3.training.optim import AdamW
 
 
 @dataclass
-class _Entry:
+class ParamShard:
+    """One parameter's ZeRO-1 shard on this rank (``Zero1.entries[name]``; sharded checkpoints read them)."""
     name: str
     param: nn.Parameter
     world: int
@@ -76,19 +77,19 @@ class Zero1:
                  copies: dict[str, tuple], bucket_numel: int = 1 << 20):
         """groups: "dense"/"expert" → (process group, its size, this rank's index); copies: name →
         (group of the ranks holding a copy, their count), (None, 1) when this rank's copy is the only one."""
-        self.entries: dict[str, _Entry] = {}
+        self.entries: dict[str, ParamShard] = {}
         self.main_grads = cfg.weights_dtype == "bf16"
         self.buckets: list[_Bucket] = []
         for kind in ("dense", "expert"):
             pg, world, index = groups[kind]
             names = [n for n in named_params if (n in expert_names) == (kind == "expert")]
-            bucket: list[_Entry] = []
+            bucket: list[ParamShard] = []
             for n in reversed(names):  # roughly the order in which backward produces gradients
                 p = named_params[n]
                 c = math.ceil(p.numel() / world)
                 with torch.no_grad():
                     shard = _chunk_of(p.detach().reshape(-1), index, c).to(torch.promote_types(p.dtype, torch.float32))
-                e = _Entry(n, p, world, index, c, nn.Parameter(shard.clone()), ready_after.get(n), copies[n])
+                e = ParamShard(n, p, world, index, c, nn.Parameter(shard.clone()), ready_after.get(n), copies[n])
                 if self.main_grads:
                     p.data = p.data.to(torch.bfloat16)
                     p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -113,7 +114,7 @@ class Zero1:
             e.param.register_post_accumulate_grad_hook(lambda p, e=e: self._on_grad(e))
 
     # --------------------------------------------------------------------------- reduce-scatter
-    def _on_grad(self, e: _Entry) -> None:
+    def _on_grad(self, e: ParamShard) -> None:
         if self.main_grads:
             e.param.main_grad.add_(e.param.grad)   # FP32 += BF16: the only rounding is the FP32 sum's
             e.param.grad = None
@@ -133,7 +134,7 @@ class Zero1:
             b.work = dist.reduce_scatter(b.out, b.inputs, group=b.group, async_op=True)
         self._next += 1
 
-    def _grad(self, e: _Entry) -> torch.Tensor:
+    def _grad(self, e: ParamShard) -> torch.Tensor:
         if not self.main_grads:
             return e.param.grad if e.param.grad is not None else torch.zeros_like(e.param)
         if e.param.grad is not None:   # a deferred weight gradient (W) assigned without the hook

@@ -254,10 +254,10 @@ def test_all_to_alls_on_the_comm_stream_ordered_by_events():
             # dispatch's split sizes (2 per flat dispatch: its plan and the count exchange; 3 per two-hop one)
             sites = _sites(r["syncs"])
             if kind == "flat":
-                assert sites == {"all_to_all.py:dispatch": dispatches, "all_to_all.py:_exchange_counts": dispatches}
+                assert sites == {"all_to_all.py:dispatch": dispatches, "all_to_all.py:exchange_counts": dispatches}
             else:
                 assert sites == {"two_hop_chunks.py:plan_dispatch": 2 * dispatches,
-                                 "all_to_all.py:_exchange_counts": dispatches}
+                                 "all_to_all.py:exchange_counts": dispatches}
         # each dropped call is caught: a read racing the write it needed, or a block another stream reads
         # without record_stream
         for drop in CONTROLS[1:]:

@@ -1,5 +1,5 @@
 """The debug dsv3 model (MLA, MoE with bias update and sequence-wise balance loss, MTP) through every
-pipeline schedule against one process on the same micro-batches (SPEC §4, DualPipe's own criterion):
+pipeline schedule against one process on the same micro-batches (report §3.2.1, DualPipe's own criterion):
 per-micro-batch losses lm + λ·mtp bitwise equal in fp32; in fp64 every gradient (mirror copies summed)
 ‖x−y‖²/(‖x‖²+‖y‖²) < 1e-13, the routing biases after the aux-loss-free update bitwise equal, and a second
 step from the updated weights agreeing as closely. One 4-rank gloo group runs 1F1B, ZB1P and DualPipe on

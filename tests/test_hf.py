@@ -331,7 +331,8 @@ V2_LITE_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite config.json (auto_map left ou
 
 
 def test_released_configs_map_to_the_published_sizes():
-    """SPEC §2: 671.03B total / 37.55B activated / MTP 11.6B (13.5B stored); V2-Lite 15.71B / 2.66B."""
+    """Report §2 / Table 1 and the released configs: 671.03B total / 37.55B activated / MTP 11.6B
+    (13.5B stored); V2-Lite 15.71B / 2.66B."""
     from dsv3.checkpoint.hf_config import config_from_hf, config_to_hf
     from dsv3.model.params import count_params
     v3 = config_from_hf(V3_CONFIG)

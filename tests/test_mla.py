@@ -127,7 +127,7 @@ def test_yarn_frequencies_and_scales_equal_transformers():
     torch.testing.assert_close(freqs.float(), rot.inv_freq, rtol=1e-6, atol=0)
     assert attn_factor == pytest.approx(rot.attention_scaling, rel=1e-12)
     assert softmax_scale(cfg) == pytest.approx(DeepseekV3Attention(hf, 0).scaling, rel=1e-12)
-    # 671B long-context: softmax scale × (0.1·ln40 + 1)² (SPEC §2)
+    # 671B long-context: softmax scale × (0.1·ln40 + 1)² (report §4.3, YaRN)
     v3 = MLAConfig(qk_nope_head_dim=128, qk_rope_head_dim=64, rope_scaling=RopeScaling())
     assert softmax_scale(v3) == pytest.approx(192 ** -0.5 * (0.1 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)
     pos = torch.arange(3000)

@@ -1,4 +1,5 @@
-"""Parameter counts against the published figures (SPEC §2), counted on the meta device."""
+"""Parameter counts against the published figures (report §2, Table 1; the released configs), counted on
+the meta device."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""The pipeline executor against a single-process run (SPEC §4; DualPipe's own test's criterion):
+"""The pipeline executor against a single-process run (report §3.2.1; DualPipe's own test's criterion):
 per-micro-batch losses bitwise equal in fp32, every gradient with ‖x−y‖²/(‖x‖²+‖y‖²) < 1e-13 in fp64
 (copies summed first), copies bitwise equal after each step, and a second step agreeing too."""
 import multiprocessing as mp

@@ -1,4 +1,4 @@
-"""The router (dsv3.model.moe.Gate) against a plain per-token loop written from SPEC §2, and against
+"""The router (dsv3.model.moe.Gate) against a plain per-token loop written from report §2.1.2, and against
 transformers' DeepseekV3TopkRouter on the same weights."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from dsv3.model.moe import Gate
 
 
 def route_one_token(logits: list[float], bias: list[float], c: MoEConfig):
-    """SPEC §2, one token at a time, in plain Python floats. Ties go to the lower index."""
+    """Report §2.1.2 (the gate of the released inference code), one token at a time, in plain Python
+    floats. Ties go to the lower index."""
     E = len(logits)
     if c.scoring_func == "sigmoid":
         s = [1.0 / (1.0 + math.exp(-z)) for z in logits]

@@ -154,7 +154,7 @@ class _FP8SharedLinear(torch.autograd.Function):
 
 def fp8_linear_shared(x: torch.Tensor, weights: list[torch.Tensor], backend: str = "auto") -> torch.Tensor:
     """x (..., K) @ [W_1; …; W_n]ᵀ -> (..., ΣN_i), the outputs side by side: fp8_linear on each weight,
-    with x quantised once and one FP8 copy of it kept for the backward (the ``shared_linear_impl`` hook)."""
+    with x quantised once and one FP8 copy of it kept for the backward (the ``Linear.shared_impl`` hook)."""
     if any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
         raise ValueError(f"fp8_linear_shared: x (..., K) and weights (N_i, K) expected, got x {tuple(x.shape)}, "
                          f"weights {[tuple(w.shape) for w in weights]}")

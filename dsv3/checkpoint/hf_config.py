@@ -127,7 +127,7 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16", fp8: bool = False,
                  bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> dict:
-    """config.json in the released layout (SPEC §2 names on the right of each line)."""
+    """config.json in the released layout (config_671B.json's keys on the left, dsv3.model.args fields on the right)."""
     mla, moe = cfg.mla, cfg.moe
     model_type = hf_model_type(cfg)
     arch = "DeepseekV3ForCausalLM" if model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"

@@ -96,7 +96,7 @@ def fused_expert_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
 
 
 def is_fp8_weight(hf_name: str) -> bool:
-    """True for exactly the tensors the released FP8 checkpoint quantises (SPEC §3): every Linear of
+    """True for exactly the tensors the released FP8 checkpoint quantises (report §3.3.1): every Linear of
     attention, dense FFN, shared and routed experts — in the MTP layer too — and nothing else (not the
     embeddings, norms, gate, e_score_correction_bias, lm_head, eh_proj or shared_head.head)."""
     parts = hf_name.split(".")

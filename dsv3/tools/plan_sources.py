@@ -44,7 +44,7 @@ FLASHMLA_GBS = Figure(3000.0, "GB/s", "FlashMLA README (2025-02-24): 'up to 3000
                       "on H800 SXM5' — the achievable HBM rate used for memory-bound work (3.35 TB/s peak)")
 COMM_SMS = Figure(20.0, "SMs of 132", "DeepSeek-V3 report §3.2.2: 20 of the 132 SMs of an H800 are allotted to "
                   "communication in DualPipe's overlapped chunks, leaving 112 for compute")
-IB_GBS = Figure(50.0, "GB/s per GPU", "DeepSeek-V3 report §3.2.2 / SPEC §5: one 400 Gb/s InfiniBand NIC per GPU "
+IB_GBS = Figure(50.0, "GB/s per GPU", "DeepSeek-V3 report §3.2.2: one 400 Gb/s InfiniBand NIC per GPU "
                 "(~50 GB/s), used for PP point-to-point and ZeRO collectives (DeepEP measures 43-58 GB/s on it)")
 MAXVIO_DEFAULT = Figure(0.04, "MaxVio", "Wang et al. 2024, Auxiliary-Loss-Free Load Balancing (arXiv:2408.15664) "
                         "Table 2: MaxVio_global 0.04 for Loss-Free Balancing (1B and 3B models); a per-step, per-rank "
@@ -53,8 +53,9 @@ MAXVIO_DEFAULT = Figure(0.04, "MaxVio", "Wang et al. 2024, Auxiliary-Loss-Free L
 REPORT_GPU_HOURS_PER_T = Figure(180e3, "H800 GPU-hours per trillion tokens", "DeepSeek-V3 report §1 / Table 1")
 REPORT_PRETRAIN_GPU_HOURS = Figure(2.664e6, "H800 GPU-hours for 14.8T tokens", "DeepSeek-V3 report Table 1")
 MEGATRON_H100 = Figure(340.0, "TFLOPS/GPU (~1,300 tokens/s/GPU) on 1,024 H100",
-                       "SPEC §6; no primary Megatron-Core publication of this H100 figure was found with the search "
-                       "tools (its MoE report gives 1,233 / 1,048 TFLOPS/GPU on GB300 / GB200)")
+                       "the project brief's Megatron-Core anchor; no primary Megatron-Core publication of this H100 "
+                       "figure was found with the search tools (its MoE report gives 1,233 / 1,048 TFLOPS/GPU on "
+                       "GB300 / GB200)")
 
 
 def deepep_bandwidth(ep: int) -> tuple[float, float, str]:

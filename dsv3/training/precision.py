@@ -1,4 +1,4 @@
-"""Precision policy (report §3.3, SPEC §3): FP8 (E4M3) for every GEMM of the attention projections,
+"""Precision policy (report §3.3.1, Figure 6): FP8 (E4M3) for every GEMM of the attention projections,
 dense FFNs, shared and routed experts — fprop, dgrad and wgrad, 1×128 activation and 128×128 weight
 scales — while the embedding, output head, MoE gate, normalisations, the core attention (QKᵀ, softmax,
 ·V) and the MTP eh_proj stay in BF16/FP32. Applied by swapping the model's hooks, so model files
