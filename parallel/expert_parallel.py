@@ -55,19 +55,20 @@ def apply_expert_parallel(model: torch.nn.Module, mesh: Mesh, pcfg=None, *, fp8:
                           placement: Optional[Placement] = None, kind: Optional[str] = None,
                           fp8_grad: bool = False) -> TrafficCounters:
     """Shard every MoE layer's routed experts over the mesh's EP group and install the dispatcher
-    (``pcfg.dispatcher``: flat | two_hop); ``fp8`` / ``fp8_grad``: dispatch / combine's backward in FP8. ``placement`` defaults to contiguous blocks of experts.
+    (``pcfg.dispatcher``: flat | two_hop); ``fp8`` / ``fp8_grad``: dispatch / combine's backward in FP8.
+    ``placement`` defaults to contiguous blocks of experts.
     A placement with redundant replicas (EPLB) routes correctly in forward, but the replicas' grads
     are not yet summed across the ranks holding them: use it for inference only.
     Returns the traffic counters shared by all layers (``traffic.per_token()`` for the step log)."""
     kind = kind or getattr(pcfg, "dispatcher", "two_hop")
     traffic = TrafficCounters()
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        n = moe.experts.n_experts
-        pl = placement or Placement.contiguous(n, mesh.ep)
-        if pl.n_logical != n:
-            raise ValueError(f"placement has {pl.n_logical} logical experts but the layer has {n}")
-        moe.experts = shard_experts(moe.experts, pl.local_experts(mesh.ep_rank))
-        moe.dispatcher = EPDispatcher(mesh, pl, kind, fp8, traffic, chunks=getattr(pcfg, "a2a_chunks", 1),
+        n_experts = moe.experts.n_experts
+        layer_placement = placement or Placement.contiguous(n_experts, mesh.ep)
+        if layer_placement.n_logical != n_experts:
+            raise ValueError(f"placement has {layer_placement.n_logical} logical experts but the layer has {n_experts}")
+        moe.experts = shard_experts(moe.experts, layer_placement.local_experts(mesh.ep_rank))
+        moe.dispatcher = EPDispatcher(mesh, layer_placement, kind, fp8, traffic, chunks=getattr(pcfg, "a2a_chunks", 1),
                                       fp8_grad=fp8_grad)
     return traffic
 
