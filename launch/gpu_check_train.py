@@ -92,7 +92,7 @@ def _median(values) -> float:
 def model_flops_per_token(config: str, overrides: list[str]) -> float:
     from dsv3.config import load_config
     from dsv3.model.params import count_params
-    from dsv3.train import flops_per_token
+    from dsv3.training.loop import flops_per_token
     cfg = load_config(config, overrides)
     return flops_per_token(cfg, count_params(cfg.model).activated_no_embed)
 
@@ -226,18 +226,19 @@ def part_syncs(sec, a) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import dsv3.train as T
+    import dsv3.training.loop as loop
     from dsv3.config import load_config
     config, common, steps = setup(a.dry_run, 6)
     cfg = load_config(config, common + [f"train.out_dir={os.path.join(a.work, 'runs', 'syncs')}"])
     cuda = torch.cuda.is_available()
     marks: list[int] = []
-    orig_set_step = T.set_step
+    orig_set_step = loop.set_step
 
     def set_step(step: int) -> None:   # the loop calls it once at the start of every step
         marks.append(len(caught))
         orig_set_step(step)
 
-    T.set_step = set_step
+    loop.set_step = set_step
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -249,7 +250,7 @@ def part_syncs(sec, a) -> None:
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)
-            T.set_step = orig_set_step
+            loop.set_step = orig_set_step
     syncs = [sum("synchroniz" in str(w.message) for w in caught[b:e]) for b, e in zip(marks, marks[1:])]
     if cuda:
         sec.line(f"Host syncs per step (`set_sync_debug_mode(\"warn\")`), steps 1–{len(syncs)} of {steps} "

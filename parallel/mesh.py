@@ -17,12 +17,17 @@ Groups (each as a list of global ranks, ascending, so group rank = position in t
 ``MeshLayout`` is pure (ranks and sizes, no processes); ``Mesh`` adds torch.distributed groups.
 The topology comes from ParallelConfig (nodes, ranks_per_node) for a simulated cluster on one
 machine, else from torchrun's environment (LOCAL_WORLD_SIZE, WORLD_SIZE).
+
+Every process group of the parallel code is made here (``new_group``, ``Mesh.new_group``,
+``group_of_ranks``), with ``parallel.timeout_s``: torch gives a new group a 30-minute timeout of its
+own, not the default group's, and a hung peer must fail every collective within the configured time.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
+from typing import Optional, Sequence
 
 import torch.distributed as dist
 
@@ -131,13 +136,38 @@ def topology_from_env(nodes: int = 0, ranks_per_node: int = 0, world: Optional[i
     return nodes, ranks_per_node
 
 
-class Mesh:
-    """A MeshLayout plus its torch.distributed process groups (``mesh.group("ep")``)."""
+def new_group(ranks: Sequence[int], timeout_s: Optional[float] = None, local_sync: bool = False):
+    """A process group over the global ``ranks``; its collectives fail after ``timeout_s`` seconds
+    (None: torch's default). Collective over the whole world unless ``local_sync`` (then only the
+    member ranks take part: ``use_local_synchronization``)."""
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+    return dist.new_group(list(ranks), timeout=timeout, use_local_synchronization=local_sync)
 
-    def __init__(self, layout: MeshLayout, backend_groups: dict[str, object]):
+
+_BY_RANKS: dict = {"world": None, "groups": {}}
+
+
+def group_of_ranks(ranks: tuple[int, ...], timeout_s: Optional[float] = None):
+    """The process group of one set of global ranks, made by those ranks only (``local_sync``): pipelines
+    side by side (one per data-parallel index, PP × EP) each make their own groups. One group per rank set
+    for the life of the default group (the first call's timeout holds): pipelines built again over the
+    same ranks reuse it, so the rank set's hashed name never rendezvouses twice."""
+    if _BY_RANKS["world"] is not dist.group.WORLD:
+        _BY_RANKS.update(world=dist.group.WORLD, groups={})
+    if ranks not in _BY_RANKS["groups"]:
+        _BY_RANKS["groups"][ranks] = new_group(ranks, timeout_s, local_sync=True)
+    return _BY_RANKS["groups"][ranks]
+
+
+class Mesh:
+    """A MeshLayout plus its torch.distributed process groups (``mesh.group("ep")``), each failing a
+    collective that waits longer than ``timeout_s``."""
+
+    def __init__(self, layout: MeshLayout, backend_groups: dict[str, object], timeout_s: Optional[float] = None):
         self.layout = layout
         self._groups = backend_groups
         self.ranks = layout.my_groups()
+        self.timeout_s = timeout_s
 
     def __getattr__(self, name):  # coordinates come from the layout
         return getattr(self.__dict__["layout"], name)
@@ -145,19 +175,26 @@ class Mesh:
     def group(self, kind: str):
         return self._groups[kind]
 
+    def new_group(self, ranks: Sequence[int]):
+        """Another group over global ``ranks`` with the mesh's timeout (collective: every rank calls it,
+        in the same order)."""
+        return new_group(ranks, self.timeout_s)
+
     @classmethod
     def from_config(cls, pcfg=None, *, ep: Optional[int] = None, pp: Optional[int] = None) -> "Mesh":
         """Build the mesh on an initialised default process group. ``pcfg`` is a ParallelConfig
-        (nodes/ranks_per_node 0 = from the environment); ``ep``/``pp`` override its fields."""
+        (nodes/ranks_per_node 0 = from the environment; its timeout_s for every group); ``ep``/``pp``
+        override its fields."""
         world, rank = dist.get_world_size(), dist.get_rank()
         nodes, rpn = topology_from_env(getattr(pcfg, "nodes", 0), getattr(pcfg, "ranks_per_node", 0), world)
         layout = MeshLayout(world, rank, nodes, rpn,
                             pp if pp is not None else getattr(pcfg, "pp", 1),
                             ep if ep is not None else getattr(pcfg, "ep", 1))
+        timeout_s = getattr(pcfg, "timeout_s", None)
         groups: dict[str, object] = {}
         for kind, lists in layout.all_groups().items():
             for ranks in lists:  # every rank creates every group, in the same order
-                g = dist.group.WORLD if len(ranks) == world else dist.new_group(ranks)
+                g = dist.group.WORLD if len(ranks) == world else new_group(ranks, timeout_s)
                 if rank in ranks:
                     groups[kind] = g
-        return cls(layout, groups)
+        return cls(layout, groups, timeout_s)

@@ -226,7 +226,7 @@ def _shard_group(mesh: Mesh, kind: str) -> tuple[object, int, int]:
     expert all-to-all on the same group). Every rank creates every such group, in the same order."""
     mine = None
     for ranks in mesh.all_groups()[kind]:
-        g = dist.new_group(ranks) if len(ranks) > 1 else None
+        g = mesh.new_group(ranks) if len(ranks) > 1 else None
         if dist.get_rank() in ranks:
             mine = (g, len(ranks), ranks.index(dist.get_rank()))
     return mine

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.training.faults import PeerError, fault_point, first_line as _first_line
+from parallel.mesh import group_of_ranks
 from parallel.p2p_model import ChannelCursor, pair_orders
 from parallel.schedules import Msg, Op, layout, schedule
 from parallel.weight_grad import backward_input
@@ -81,7 +82,7 @@ class Pipeline:
         global_ranks = dist.get_process_group_ranks(self.group)
         self._copy_groups: dict[tuple[int, ...], Optional[dist.ProcessGroup]] = {}
         for hs in sorted({h for h in holders.values() if len(h) > 1}):
-            pg = _copy_group(tuple(global_ranks[r] for r in hs))
+            pg = group_of_ranks(tuple(global_ranks[r] for r in hs), self.recv_timeout)
             self._copy_groups[hs] = pg if self.rank in hs else None
 
     def set_num_chunks(self, num_chunks: int) -> None:
@@ -270,21 +271,6 @@ class Pipeline:
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, each once (for the optimizer)."""
         return list(self.params.values())
-
-
-_GROUPS: dict = {"world": None, "by_ranks": {}}
-
-
-def _copy_group(ranks: tuple[int, ...]):
-    """The process group of one set of global ranks, made by those ranks only
-    (``use_local_synchronization``): pipelines side by side (one per data-parallel index, PP × EP)
-    each make their own groups. One group per rank set for the life of the default group: pipelines
-    built again over the same ranks reuse it, so the rank set's hashed name never rendezvouses twice."""
-    if _GROUPS["world"] is not dist.group.WORLD:
-        _GROUPS.update(world=dist.group.WORLD, by_ranks={})
-    if ranks not in _GROUPS["by_ranks"]:
-        _GROUPS["by_ranks"][ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
-    return _GROUPS["by_ranks"][ranks]
 
 
 def _tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:

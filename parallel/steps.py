@@ -1,6 +1,6 @@
 """The training loop's step interface over ``parallelize()``: PP × DP (EP inside DP) with ZeRO-1 and
-sharded checkpoints. ``dsv3.train.LocalSteps`` is the one-process implementation; ``dsv3.train._loop``
-drives either, so LR, λ, γ, the batch ramp, the divergence guard, stops, logging and checkpoints are
+sharded checkpoints. ``dsv3.training.local_steps.LocalSteps`` is the one-process implementation;
+``dsv3.training.loop.run_loop`` drives either, so LR, λ, γ, the batch ramp, the divergence guard, stops, logging and checkpoints are
 the same code in every layout."""
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ from typing import Optional
 
 import torch
 
-from dsv3.checkpoint.store import latest_checkpoint
+from dsv3.checkpoint.store import latest_checkpoint, prune_checkpoints
+from dsv3.training.balance_metrics import BalanceMonitor
+from dsv3.training.loop import evaluate, sample_text
 from parallel.dist_checkpoint import load_sharded, save_sharded
 from parallel.mesh import Mesh
 from parallel.parallelize import parallelize
+from parallel.pipeline_eval import PipelineBalance, pipeline_generate
 
 
 class ParallelSteps:
     def __init__(self, cfg, env, model):
         self.cfg, self.env = cfg, env
         pc = cfg.parallel
-        self.mesh = Mesh.from_config(pc)
+        self.mesh = Mesh.from_config(pc)   # every group with parallel.timeout_s
         self.pm = parallelize(model, self.mesh, cfg, env.device)
         self.dp, self.dp_index, self.pp = self.pm.dp, self.pm.dp_index, pc.pp
         # without a pipeline every rank runs the whole (expert-sharded) model: eval, balance hooks and the
@@ -32,24 +35,19 @@ class ParallelSteps:
     def balance_monitor(self):
         """Hooks on the model's routers, or, under a pipeline, on this rank's stage copies with every
         layer's fields gathered across the ranks (parallel/pipeline_eval.py)."""
-        from dsv3.training.balance_metrics import BalanceMonitor
         if self.pm.pipe is None:
             return BalanceMonitor(self.eval_model)
-        from parallel.pipeline_eval import PipelineBalance
         return PipelineBalance(self.pm)
 
     def evaluate(self, data, cfg, autocast, monitor) -> float:
         if self.pm.pipe is None:
-            from dsv3.train import evaluate
             return evaluate(self.eval_model, data, cfg, autocast, monitor)
         return monitor.evaluate(data, cfg, autocast)
 
     def sample_text(self, data, cfg) -> str:
         """The end-of-run greedy sample (every rank takes part; rank 0 prints it)."""
-        from dsv3.train import sample_text
         if self.pm.pipe is None:
             return sample_text(self.eval_model, data, cfg)
-        from parallel.pipeline_eval import pipeline_generate
         prompt = data.tokenizer.encode(cfg.train.sample_prompt)
         ids = pipeline_generate(self.pm, data.tokenizer, prompt, cfg.train.sample_tokens)
         return data.tokenizer.decode(prompt + ids)
@@ -69,7 +67,6 @@ class ParallelSteps:
         return load_sharded(path, self.pm)  # a sharded checkpoint of any layout, or a one-process one
 
     def save(self, run_dir: str, step: int, extra: dict) -> None:
-        from dsv3.checkpoint.store import prune_checkpoints
         save_sharded(run_dir, step, self.pm, extra)
         if self.env.rank == 0:
             prune_checkpoints(run_dir, self.cfg.train.keep_last)

@@ -21,7 +21,7 @@ code read before the fix), and the audit must report that site: ZeRO's norm squa
 buffer (on the comm thread), the checkpoint's copy-sum buffer. Each control also asserts that the
 patched call was really made.
 
-The trainer itself: ``dsv3.train.train`` (set-up, ``parallelize()``, the loop ``_loop`` for TRAIN_STEPS steps,
+The trainer itself: ``dsv3.train.train`` (set-up, ``parallelize()``, the loop ``run_loop`` for TRAIN_STEPS steps,
 its stop agreement and histogram reductions, the final eval and sharded save) runs whole under the audit
 on the 4 ranks (ZeRO-1 × EP 2), with no finding; one more run reverts the loop's own device choices, each
 of which the audit must name at its site: the stop agreement's flag (``StopRequests.agreed``, all-reduced
@@ -240,7 +240,7 @@ def test_the_trainer_passes_the_audit(tmp_path_factory):
         assert len(r["losses"]) == TRAIN_STEPS
         called = r["call_sites"]
         stops = sum(n for site, n in called.items() if site.startswith("dsv3/training/stops.py") and "(agreed)" in site)
-        reduces = sum(n for site, n in called.items() if site.startswith("dsv3/train.py") and "(all_reduce_)" in site)
+        reduces = sum(n for site, n in called.items() if site.startswith("dsv3/training/loop.py") and "(all_reduce_)" in site)
         assert stops == TRAIN_STEPS, called
         assert reduces >= TRAIN_STEPS, called     # at least the histograms, once a step
 

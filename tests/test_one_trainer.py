@@ -129,7 +129,7 @@ def _pipeline_eval_equals_one_process(out_dir, val_loss, samples):
     from dsv3.config import load_config
     from dsv3.data.dataset import prepare_data
     from dsv3.model.transformer import Transformer
-    from dsv3.train import evaluate, sample_text
+    from dsv3.training.loop import evaluate, sample_text
     cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"), BASE + [f"train.out_dir={out_dir}"])
     model = Transformer(cfg.model)
     load_any_checkpoint(latest_checkpoint(out_dir), model, None, restore_rng=False)

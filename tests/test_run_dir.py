@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dsv3 import train as train_mod
+from dsv3.training import local_steps
 from dsv3.checkpoint.store import list_checkpoints
 from dsv3.checkpoint.run_dir import LOCK_NAME, truncate_metrics
 from dsv3.training.stops import Interrupted, StopRequests
@@ -148,12 +149,12 @@ def test_divergence_guard(capsys, monkeypatch, tmp_path, nan_steps, code, kept):
     monkeypatch.setattr(train_mod, "Transformer", _PoisonedTransformer)
     out = str(tmp_path / "run")
     weights = {}
-    orig_save = train_mod.save_checkpoint
+    orig_save = local_steps.save_checkpoint
 
     def save(run_dir, step, model, optimizer, state):
         weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
         return orig_save(run_dir, step, model, optimizer, state)
-    monkeypatch.setattr(train_mod, "save_checkpoint", save)
+    monkeypatch.setattr(local_steps, "save_checkpoint", save)
     got, err = run(capsys, out, "train.steps=3", "train.ckpt_every=1", "train.max_skipped_steps=2")
     assert got == code, err
     with open(os.path.join(out, "metrics.jsonl")) as f:

@@ -165,7 +165,7 @@ MUTATIONS = [
       old="denom = (v / (1 - beta2 ** t)).sqrt_().add_(group[\"eps\"])",
       new="denom = v.sqrt().add_(group[\"eps\"])",
       tests=["tests/test_optim.py"], why="AdamW's second-moment bias correction dropped"),
-    M(id="tokens-counted-per-replica", area="schedules", file="dsv3/train.py",
+    M(id="tokens-counted-per-replica", area="schedules", file="dsv3/training/loop.py",
       old="step_tokens = rows[:, :-1].numel() * steps.dp", new="step_tokens = rows[:, :-1].numel()",
       tests=["tests/test_layout_grads.py::test_schedules_switch_on_global_token_counts"],
       why="λ, γ, the LR segments and the ramp fed one replica's tokens (invisible on one process)"),
