@@ -95,8 +95,8 @@ def simulate(kind: str, num_ranks: int, num_chunks: int, costs: Costs = Costs(),
                         need = ("B",) + need[1:]
                     if need not in done:
                         break
-                    end, where = done[need]
-                    ready = max(ready, end + (costs.p2p if where != r else 0.0))
+                    end, producer_rank = done[need]
+                    ready = max(ready, end + (costs.p2p if producer_rank != r else 0.0))
                 else:
                     end = ready + costs.of(op)
                     timeline[r].append((ready, end, op))
