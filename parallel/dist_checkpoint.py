@@ -7,26 +7,24 @@ rank's block of experts), and of DualPipe's two copies of a stage only the lower
 Routing biases (``...e_score_correction_bias``) are written once; the AdamW step, token count and the
 global sampler position go to ``meta.json``, each rank's RNG state (CPU and, on CUDA, every device's:
 ``dsv3.checkpoint.rng_state``) to ``rng_RRRRR.pt``, restored when a run resumes on as many ranks. DCP reads any
-slice back, so a run resumes on another layout (``load_sharded``) or on one process (``load_sharded_into_model``, or ``dsv3.checkpoint.store.
-load_any_checkpoint``); ``load_sharded`` also starts a multi-rank run from a one-process checkpoint.
+slice back, so a run resumes on another layout (``load_sharded``) or on one process
+(``dsv3.checkpoint.sharded.load_sharded_into_model``, or ``dsv3.checkpoint.store.load_any_checkpoint``);
+``load_sharded`` also starts a multi-rank run from a one-process checkpoint.
 
 Safety: written to ``ckpt_NNNNNNN.tmp``; after every rank's data is on disk each rank hashes a share
 of the files, rank 0 writes ``manifest.json`` (bytes + sha256 of every file) last and renames the
 folder, so a checkpoint is complete exactly when its manifest is there. Loading checks the manifest
 before reading anything (ranks split the data files; ``.metadata`` and ``meta.json`` are hashed from
 the very bytes then parsed), and DCP's pickled ``.metadata`` is read through the allow-list of
-``parallel/dcp_safe.py``, never plain pickle. Every failure (disk full on one rank, a non-finite shard,
+``dsv3/checkpoint/dcp_safe.py``, never plain pickle. Every failure (disk full on one rank, a non-finite shard,
 a corrupted file) is agreed across ranks, so all raise the same one-line CheckpointError, none hangs,
 and the temp folder is removed.
 """
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import re
 import shutil
-import warnings
 from typing import Optional
 
 import torch
@@ -37,21 +35,17 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
 from dsv3.checkpoint import rng_state
-from dsv3.checkpoint.store import (MANIFEST, STATE, NonFiniteCheckpointError, check_tensors, file_entry, first_non_finite,
-                             free_bytes, is_disk_full, is_write_failure, manifest_files, read_checkpoint_files,
-                             read_json, verify_file, write_error, write_json, rename_into_place, fsync_path)
+from dsv3.checkpoint.dcp_safe import CheckpointWriter
+from dsv3.checkpoint.manifest import MANIFEST, STATE, file_entry, fsync_path, write_json
+from dsv3.checkpoint.sharded import (FORMAT, FORMAT_VERSION, META, MOMENTS, dcp_load, load_sharded_into_model, read_rank,
+                                     unwrap_dcp_error, verify_sharded)
+from dsv3.checkpoint.store import (NonFiniteCheckpointError, check_tensors, first_non_finite, free_bytes, is_disk_full,
+                                   is_write_failure, read_checkpoint_files, rename_into_place, write_error)
 from dsv3.errors import CheckpointError
 from dsv3.training.faults import fault_point, first_line
 from dsv3.model.transformer import Transformer
-from parallel.dcp_safe import CheckpointWriter, SafeReader, read_metadata
 
 _NAME = re.compile(r"^ckpt_(\d{7})$")
-_RNG = re.compile(r"^rng_\d{5}\.pt$")
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-METADATA, META = ".metadata", "meta.json"
-FORMAT = "dsv3-dcp"
-FORMAT_VERSION = 1
-_HAS_NO_DIST = "no_dist" in inspect.signature(dcp.load).parameters   # older torch infers it
 
 
 def latest_sharded(run_dir: str) -> Optional[str]:
@@ -91,7 +85,7 @@ def _state(pm, numel: dict[str, int], fill: bool) -> dict:
     mine = _slices(pm)
     sd: dict = {}
     for n in sorted(numel):
-        for suffix in ("",) + tuple("." + m for m in _MOMENTS):
+        for suffix in ("",) + tuple("." + m for m in MOMENTS):
             shards = []
             if n in mine:
                 off, e, valid = mine[n]
@@ -118,17 +112,9 @@ def _opt_step(pm) -> int:
     return max((int(st["step"]) for st in pm.zero.optimizer.state.values()), default=0)
 
 
-def _unwrap(e: BaseException) -> tuple[BaseException, str]:
-    """DCP reports failures as CheckpointException({rank: (exception, traceback)}): the lowest rank's."""
-    if isinstance(e, CheckpointException) and e.failures:
-        rank, (inner, _) = min(e.failures.items(), key=lambda kv: kv[0])
-        return _unwrap(inner)[0], f"rank {rank}: "
-    return e, ""
-
-
 def _failure(e: BaseException, run_dir: str) -> tuple[str, str, Optional[int]]:
     """(kind, one-line detail, free bytes) of this rank's failed write; kind: disk (full), io, bug."""
-    inner, who = _unwrap(e)
+    inner, who = unwrap_dcp_error(e)
     free = free_bytes(run_dir)
     kind = "disk" if is_disk_full(inner, free) else "io" if is_write_failure(inner) else "bug"
     return kind, f"{who or f'rank {dist.get_rank()}: '}{first_line(inner)}", free
@@ -216,52 +202,6 @@ def save_sharded(run_dir: str, step: int, pm, extra: dict) -> str:
     raise write_error(final, previous, detail, kind == "disk", free)
 
 
-def verify_sharded(path: str, rank: int = 0, world: int = 1):
-    """Check a sharded checkpoint before anything in it is parsed: manifest.json, then the files
-    (this rank's share of the data files; ``.metadata`` and ``meta.json`` on every rank, hashed from the
-    bytes that are then parsed). Returns (validated DCP Metadata, meta dict). Raises CheckpointError."""
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint folder at {path}")
-    manifest = read_json(mpath)
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: not a dsv3 sharded checkpoint manifest")
-    files = manifest_files(mpath, manifest.get("files"), required=(METADATA, META))
-    data_files = sorted(n for n in files if n not in (METADATA, META))
-    for name in data_files[rank::world]:
-        verify_file(path, name, files[name])
-    data_files = [n for n in data_files if not _RNG.match(n)]   # DCP's own files: RNG states are no storage
-    blobs = {}
-    for name in (METADATA, META):
-        try:
-            with open(os.path.join(path, name), "rb") as f:
-                blobs[name] = f.read(files[name]["bytes"] + 1)
-        except OSError as e:
-            raise CheckpointError(f"cannot read {os.path.join(path, name)}: {e.strerror or e}") from None
-        verify_file(path, name, files[name], data=blobs[name])
-    try:
-        meta = json.loads(blobs[META].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"{os.path.join(path, META)} is corrupted (not valid JSON)") from None
-    for key, kind in (("step", int), ("opt_step", int), ("tokens", int), ("sampler", dict)):
-        if not isinstance(meta, dict) or not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise CheckpointError(f"{os.path.join(path, META)} is corrupted: no valid '{key}' entry")
-    return read_metadata(os.path.join(path, METADATA), blobs[METADATA], data_files), meta
-
-
-def _dcp_load(path: str, sd: dict, metadata, no_dist: bool) -> None:
-    try:
-        with warnings.catch_warnings():   # no_dist=True is what we mean, not a fallback to warn about
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(sd, storage_reader=SafeReader(path, metadata), **({"no_dist": no_dist} if _HAS_NO_DIST else {}))
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises it on every rank
-        inner, who = _unwrap(e)
-        if isinstance(inner, CheckpointError):
-            raise CheckpointError(first_line(inner)) from None
-        raise CheckpointError(f"cannot load sharded checkpoint {path} into this model/layout "
-                              f"({who}{first_line(inner)})") from None
-
-
 def load_sharded(path: str, pm) -> dict:
     """Collective: fills this rank's ZeRO shards, moments, parameters and biases from any layout's
     sharded checkpoint (after ``verify_sharded`` passed on every rank), or from a one-process
@@ -275,7 +215,7 @@ def load_sharded(path: str, pm) -> dict:
     checked, failure, rng = None, None, None
     try:
         checked = _read_single(path, pm) if single else verify_sharded(path, rank, world)
-        rng = None if single else rng_state.read_rank(path, rank, world)
+        rng = None if single else read_rank(path, rank, world)
     except CheckpointError as e:
         failure = first_line(e)
     except Exception as e:  # noqa: BLE001 - agreed below; a rank must not leave the others waiting
@@ -290,7 +230,7 @@ def load_sharded(path: str, pm) -> dict:
         return dict(meta, kind="single", rng_restored=False)
     metadata, meta = checked
     sd = _state(pm, _global_numel(pm), fill=False)
-    _dcp_load(path, sd, metadata, no_dist=False)
+    dcp_load(path, sd, metadata, no_dist=False)
     _install(pm, meta["opt_step"], lambda n, suffix: sd[n + suffix].local_shards()[0].tensor, sd)
     if rng is not None:
         rng_state.restore(*rng)   # checked by read_rank on every rank already
@@ -306,7 +246,7 @@ def _install(pm, opt_step: int, local, biases: dict) -> None:
     with torch.no_grad():
         for n, e in pm.zero.entries.items():
             vals = {}
-            for suffix in ("",) + tuple("." + m for m in _MOMENTS):
+            for suffix in ("",) + tuple("." + m for m in MOMENTS):
                 full = torch.zeros(e.chunk, dtype=e.master.dtype, device=e.master.device)   # NCCL: device tensors
                 if n in mine:
                     full[:mine[n][2]] = local(n, suffix).to(full.dtype)
@@ -318,7 +258,7 @@ def _install(pm, opt_step: int, local, biases: dict) -> None:
             e.master.copy_(vals[""])
             if opt_step > 0:
                 pm.zero.optimizer.state[e.master] = dict(
-                    step=step_t.clone(), **{m: vals["." + m].to(pm.zero.optimizer.moment_dtype_of(e.master)) for m in _MOMENTS})
+                    step=step_t.clone(), **{m: vals["." + m].to(pm.zero.optimizer.moment_dtype_of(e.master)) for m in MOMENTS})
         for name, moe in _moes(pm).items():
             b = moe.gate.e_score_correction_bias
             b.copy_(biases[f"{name}.gate.e_score_correction_bias"].to(b.dtype))
@@ -350,7 +290,7 @@ def _read_single(path: str, pm) -> tuple[dict, dict[str, torch.Tensor]]:
         for idx, n in zip(idx_group, name_group):
             st = opt["state"].get(idx, {})
             numel = tensors[n].numel()
-            for m in _MOMENTS:
+            for m in MOMENTS:
                 v = st.get(m, torch.zeros(numel))
                 if not torch.is_tensor(v) or v.numel() != numel:
                     raise CheckpointError(f"{where}: the {m} of '{n}' does not match its parameter "
@@ -359,48 +299,6 @@ def _read_single(path: str, pm) -> tuple[dict, dict[str, torch.Tensor]]:
             if "step" in st:
                 opt_step = max(opt_step, int(float(st["step"])))
     return dict(meta, opt_step=opt_step), flat
-
-
-def load_sharded_into_model(path: str, model: Transformer, optimizer=None) -> dict:
-    """One process: the whole model, its ``dsv3.training.optim.AdamW`` state (unless ``optimizer`` is None) and
-    biases from a sharded checkpoint, every file verified first. Raises CheckpointError."""
-    metadata, meta = verify_sharded(path)
-    names = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
-    _check_names(path, metadata, {n: t.numel() for n, t in (*names.items(), *biases.items())})
-    sd: dict = {}
-    for n, p in names.items():   # the dtypes the parallel run saved: masters ≥ FP32, moments as AdamW keeps them
-        sd[n] = torch.empty(p.numel(), dtype=torch.promote_types(p.dtype, torch.float32))
-        if optimizer is not None:
-            for m in _MOMENTS:
-                sd[f"{n}.{m}"] = torch.empty(p.numel(), dtype=optimizer.moment_dtype_of(p))
-    for n, b in biases.items():
-        sd[n] = torch.empty(b.shape, dtype=torch.float32)
-    _dcp_load(path, sd, metadata, no_dist=True)
-    with torch.no_grad():
-        for n, p in names.items():
-            p.copy_(sd[n].view_as(p))
-            if optimizer is not None and meta["opt_step"] > 0:
-                optimizer.state[p] = dict(step=torch.tensor(float(meta["opt_step"])),
-                                          **{m: sd[f"{n}.{m}"].view_as(p).to(optimizer.moment_dtype_of(p)) for m in _MOMENTS})
-        for n, b in biases.items():
-            b.copy_(sd[n])
-    return meta
-
-
-def _check_names(path: str, metadata, numel: dict[str, int]) -> None:
-    """The checkpoint stores exactly the model's parameters and biases (moments aside), each with the
-    model's element count: else one CheckpointError naming the first offender (a different config)."""
-    stored = {k: int(torch.Size(v.size).numel()) for k, v in metadata.state_dict_metadata.items()
-              if hasattr(v, "size") and not k.endswith(tuple("." + m for m in _MOMENTS))}
-    missing, unknown = sorted(set(numel) - set(stored)), sorted(set(stored) - set(numel))
-    if missing or unknown:
-        what = f"missing tensor '{missing[0]}'" if missing else f"unknown tensor '{unknown[0]}'"
-        raise CheckpointError(f"{path} does not match the model config: {what} "
-                              f"({len(missing)} missing, {len(unknown)} unknown)")
-    for k, n in numel.items():
-        if stored[k] != n:
-            raise CheckpointError(f"{path}: tensor '{k}' has {stored[k]} elements, the model expects {n}")
 
 
 def export_hf(path: str, model: Transformer, out_dir: str, overwrite: bool = False) -> None:

@@ -219,7 +219,7 @@ def test_sharded_edited_checkpoint_is_one_line(sharded, tmp_path, edit, match):
 
 def test_sharded_metadata_pointing_outside_the_manifest(sharded, tmp_path):
     from dsv3.model.transformer import Transformer
-    from parallel.dcp_safe import read_metadata
+    from dsv3.checkpoint.dcp_safe import read_metadata
     from parallel.dist_checkpoint import load_sharded_into_model
     ckpt = str(tmp_path / "ckpt_0000001")
     shutil.copytree(os.path.join(sharded[0], "ckpt_0000001"), ckpt)
@@ -237,7 +237,7 @@ def test_sharded_metadata_pointing_outside_the_manifest(sharded, tmp_path):
 def test_sharded_planted_tensor_pickle_is_refused(sharded, tmp_path):
     """The data files are unpickled too (torch.load): only with weights_only=True, whatever torch's default."""
     from dsv3.model.transformer import Transformer
-    from parallel.dcp_safe import read_metadata
+    from dsv3.checkpoint.dcp_safe import read_metadata
     from parallel.dist_checkpoint import load_sharded_into_model
     ckpt = str(tmp_path / "ckpt_0000001")
     shutil.copytree(os.path.join(sharded[0], "ckpt_0000001"), ckpt)

@@ -8,9 +8,6 @@ dict of uint8 tensors and lists of them only, so it reads back with ``torch.load
 """
 from __future__ import annotations
 
-import io
-import os
-
 import torch
 
 from dsv3.errors import CheckpointError
@@ -52,29 +49,3 @@ def restore(state, where: str) -> None:
             torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
     except (RuntimeError, ValueError, IndexError) as e:
         raise CheckpointError(f"{where} is corrupted: {_line(e)}") from None
-
-
-def read_rank(path: str, rank: int, world: int):
-    """A sharded checkpoint's ``rng_RRRRR.pt`` of this rank: (state, where), its bytes checked against
-    the folder's manifest, loaded with ``weights_only`` and checked; None when the checkpoint was
-    written by another number of ranks (their streams do not map onto this run's) or holds none."""
-    from dsv3.checkpoint.store import MANIFEST, manifest_files, read_json, verify_file   # it imports this module
-    mpath = os.path.join(path, MANIFEST)
-    manifest = read_json(mpath)
-    files = manifest_files(mpath, manifest.get("files"))
-    name = f"rng_{rank:05d}.pt"
-    if manifest.get("world") != world or name not in files:
-        return None
-    where = os.path.join(path, name)
-    try:
-        with open(where, "rb") as f:
-            data = f.read(files[name]["bytes"] + 1)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {where}: {e.strerror or e}") from None
-    verify_file(path, name, files[name], data=data)
-    try:
-        state = torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a refused pickle or corrupted bytes: one clear line
-        raise CheckpointError(f"{where}: refusing to load it, not a plain RNG state ({_line(e)})") from None
-    check(state, where)
-    return state, where

@@ -7,16 +7,14 @@ Layout of ``RUN_DIR/ckpt_0000100/``: ``model.safetensors`` (parameters and the r
 buffers, our own names), ``optimizer.pt`` and ``rng.pt`` (tensors and numbers only, read back with
 ``torch.load(weights_only=True)``), ``state.json`` (step, tokens, sampler position, manifest).
 Nothing is ever unpickled beyond tensors and plain containers. ``load_any_checkpoint`` reads either
-kind into one process (a sharded one through ``parallel.dist_checkpoint``). Sharded checkpoints
-(``parallel/dist_checkpoint.py``) share the folder names, the manifest helpers, pruning and the
-clean-up of partial folders below; theirs is complete when ``manifest.json`` is present.
+kind into one process (a sharded one through ``dsv3.checkpoint.sharded``). Sharded checkpoints (written
+by ``parallel/dist_checkpoint.py``) share the folder names, the manifests (``dsv3/checkpoint/manifest.py``),
+pruning and the clean-up of partial folders below; theirs is complete when ``manifest.json`` is present.
 """
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
-import json
 import os
 import pickle
 import re
@@ -29,6 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load, load_file, save_file
 
 from dsv3.checkpoint import rng_state
+from dsv3.checkpoint.manifest import (MANIFEST, STATE, file_entry, fsync_path, manifest_files, read_json, verify_file,
+                                      write_json)
+from dsv3.checkpoint.sharded import load_sharded_into_model
 from dsv3.errors import CheckpointError
 from dsv3.training.faults import fault_point, first_line
 
@@ -37,91 +38,11 @@ CKPT_RE = re.compile(r"^ckpt_(\d+)$")
 # copy, a pruned checkpoint being deleted
 PARTIAL_RE = re.compile(r"^(\.tmp_ckpt_\d+_\d+|ckpt_\d+\.tmp|ckpt_\d+\.old_\d+|ckpt_\d+\.del)$")
 FORMAT_VERSION = 1
-STATE, MANIFEST = "state.json", "manifest.json"
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
 
 
 class NonFiniteCheckpointError(CheckpointError):
     """The model or optimizer state holds NaN/Inf: the checkpoint was not written."""
-
-
-# ---------------------------------------------------------------------------------- manifests
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_entry(path: str) -> dict:
-    """The manifest entry of one written file: fsynced, then its size and sha256."""
-    fsync_path(path)
-    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-
-
-def write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_json(path: str) -> dict:
-    """A checkpoint's JSON file as a dict; missing, unreadable or not an object → CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{os.path.dirname(path)} is not a complete checkpoint: "
-                              f"{os.path.basename(path)} is missing")
-    try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise CheckpointError(f"{path} is corrupted (not valid JSON)") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} is corrupted (expected a JSON object)")
-    return obj
-
-
-def manifest_files(where: str, files, required: Iterable[str] = ()) -> dict[str, dict]:
-    """The ``files`` table of a manifest, checked for shape: {plain file name: {bytes: int, sha256: hex}}."""
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{where}: the manifest has no 'files' table")
-    for name, info in files.items():
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise CheckpointError(f"{where}: the manifest names an invalid file {name!r}")
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{where}: manifest entry for {name} is malformed")
-        for key, kind in (("bytes", int), ("sha256", str)):
-            if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
-                raise CheckpointError(f"{where}: manifest entry for {name} has no valid '{key}'")
-    missing = [n for n in required if n not in files]
-    if missing:
-        raise CheckpointError(f"{where}: the manifest does not list {missing[0]}")
-    return files
-
-
-def verify_file(folder: str, name: str, info: dict, data: Optional[bytes] = None) -> None:
-    """One file (or its already-read bytes) against its manifest entry."""
-    fpath = os.path.join(folder, name)
-    if data is None and not os.path.isfile(fpath):
-        raise CheckpointError(f"checkpoint file {fpath} is missing")
-    size = len(data) if data is not None else os.path.getsize(fpath)
-    if size != info["bytes"]:
-        raise CheckpointError(f"checkpoint file {fpath} is truncated or corrupted "
-                              f"({size} bytes, expected {info['bytes']})")
-    digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256(fpath)
-    if digest != info["sha256"]:
-        raise CheckpointError(f"checkpoint file {fpath} is corrupted (sha256 mismatch)")
 
 
 # ------------------------------------------------------------------------------ write failures
@@ -329,7 +250,6 @@ def read_checkpoint_files(path: str, rng: bool = False) -> tuple[dict, dict, dic
 def load_model_weights(path: str, model: torch.nn.Module, verify: bool = True) -> None:
     """The weights of a checkpoint of either kind into ``model`` (verified against its manifest)."""
     if not os.path.isfile(os.path.join(path, STATE)) and os.path.isfile(os.path.join(path, MANIFEST)):
-        from parallel.dist_checkpoint import load_sharded_into_model
         load_sharded_into_model(path, model, None)
         return
     if verify:
@@ -386,7 +306,6 @@ def load_any_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[t
     if kind == "single":
         meta = load_checkpoint(path, model, optimizer, restore_rng)
     else:
-        from parallel.dist_checkpoint import load_sharded_into_model
         meta = load_sharded_into_model(path, model, optimizer)
     return dict(meta, kind=kind)
 
