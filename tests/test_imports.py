@@ -4,12 +4,13 @@ submodule), has no cycle, and every import follows the layer table ``RULES``: th
 torch, the kernels only torch and triton, ``parallel`` the model and the public training interfaces
 (never the trainer command or the tools), and nothing below ``dsv3.train`` imports it.
 
-``dsv3.checkpoint`` does not import ``parallel``: reading a sharded checkpoint into one model is
-``parallel.dist_checkpoint``'s, and the code that reads a checkpoint of either kind receives that
-reader from its caller above (``dsv3/train.py``, ``dsv3/tools``)."""
+``dsv3.checkpoint`` does not import ``parallel``: it reads every checkpoint format on one process
+(``dsv3.checkpoint.sharded`` the sharded one, ``store.load_any_checkpoint`` either kind), and
+``parallel.dist_checkpoint`` (each rank saving and loading its ZeRO shards) builds on it."""
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import sys
 from collections import deque
@@ -19,22 +20,23 @@ PACKAGES = ("dsv3", "parallel", "triton_kernels")
 STDLIB = set(sys.stdlib_module_names)
 
 # what every module may import, by the longest matching module prefix: (internal prefixes, third-party tops).
-# The standard library is always allowed. dsv3.tools.hardware is a stdlib-only table of GPU peaks (the
-# trainer's MFU reads it), so the layers below the tools may read it too.
+# The standard library is always allowed. LEAVES import no module of the three packages, so every layer may
+# read them: the error types, the table of GPU peaks (the trainer's MFU reads it) and the pipeline schedules
+# as data (config validation and the batch split read the registered kinds).
+LEAVES = ["dsv3.errors", "dsv3.tools.hardware", "parallel.schedules"]
 _MODEL = ["dsv3.model"]
-_BASE = ["dsv3.errors", "dsv3.config", "dsv3.tools.hardware"]
+_BASE = ["dsv3.config", *LEAVES]
 _CHECKPOINT = ["dsv3.checkpoint", "dsv3.data", "dsv3.training.faults", "triton_kernels", *_MODEL, *_BASE]
 _TRAINING = ["dsv3.training", "dsv3.checkpoint", "dsv3.data", "triton_kernels", *_MODEL, *_BASE]
 _PARALLEL = ["parallel", *_TRAINING]
 RULES: dict[str, tuple[list[str], list[str]]] = {
     "dsv3": ([], []),
-    "dsv3.errors": ([], []),
     "dsv3.model": (_MODEL, ["torch"]),
-    "dsv3.config": (["dsv3.config", "dsv3.errors", "dsv3.model.args", "dsv3.data.batch"], ["yaml"]),
-    "dsv3.config_doc": (["dsv3.config", "dsv3.errors"], []),
-    "dsv3.data": (["dsv3.data", "dsv3.config", "dsv3.errors"], ["torch", "numpy", "tokenizers", "sentencepiece"]),
+    "dsv3.config": (["dsv3.model", "dsv3.data.batch", *_BASE], ["yaml"]),   # the model's section is the model's
+    "dsv3.config_doc": (_BASE, []),
+    "dsv3.data": (["dsv3.data", *_BASE], ["torch", "numpy", "tokenizers", "sentencepiece"]),
     "dsv3.checkpoint": (_CHECKPOINT, ["torch", "safetensors", "tokenizers", "yaml"]),
-    "dsv3.training": (_TRAINING, ["torch", "tqdm", "wandb"]),
+    "dsv3.training": (_TRAINING, ["torch", "yaml", "tqdm", "wandb"]),
     "triton_kernels": (["triton_kernels"], ["torch", "triton"]),
     "triton_kernels.te_backend": (["triton_kernels", "dsv3.errors"], ["torch", "transformer_engine"]),
     "parallel": (_PARALLEL, ["torch"]),
@@ -94,6 +96,7 @@ def imports_of(name: str, path: str, known: set[str]) -> list[tuple[str, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=None)   # read once for the tests below
 def import_graph(root: str = ROOT) -> dict[str, list[tuple[str, int]]]:
     mods = module_files(root)
     return {m: imports_of(m, p, set(mods)) for m, p in sorted(mods.items())}
@@ -213,6 +216,13 @@ def test_imports_follow_the_layers():
     graph = import_graph()
     bad = forbidden_imports(graph)
     assert not bad, "imports against RULES:\n" + "\n".join(bad)
+
+
+def test_leaves_import_no_package_module():
+    graph = import_graph()
+    for leaf in LEAVES:
+        inner = [t for t, _ in graph[leaf] if t.split(".")[0] in PACKAGES]
+        assert not inner, (leaf, inner)
 
 
 def test_nothing_below_the_trainer_imports_it():
