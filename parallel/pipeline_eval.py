@@ -42,12 +42,12 @@ class PipelineBalance:
     """The BalanceMonitor interface of the training loop (``histograms``, ``after_forward``,
     ``step_fields``, ``take_domain_loads``, ``domains``) over a pipeline."""
 
-    def __init__(self, pm):
-        self.pm, self.pipe, self.names = pm, pm.pipe, pm.moe_names
+    def __init__(self, parallel_model):
+        self.parallel_model, self.pipe, self.names = parallel_model, parallel_model.pipe, parallel_model.moe_names
         self.held = _Held(self.pipe, self.names)
         self.local = BalanceMonitor(self.held)       # hooks on this rank's copies
         self.globl = BalanceMonitor(_Held(self.pipe, []))   # running MaxVio and previous bias of all layers
-        moe_cfg = pm.cfg.model.moe
+        moe_cfg = parallel_model.cfg.model.moe
         self.E, self.G = moe_cfg.n_routed_experts, max(moe_cfg.n_group, 1) + 1
         self.histograms: list = []    # summed in step_fields, not by the loop
         self.globl.prev_bias = self._biases()   # so the first step's drift is its own move
@@ -84,7 +84,7 @@ class PipelineBalance:
         count = g[:, -1:].clamp_min(1.0)
         bias = [(row[:self.E] / c).float() for row, c in zip(g, count)]
         hist = [row[self.E:self.E + self.G].round().long() for row in g]
-        bal = [float(row[self.E + self.G]) / self.pm.dp for row in g]
+        bal = [float(row[self.E + self.G]) / self.parallel_model.dp for row in g]
         for h in self.local.histograms:
             h.zero_()
         return self.globl.fields(loads, bias, hist, bal)
@@ -119,7 +119,7 @@ class PipelineBalance:
                     with autocast():
                         y = stages[s](x, mb)
                     if s == S - 1:
-                        if self.pm.dp_index == 0:   # one replica's sum: the others are the same
+                        if self.parallel_model.dp_index == 0:   # one replica's sum: the others are the same
                             lm = float(stages[s].loss_parts["lm_loss"])
                             total += torch.tensor([lm * batch.shape[0], batch.shape[0]], dtype=torch.float64)
                     elif owner[s + 1] != me:
@@ -147,7 +147,7 @@ class PipelineBalance:
         g = self._gather(per_layer, len(names) * self.E)
         out = {}
         for j, d in enumerate(names):
-            out[d] = [(row[j * self.E:(j + 1) * self.E] / self.pm.dp).round().long() for row in g]
+            out[d] = [(row[j * self.E:(j + 1) * self.E] / self.parallel_model.dp).round().long() for row in g]
         return self.globl.take_domain_loads(out)
 
 
@@ -161,14 +161,14 @@ def _owners(pipe) -> tuple[int, int, list[int], list[int]]:
 
 
 @torch.no_grad()
-def pipeline_generate(pm, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+def pipeline_generate(parallel_model, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int = 0) -> list[int]:
     """``dsv3.model.sampling.generate`` through the pipeline: the same decoding loop and the same ops (embedding,
     each Block with its compressed MLA cache, final norm and head), each stage run by its owner with the
     hidden states handed on as in ``evaluate``; the last stage's logits of replica 0 are summed onto every
     rank (the others add zeros: exact), so every rank draws the same token. Every rank calls it (the
     pipeline and the expert all-to-all need them all); every rank returns the new ids."""
-    pipe, mcfg = pm.pipe, pm.cfg.model
+    pipe, mcfg = parallel_model.pipe, parallel_model.cfg.model
     S, me, owner, peer = _owners(pipe)
     stages = {s: pipe.stage_module[s] for s in range(S) if owner[s] == me}
     prompt, max_len, eos_id = limits(mcfg, tokenizer, prompt_ids, max_new_tokens)
@@ -189,7 +189,7 @@ def pipeline_generate(pm, tokenizer, prompt_ids, max_new_tokens: int, temperatur
             for layer, cache in zip(m.layers, caches[s]):
                 h = layer(h, cos, sin, cache, pos)
             if s == S - 1:
-                if pm.dp_index == 0:
+                if parallel_model.dp_index == 0:
                     logits += m.head(m.norm(h))[0, -1]
             elif owner[s + 1] != me:
                 dist.send(h.to(pipe.act_dtype).contiguous(), dst=peer[owner[s + 1]], group=pipe.group)
