@@ -11,7 +11,7 @@ Groups (each as a list of global ranks, ascending, so group rank = position in t
 - ``dp``:    every rank of this pipeline stage (replicated parameters are averaged over it);
 - ``edp``:   ranks of this stage with the same ep_rank (one expert shard's data-parallel copies);
 - ``pp``:    ranks at the same place in every stage;
-- ``ep_intra``: the ranks of this EP group on this node (the NVLink hop of SPEC §5);
+- ``ep_intra``: the ranks of this EP group on this node (the NVLink hop of report §3.2.2);
 - ``ep_inter``: the ranks of this EP group with this rank's local index, one per node (the IB hop).
 
 ``MeshLayout`` is pure (ranks and sizes, no processes); ``Mesh`` adds torch.distributed groups.
