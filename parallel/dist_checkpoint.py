@@ -57,32 +57,32 @@ def latest_sharded(run_dir: str) -> Optional[str]:
     return os.path.join(run_dir, f"ckpt_{steps[-1]:07d}") if steps else None
 
 
-def _global_numel(pm) -> dict[str, int]:
+def _global_numel(parallel_model) -> dict[str, int]:
     with torch.device("meta"):
-        full = Transformer(pm.cfg.model)
+        full = Transformer(parallel_model.cfg.model)
     return {n: p.numel() for n, p in full.named_parameters() if p.requires_grad}
 
 
-def _slices(pm) -> dict[str, tuple[int, object]]:
+def _slices(parallel_model) -> dict[str, tuple[int, object]]:
     """name → (offset in the global flat tensor, ZeRO entry) for the slices this rank writes/reads."""
     out = {}
-    ep_rank = pm.mesh.ep_rank if pm.cfg.parallel.ep > 1 else 0
-    for n, e in pm.zero.entries.items():
-        if pm.pipe is not None and pm.pipe.rank != pm.pipe.holders_of(n)[0]:
+    ep_rank = parallel_model.mesh.ep_rank if parallel_model.cfg.parallel.ep > 1 else 0
+    for n, e in parallel_model.zero.entries.items():
+        if parallel_model.pipe is not None and parallel_model.pipe.rank != parallel_model.pipe.holders_of(n)[0]:
             continue  # the other copy of a mirrored stage writes it
         valid = min(e.chunk, e.param.numel() - e.index * e.chunk)
         if valid <= 0:
             continue
-        base = ep_rank * e.param.numel() if n in pm.expert_names else 0
+        base = ep_rank * e.param.numel() if n in parallel_model.expert_names else 0
         out[n] = (base + e.index * e.chunk, e, valid)
     return out
 
 
-def _state(pm, numel: dict[str, int], fill: bool) -> dict:
+def _state(parallel_model, numel: dict[str, int], fill: bool) -> dict:
     """The DCP state dict of this rank: a ShardedTensor per global name (collective, every rank
     iterates all names in the same order), the biases and the scalars."""
     rank = dist.get_rank()
-    mine = _slices(pm)
+    mine = _slices(parallel_model)
     sd: dict = {}
     for n in sorted(numel):
         for suffix in ("",) + tuple("." + m for m in MOMENTS):
@@ -90,26 +90,28 @@ def _state(pm, numel: dict[str, int], fill: bool) -> dict:
             if n in mine:
                 off, e, valid = mine[n]
                 if suffix:
-                    st = pm.zero.optimizer.state.get(e.master)
-                    dtype = pm.zero.optimizer.moment_dtype_of(e.master)
+                    st = parallel_model.zero.optimizer.state.get(e.master)
+                    dtype = parallel_model.zero.optimizer.moment_dtype_of(e.master)
                     src = st[suffix[1:]][:valid] if st else torch.zeros(valid, dtype=dtype, device=e.master.device)
                 else:
                     src = e.master.detach()[:valid]
                 t = src.clone() if fill else torch.empty_like(src)
                 shards = [Shard(t, ShardMetadata([off], [valid], f"rank:{rank}/{t.device}"))]   # the shard's own device
             sd[n + suffix] = init_from_local_shards(shards, numel[n])
-    for name, moe in _moes(pm).items():
+    for name, moe in _moes(parallel_model).items():
         sd[f"{name}.gate.e_score_correction_bias"] = moe.gate.e_score_correction_bias.clone().float()
     return sd
 
 
-def _moes(pm) -> dict:
+def _moes(parallel_model) -> dict:
     from parallel.dsv3_stages import moe_by_name
-    return moe_by_name(pm.pipe) if pm.pipe is not None else dict(zip(pm.moe_names, pm.model.moe_layers()))
+    if parallel_model.pipe is not None:
+        return moe_by_name(parallel_model.pipe)
+    return dict(zip(parallel_model.moe_names, parallel_model.model.moe_layers()))
 
 
-def _opt_step(pm) -> int:
-    return max((int(st["step"]) for st in pm.zero.optimizer.state.values()), default=0)
+def _opt_step(parallel_model) -> int:
+    return max((int(st["step"]) for st in parallel_model.zero.optimizer.state.values()), default=0)
 
 
 def _failure(e: BaseException, run_dir: str) -> tuple[str, str, Optional[int]]:
@@ -140,7 +142,7 @@ def _local_tensors(sd: dict):
             yield name, v
 
 
-def save_sharded(run_dir: str, step: int, pm, extra: dict) -> str:
+def save_sharded(run_dir: str, step: int, parallel_model, extra: dict) -> str:
     """Collective. ``extra``: tokens and the sampler state (rank 0's is the global position).
     Every rank raises the same NonFiniteCheckpointError (a shard holds NaN/Inf: nothing written) or
     CheckpointError (a rank's write failed, e.g. disk full: temp folder removed, previous checkpoint
@@ -149,13 +151,13 @@ def save_sharded(run_dir: str, step: int, pm, extra: dict) -> str:
     final = os.path.join(run_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
     previous = latest_sharded(run_dir)
-    sd = _state(pm, _global_numel(pm), fill=True)
+    sd = _state(parallel_model, _global_numel(parallel_model), fill=True)
     bad = first_non_finite(_local_tensors(sd))
     bad = _agree(None if bad is None else f"rank {rank}'s shard of {bad}")
     if bad is not None:
         raise NonFiniteCheckpointError(f"refusing to write checkpoint {final}: {bad} holds NaN/Inf (the run "
                                        f"diverged; lower train.lr or resume from an earlier checkpoint)")
-    meta = dict(step=step, opt_step=_opt_step(pm), **extra)
+    meta = dict(step=step, opt_step=_opt_step(parallel_model), **extra)
     failure, error, done = None, None, False
     try:
         for phase in ("prepare", "write", "hash", "commit"):
@@ -202,7 +204,7 @@ def save_sharded(run_dir: str, step: int, pm, extra: dict) -> str:
     raise write_error(final, previous, detail, kind == "disk", free)
 
 
-def load_sharded(path: str, pm) -> dict:
+def load_sharded(path: str, parallel_model) -> dict:
     """Collective: fills this rank's ZeRO shards, moments, parameters and biases from any layout's
     sharded checkpoint (after ``verify_sharded`` passed on every rank), or from a one-process
     checkpoint (``state.json``: every rank reads and verifies the whole of it, then keeps its slices).
@@ -214,7 +216,7 @@ def load_sharded(path: str, pm) -> dict:
     single = os.path.isfile(os.path.join(path, STATE))
     checked, failure, rng = None, None, None
     try:
-        checked = _read_single(path, pm) if single else verify_sharded(path, rank, world)
+        checked = _read_single(path, parallel_model) if single else verify_sharded(path, rank, world)
         rng = None if single else read_rank(path, rank, world)
     except CheckpointError as e:
         failure = first_line(e)
@@ -225,26 +227,27 @@ def load_sharded(path: str, pm) -> dict:
         raise CheckpointError(failure)
     if single:
         meta, flat = checked
-        mine = _slices(pm)
-        _install(pm, meta["opt_step"], lambda n, suffix: flat[n + suffix][mine[n][0]:mine[n][0] + mine[n][2]], flat)
+        mine = _slices(parallel_model)
+        _install(parallel_model, meta["opt_step"],
+                 lambda n, suffix: flat[n + suffix][mine[n][0]:mine[n][0] + mine[n][2]], flat)
         return dict(meta, kind="single", rng_restored=False)
     metadata, meta = checked
-    sd = _state(pm, _global_numel(pm), fill=False)
+    sd = _state(parallel_model, _global_numel(parallel_model), fill=False)
     dcp_load(path, sd, metadata, no_dist=False)
-    _install(pm, meta["opt_step"], lambda n, suffix: sd[n + suffix].local_shards()[0].tensor, sd)
+    _install(parallel_model, meta["opt_step"], lambda n, suffix: sd[n + suffix].local_shards()[0].tensor, sd)
     if rng is not None:
         rng_state.restore(*rng)   # checked by read_rank on every rank already
     return dict(meta, kind="sharded", rng_restored=rng is not None)
 
 
-def _install(pm, opt_step: int, local, biases: dict) -> None:
+def _install(parallel_model, opt_step: int, local, biases: dict) -> None:
     """This rank's masters, moments (with ``opt_step``) and biases from ``local(name, suffix)`` (the
     slice ``_slices`` assigns this rank, suffix "" / ".exp_avg" / ".exp_avg_sq") and ``biases`` (by
     state-dict name); then every rank's parameters are all-gathered from the masters."""
-    mine = _slices(pm)
+    mine = _slices(parallel_model)
     step_t = torch.tensor(float(opt_step))
     with torch.no_grad():
-        for n, e in pm.zero.entries.items():
+        for n, e in parallel_model.zero.entries.items():
             vals = {}
             for suffix in ("",) + tuple("." + m for m in MOMENTS):
                 full = torch.zeros(e.chunk, dtype=e.master.dtype, device=e.master.device)   # NCCL: device tensors
@@ -257,27 +260,28 @@ def _install(pm, opt_step: int, local, biases: dict) -> None:
                 vals = dict(zip(vals, flat.split(e.chunk)))
             e.master.copy_(vals[""])
             if opt_step > 0:
-                pm.zero.optimizer.state[e.master] = dict(
-                    step=step_t.clone(), **{m: vals["." + m].to(pm.zero.optimizer.moment_dtype_of(e.master)) for m in MOMENTS})
-        for name, moe in _moes(pm).items():
+                optimizer = parallel_model.zero.optimizer
+                optimizer.state[e.master] = dict(
+                    step=step_t.clone(), **{m: vals["." + m].to(optimizer.moment_dtype_of(e.master)) for m in MOMENTS})
+        for name, moe in _moes(parallel_model).items():
             b = moe.gate.e_score_correction_bias
             b.copy_(biases[f"{name}.gate.e_score_correction_bias"].to(b.dtype))
-    pm.zero.all_gather_params()
+    parallel_model.zero.all_gather_params()
 
 
-def _read_single(path: str, pm) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read_single(path: str, parallel_model) -> tuple[dict, dict[str, torch.Tensor]]:
     """A one-process checkpoint as flat global tensors: ``{name}``, ``{name}.exp_avg``,
     ``{name}.exp_avg_sq`` per parameter (moments zero if it has no optimizer state) and the biases,
-    checked against the full model of ``pm.cfg`` (names, shapes; the optimizer's parameter order from
+    checked against the full model of ``parallel_model.cfg`` (names, shapes; the optimizer's parameter order from
     ``dsv3.training.optim.build_optimizer`` on that model). Returns (meta with opt_step, tensors)."""
     from dsv3.training.optim import build_optimizer
     meta, tensors, opt, _ = read_checkpoint_files(path)
     with torch.device("meta"):
-        full = Transformer(pm.cfg.model)
+        full = Transformer(parallel_model.cfg.model)
     check_tensors(os.path.join(path, "model.safetensors"), tensors,
                   {k: v.shape for k, v in full.state_dict().items()})
     names = {id(p): n for n, p in full.named_parameters()}
-    order = [[names[id(p)] for p in g["params"]] for g in build_optimizer(full, pm.cfg.train).param_groups]
+    order = [[names[id(p)] for p in g["params"]] for g in build_optimizer(full, parallel_model.cfg.train).param_groups]
     where = os.path.join(path, "optimizer.pt")
     saved = [g.get("params") if isinstance(g, dict) else None for g in opt["param_groups"]]
     if [len(g) if isinstance(g, list) else None for g in saved] != [len(g) for g in order]:
