@@ -126,11 +126,11 @@ def part_train(sec, a) -> None:
     config, common, steps = setup(a.dry_run, 20)
     bf16_peak, fp8_peak, why = peaks(a.dry_run)
     try:
-        fpt = model_flops_per_token(config, common)
+        flops_per_tok = model_flops_per_token(config, common)
     except Exception as e:  # noqa: BLE001 - MFU only; the runs go on
-        fpt, why = None, f"MFU n/a: FLOPs per token unavailable ({type(e).__name__}: {e})"
+        flops_per_tok, why = None, f"MFU n/a: FLOPs per token unavailable ({type(e).__name__}: {e})"
     sec.line(f"`python -m dsv3.train {os.path.relpath(config, REPO)}` with {' '.join(common[:-1])}, seed 0; "
-             f"{'FLOPs/token ' + format(fpt, '.3g') + '; ' if fpt else ''}peaks: "
+             f"{'FLOPs/token ' + format(flops_per_tok, '.3g') + '; ' if flops_per_tok else ''}peaks: "
              + (f"BF16 {bf16_peak:g}, FP8 {fp8_peak:g} dense TFLOPS (dsv3/tools/hardware.py)" if bf16_peak else why) + "\n")
     fp8_runs = list(FP8_RUNS)
     if not a.dry_run and importlib.util.find_spec("transformer_engine") is not None:
@@ -147,10 +147,10 @@ def part_train(sec, a) -> None:
         recs = r["records"]
         tps, how = median_tokens_per_s(recs)
         mfu = "n/a"
-        if bf16_peak and fpt and recs:
-            mfu = f"{100 * tps * fpt / (bf16_peak * 1e12):.2f}% of BF16"
+        if bf16_peak and flops_per_tok and recs:
+            mfu = f"{100 * tps * flops_per_tok / (bf16_peak * 1e12):.2f}% of BF16"
             if name != "bf16":
-                mfu += f", {100 * tps * fpt / (fp8_peak * 1e12):.2f}% of FP8"
+                mfu += f", {100 * tps * flops_per_tok / (fp8_peak * 1e12):.2f}% of FP8"
         trainer_mfu = _median(x.get("mfu") for x in recs[len(recs) // 2:])
         trainer = f"{100 * trainer_mfu:.2f}%" if math.isfinite(trainer_mfu) else "n/a"
         sec.row(name, " ".join(extra) or "-", "timeout" if r["rc"] is None else r["rc"], len(recs),

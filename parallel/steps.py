@@ -22,51 +22,51 @@ class ParallelSteps:
         self.cfg, self.env = cfg, env
         pc = cfg.parallel
         self.mesh = Mesh.from_config(pc)   # every group with parallel.timeout_s
-        self.pm = parallelize(model, self.mesh, cfg, env.device)
-        self.dp, self.dp_index, self.pp = self.pm.dp, self.pm.dp_index, pc.pp
+        self.parallel_model = parallelize(model, self.mesh, cfg, env.device)
+        self.dp, self.dp_index, self.pp = self.parallel_model.dp, self.parallel_model.dp_index, pc.pp
         # without a pipeline every rank runs the whole (expert-sharded) model: eval, balance hooks and the
         # end sample run on it, every rank together (the expert all-to-all needs them all); with one, they
         # run through the stages (parallel/pipeline_eval.py)
         self.eval_model = model if pc.pp == 1 else None
-        overlap = getattr(self.pm.pipe, "overlap", False) if self.pm.pipe is not None else False
+        overlap = getattr(self.parallel_model.pipe, "overlap", False) if self.parallel_model.pipe is not None else False
         sched = f"pp {pc.pp} {pc.pp_schedule}{' overlapped' if overlap else ''} × " if pc.pp > 1 else ""
         self.layout = f" ({sched}dp {self.mesh.dp}, ep {pc.ep}, ZeRO-1)"
 
     def balance_monitor(self):
         """Hooks on the model's routers, or, under a pipeline, on this rank's stage copies with every
         layer's fields gathered across the ranks (parallel/pipeline_eval.py)."""
-        if self.pm.pipe is None:
+        if self.parallel_model.pipe is None:
             return BalanceMonitor(self.eval_model)
-        return PipelineBalance(self.pm)
+        return PipelineBalance(self.parallel_model)
 
     def evaluate(self, data, cfg, autocast, monitor) -> float:
-        if self.pm.pipe is None:
+        if self.parallel_model.pipe is None:
             return evaluate(self.eval_model, data, cfg, autocast, monitor)
         return monitor.evaluate(data, cfg, autocast)
 
     def sample_text(self, data, cfg) -> str:
         """The end-of-run greedy sample (every rank takes part; rank 0 prints it)."""
-        if self.pm.pipe is None:
+        if self.parallel_model.pipe is None:
             return sample_text(self.eval_model, data, cfg)
         prompt = data.tokenizer.encode(cfg.train.sample_prompt)
-        ids = pipeline_generate(self.pm, data.tokenizer, prompt, cfg.train.sample_tokens)
+        ids = pipeline_generate(self.parallel_model, data.tokenizer, prompt, cfg.train.sample_tokens)
         return data.tokenizer.decode(prompt + ids)
 
     def train_step(self, rows: torch.Tensor, lr: float, mtp_weight: float, gamma: Optional[float], autocast,
                    may_step, monitor) -> dict:
-        stats = self.pm.train_step(rows, lr, mtp_weight, gamma, autocast, may_step=may_step,
+        stats = self.parallel_model.train_step(rows, lr, mtp_weight, gamma, autocast, may_step=may_step,
                                    on_micro=monitor.after_forward)
         self.env.all_reduce_(monitor.histograms, average=False)   # summed over every rank that routed tokens
-        stats["loads"] = self.pm.all_layer_loads(stats["loads"])
+        stats["loads"] = self.parallel_model.all_layer_loads(stats["loads"])
         return stats
 
     def latest(self, run_dir: str) -> Optional[str]:
         return latest_checkpoint(run_dir)   # either kind
 
     def load(self, path: str) -> dict:
-        return load_sharded(path, self.pm)  # a sharded checkpoint of any layout, or a one-process one
+        return load_sharded(path, self.parallel_model)  # a sharded checkpoint of any layout, or a one-process one
 
     def save(self, run_dir: str, step: int, extra: dict) -> None:
-        save_sharded(run_dir, step, self.pm, extra)
+        save_sharded(run_dir, step, self.parallel_model, extra)
         if self.env.rank == 0:
             prune_checkpoints(run_dir, self.cfg.train.keep_last)

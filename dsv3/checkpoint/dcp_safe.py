@@ -53,9 +53,9 @@ _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)   # torch.float
 
 
 class _DcpUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, where: str):
+    def __init__(self, data: bytes, source: str):
         super().__init__(io.BytesIO(data))
-        self.where = where
+        self.source = source
 
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
@@ -66,29 +66,29 @@ class _DcpUnpickler(pickle.Unpickler):
         elif module == "torch" and isinstance(getattr(torch, name, None), _TORCH_VALUES):
             return getattr(torch, name)
         raise CheckpointError(
-            f"{self.where}: refusing to unpickle '{module}.{name}': not one of the classes "
+            f"{self.source}: refusing to unpickle '{module}.{name}': not one of the classes "
             f"torch.distributed.checkpoint writes (torch {torch.__version__}); the checkpoint was "
             f"tampered with or written by an incompatible torch")
 
     def persistent_load(self, pid):
-        raise CheckpointError(f"{self.where}: refusing a persistent reference in DCP metadata")
+        raise CheckpointError(f"{self.source}: refusing a persistent reference in DCP metadata")
 
 
-def read_metadata(where: str, data: bytes, files: Iterable[str]) -> Metadata:
+def read_metadata(source: str, data: bytes, files: Iterable[str]) -> Metadata:
     """``.metadata`` bytes (already checked against the manifest) → DCP ``Metadata``, every storage
     entry pointing into one of ``files``. Raises CheckpointError on anything else."""
     try:
-        md = _DcpUnpickler(data, where).load()
+        md = _DcpUnpickler(data, source).load()
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any malformed pickle is a corrupted checkpoint
-        raise CheckpointError(f"{where} is not valid DCP metadata ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{source} is not valid DCP metadata ({type(e).__name__}: {e})") from None
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
             or not isinstance(md.storage_data, dict):
-        raise CheckpointError(f"{where} is not valid DCP metadata (got {type(md).__name__})")
+        raise CheckpointError(f"{source} is not valid DCP metadata (got {type(md).__name__})")
     for key, value in md.state_dict_metadata.items():
         if not isinstance(key, str) or not isinstance(value, (TensorStorageMetadata, BytesStorageMetadata)):
-            raise CheckpointError(f"{where}: malformed entry {key!r} in DCP metadata")
+            raise CheckpointError(f"{source}: malformed entry {key!r} in DCP metadata")
     allowed = set(files)
     for index, info in md.storage_data.items():
         rel = getattr(info, "relative_path", None)
@@ -96,7 +96,7 @@ def read_metadata(where: str, data: bytes, files: Iterable[str]) -> Metadata:
                 or "/" in rel or "\\" in rel or rel in (".", "..") \
                 or not isinstance(info.offset, int) or not isinstance(info.length, int) \
                 or info.offset < 0 or info.length < 0 or getattr(info, "transform_descriptors", None):
-            raise CheckpointError(f"{where}: storage entry for {getattr(index, 'fqn', index)!r} points "
+            raise CheckpointError(f"{source}: storage entry for {getattr(index, 'fqn', index)!r} points "
                                   f"outside the checkpoint's manifest ({rel!r})")
     return md
 

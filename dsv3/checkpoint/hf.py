@@ -270,9 +270,9 @@ class _PlainTokenizer:
 def load_tokenizer(path: Optional[str]):
     if path is None:
         return None
-    from dsv3.data.tokenizer import _load_file
+    from dsv3.data.tokenizer import load_tokenizer_file
     try:
-        return _load_file(path)
+        return load_tokenizer_file(path)
     except UserError:
         if path.endswith(".json"):
             return _PlainTokenizer(path)

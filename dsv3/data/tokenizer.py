@@ -207,7 +207,7 @@ def cache_write_error(e: OSError, cache_dir: str) -> DataError:
                      f"free space, or set data.cache_dir to a writable folder")
 
 
-def _load_file(path: str) -> Tokenizer:
+def load_tokenizer_file(path: str) -> Tokenizer:
     if path.endswith(".model"):
         import sentencepiece as spm
         sp = spm.SentencePieceProcessor()
@@ -249,7 +249,7 @@ def get_tokenizer(spec: str, vocab_size: int, docs: list[Document], docs_key: st
                 if os.path.exists(tmp):
                     os.remove(tmp)
         try:
-            tok = _load_file(path)
+            tok = load_tokenizer_file(path)
         except DataError:
             raise DataError(f"the cached tokenizer {path} is damaged; delete it (it is retrained from the "
                             f"corpus on the next run)") from None
@@ -259,7 +259,7 @@ def get_tokenizer(spec: str, vocab_size: int, docs: list[Document], docs_key: st
     if not os.path.isfile(path):
         raise DataError(f"data.tokenizer '{spec}': expected 'bpe', 'sentencepiece', or the path of a "
                         f"SentencePiece .model or a tokenizer.json file (no such file: {path})")
-    tok = _load_file(path)
+    tok = load_tokenizer_file(path)
     if tok.vocab_size > vocab_size:
         raise DataError(f"tokenizer {path} has {tok.vocab_size} tokens, more than model.vocab_size={vocab_size}; "
                         f"raise model.vocab_size to at least {tok.vocab_size}")

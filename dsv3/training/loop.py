@@ -110,7 +110,7 @@ def run_setup(cfg: Config, env: Dist, data: Dataset, step: int, layout: str = ""
     unknown GPU), the autocast context, and the step logger; prints the start-up block on rank 0."""
     t = cfg.train
     counts = count_params(cfg.model)
-    fpt = flops_per_token(cfg, counts.activated_no_embed)
+    flops_per_tok = flops_per_token(cfg, counts.activated_no_embed)
     dtype, why = choose_dtype(t.dtype, env.device)
     gpu_speed_defaults(env.device)
     peak, peak_name = peak_flops(env.device, dtype, env.world, t.peak_tflops, cfg.fp8.enabled)
@@ -137,7 +137,7 @@ def run_setup(cfg: Config, env: Dist, data: Dataset, step: int, layout: str = ""
             f"run      {t.out_dir} ({f'resumed from {resumed} at step {step}' if resumed else 'fresh start'})",
             f"MFU      of {peak_name}"):
         log.print(line)
-    return fpt, peak, autocast, log
+    return flops_per_tok, peak, autocast, log
 
 
 def _profiler(cfg: Config, env: Dist):
@@ -255,7 +255,7 @@ def run_loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_han
         if rank0:
             print(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)", flush=True)
     commit_run_dir(cfg, env, data, step)
-    fpt, peak, autocast, log = run_setup(cfg, env, data, step, steps.layout, resumed=ckpt)
+    flops_per_tok, peak, autocast, log = run_setup(cfg, env, data, step, steps.layout, resumed=ckpt)
     if t.profile_steps and t.profile_steps[0] <= step:
         raise UserError(f"train.profile_steps={list(t.profile_steps)}: the run resumes at step {step}, after step "
                         f"{t.profile_steps[0]}; profile later steps")
@@ -290,7 +290,7 @@ def run_loop(cfg: Config, env: Dist, data: Dataset, steps, start: float, old_han
                 if prof is not None:
                     prof.step()
                 record = dict(step=step, tokens=tokens, **stats, lr=lr, sequences=rows.shape[0] * steps.dp,
-                              tokens_per_s=step_tokens / dt, mfu=step_tokens * fpt / dt / peak if peak else None,
+                              tokens_per_s=step_tokens / dt, mfu=step_tokens * flops_per_tok / dt / peak if peak else None,
                               maxvio_mean=sum(maxvio) / max(len(maxvio), 1), maxvio_max=max(maxvio, default=0.0),
                               maxvio=maxvio)
                 record.update(monitor.step_fields(loads))
