@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from dsv3.config import ModelConfig
+from dsv3.model.router import topk_method
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def _block_slots(hf_prefix: str, our_prefix: str, dense: bool, cfg: ModelConfig)
     if dense:
         return slots + [Slot(f"{hf_prefix}mlp.{h}.weight", f"{our_prefix}ffn.{o}.weight") for h, o in _FFN]
     slots.append(Slot(hf_prefix + "mlp.gate.weight", our_prefix + "ffn.gate.weight"))
-    if cfg.moe.topk_method == "noaux_tc":
+    if topk_method(cfg.moe.topk_method).biased:   # the routing bias b of aux-loss-free balancing
         slots.append(Slot(hf_prefix + "mlp.gate.e_score_correction_bias", our_prefix + "ffn.gate.e_score_correction_bias"))
     for j in range(cfg.moe.n_routed_experts):
         slots += [Slot(f"{hf_prefix}mlp.experts.{j}.{h}.weight", f"{our_prefix}ffn.experts.{o}", j) for h, o in _FFN]

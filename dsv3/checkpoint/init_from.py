@@ -25,6 +25,7 @@ import torch
 from dsv3.checkpoint.store import (CKPT_RE, MANIFEST, STATE, check_tensors, checkpoint_kind, latest_checkpoint,
                              load_any_checkpoint)
 from dsv3.errors import CheckpointError
+from dsv3.model.router import topk_method
 
 
 def resolve(path: str) -> tuple[str, str]:
@@ -71,7 +72,7 @@ def load_hf_weights(path: str, model: torch.nn.Module) -> None:
         return (name, None) in written or all((name, j) in written for j in range(own[name].shape[0]))
     # check_hf_tensors refuses a folder missing a tensor config.json implies; this guards the name mapping
     missing = [k for k in own if not covered(k)]
-    if model.cfg.moe.topk_method != "noaux_tc":   # a V2-style router has no bias: the buffer stays unused
+    if not topk_method(model.cfg.moe.topk_method).biased:   # a V2-style router has no bias: the buffer stays unused
         for k in [k for k in missing if k.endswith("e_score_correction_bias")]:
             own[k].zero_()
             missing.remove(k)
