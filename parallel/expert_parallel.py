@@ -45,6 +45,7 @@ def shard_experts(experts: GroupedExperts, logical_ids: list[int]) -> GroupedExp
             setattr(local, name, w)
     # keep the grouped-GEMM hooks (FP8: gate/up on one FP8 copy, the SwiGLU-input cache) and recompute
     local.gmm, local.gate_up, local.swiglu_down = experts.gmm, experts.gate_up, experts.swiglu_down
+    local.swiglu = experts.swiglu   # and the SwiGLU hook (dsv3.model.fast), so an override carries over
     local.recompute = experts.recompute
     for p in local.parameters():
         p.expert_parallel = True

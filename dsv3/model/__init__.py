@@ -1,1 +1,4 @@
-"""The model in plain PyTorch (imports torch only): MLA, RoPE, DeepSeekMoE, MTP, the Transformer, and the hooks (Linear.impl, GroupedExperts.gmm, MoE.dispatcher) that kernels and parallelism swap in."""
+"""The model in plain PyTorch (imports torch only): hyper-parameters (args), MLA, RoPE, the router table,
+DeepSeekMoE, MTP, the Transformer, sampling. Speed paths sit in ``fast/`` behind named hooks with the plain
+formula in each module as their reference; kernels and parallelism come in through other hooks
+(``Linear.impl``, ``GroupedExperts.gmm``, ``MoE.dispatcher``): see ARCHITECTURE.md."""

@@ -6,7 +6,7 @@ blocks, final RMSNorm, output head, and D Multi-Token-Prediction modules sharing
     logits = model(input_ids)                      # (B, T, vocab)
     out = model(input_ids, labels=labels)          # .loss .lm_loss .mtp_loss .balance_loss (.logits)
 
-Model code is free of ranks and devices: parallel/ wraps a built model (SPEC §1).
+Model code is free of ranks and devices: parallel/ wraps a built model (ARCHITECTURE.md).
 """
 from __future__ import annotations
 
