@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parallel.sim.clock import ModelledClock
 from parallel.sim.links import LinkModel, predict_route
 from tests.dist_utils import run_ranks
 
@@ -66,19 +67,6 @@ def test_pipelined_route_by_hand():
     assert predict_route(hops, links, 1000, make0) >= 2 * 1000 / 50
 
 
-class _Clock:
-    """Modelled time for parallel.sim.links: only the transport's sleeps advance it."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-
-
 def _two_ranks_over_ib(rank, world):
     """Two rounds of a 2-rank all-to-all through ``ModelledTransport`` on IB only (unit 1 B/s, latency 1):
     round 1 rank 0 sends 1000 B, rank 1 100 B; round 2 rank 0 500 B, rank 1 nothing (one empty message)."""
@@ -87,7 +75,7 @@ def _two_ranks_over_ib(rank, world):
     import torch.distributed as dist
 
     import parallel.sim.links as links
-    clock = links.time = _Clock()          # this spawned rank only
+    clock = links.time = ModelledClock()   # this spawned rank only
     transport = links.ModelledTransport(links.LinkModel(unit=1.0, latency=1.0))
     hop = SimpleNamespace(group=dist.group.WORLD, links=["self", "inter"] if rank == 0 else ["inter", "self"])
     rounds = []

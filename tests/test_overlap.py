@@ -18,6 +18,7 @@ import torch
 from parallel.overlap import pair_1f1b
 from parallel.schedules import all_schedules
 from parallel.simulate import Costs, simulate
+from parallel.sim.clock import ModelledClock
 from parallel.trace import Event, chrome_trace, overlapped_fraction
 from tests.conftest import tiny_cfg
 from tests.dist_utils import run_ranks
@@ -47,22 +48,6 @@ def _ep_model(cfg, latency: float, tracer, mesh=None):
 
 
 # ------------------------------------------------------------------------ 1. one paired op
-class ModelledClock:
-    """Stands in for ``time`` in the tracer's spans (parallel.trace) and the cost models (parallel.sim.links:
-    ``SerialLink`` and the wait that sleeps out a transfer; parallel.sim.cost: ``add_compute_cost``): only
-    modelled costs advance it, real compute and the real gloo transfers take no modelled time, so every
-    start and end below is a function of the schedule alone, the same on any machine under any load."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-
-
 def _paired_op(rank, world):
     import parallel.sim.cost
     import parallel.sim.links
