@@ -126,7 +126,8 @@ def train_one(config: str, overrides: list[str], fp8: bool, threads: Optional[in
     losses = [float(v) for v in result["losses"]]
     recipe = None
     if fp8:
-        recipe = {k: getattr(cfg.fp8, k) for k in ("cache_wo_e5m6", "cache_swiglu_fp8", "dispatch", "grad_dispatch")}
+        recipe = {k: getattr(cfg.fp8, k) for k in ("cache_wo_e5m6", "cache_swiglu_fp8", "dispatch", "grad_dispatch",
+                                                   "high_precision")}
         recipe.update({f"{k}_calls": v for k, v in counts.items()})
     return {"losses": losses, "smoothed": smoothed(losses), "val_loss": float(result["val_loss"]),
             "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "recipe": recipe}

@@ -13,13 +13,17 @@ and whether the gap shrinks from the first (smaller) config to the second.
     python benchmarks/fp8_loss_gap.py --out runs/fp8_gap [--configs configs/small_moe.yaml configs/fp8_gap_512.yaml]
         [--seeds 3] [--steps 200] [--baseline auto|bf16|fp32] [--jobs 2] [--summary]
     python benchmarks/fp8_loss_gap.py --quick --out /tmp/q      # smoke test: 2 tiny runs of 3 steps
+    python benchmarks/fp8_loss_gap.py --out runs/fp8_gap --classes [NAME ...]   # which GEMM class carries the gap
 
 Resumable: every finished run (per-step losses, smoothed loss, seconds) goes into OUT/results.json as it
 finishes; a rerun with the same settings skips those (``--summary``: only print what is finished). ``--jobs N`` trains N runs at once in worker
 processes (one thread each unless OMP_NUM_THREADS says otherwise).
 
-Not built: switching one GEMM class (fprop/dgrad/wgrad × attention/dense/experts) to high precision —
-the experts' per-pass switch would need changes inside the grouped GEMM and the fused SwiGLU kernels.
+``--classes``: on the first config, the FP8 recipe again with one GEMM class at a time in high precision
+(``fp8.high_precision``, triton_kernels/high_precision.py) for the same seeds; a NAME is CLASS.PASS (one of
+attention / dense / experts × fprop / dgrad / wgrad), a CLASS or a PASS (all its three passes or classes in one
+run); none given: the nine. Per class the gap to the baseline and the change from the full FP8 recipe, each
+with its paired 2σ: the class that carries the gap closes it.
 """
 from __future__ import annotations
 
@@ -34,10 +38,27 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [p for p in (REPO, HERE) if p not in sys.path]
 
 from fp8_gap_runs import RESOLVE, Results, paired_gap, seeds_to_resolve, train_one, trend, verdict  # noqa: E402
+from dsv3.config import FP8_GEMM_CLASSES as CLASSES, FP8_PASSES as PASSES  # noqa: E402
 
 QUICK = {"configs": [os.path.join(REPO, "configs", "debug.yaml")], "seeds": 1, "steps": 3,
          "overrides": ["train.micro_batch_size=2", "train.global_batch=2", "data.seq_len=32"]}
 VARIANTS = ("base", "fp8")
+
+
+def class_names(names: list[str]) -> dict[str, list[str]]:
+    """--classes NAMEs -> {label: [CLASS.PASS, ...]} (a CLASS or a PASS alone: its three in one run)."""
+    out = {}
+    for name in names or [f"{c}.{p}" for c in CLASSES for p in PASSES]:
+        if name in CLASSES:
+            out[name] = [f"{name}.{p}" for p in PASSES]
+        elif name in PASSES:
+            out[name] = [f"{c}.{name}" for c in CLASSES]
+        elif name.partition(".")[0] in CLASSES and name.partition(".")[2] in PASSES:
+            out[name] = [name]
+        else:
+            raise ValueError(f"--classes {name}: expected CLASS.PASS, a CLASS or a PASS (CLASS in {', '.join(CLASSES)}, "
+                             f"PASS in {', '.join(PASSES)})")
+    return out
 
 
 def plan(configs: list[str], seeds: int) -> list[tuple[str, str, int]]:
@@ -54,6 +75,27 @@ def overrides_for(args, variant_seed: int, dtype: str) -> list[str]:
     common = [f"train.steps={args.steps}", f"train.dtype={dtype}", f"train.seed={variant_seed}",
               "train.sample_tokens=1", "train.eval_batches=1", "train.eval_every=0"]
     return [*common, *args.overrides]
+
+
+def summarise_classes(results: Results, config: str, labels: list[str], seeds: int, dtype: str) -> list[dict]:
+    """Per class in high precision: its gap to the baseline and its change from the full FP8 recipe, paired
+    over the seeds that have all three runs."""
+    print(f"\n{os.path.basename(config)}: one GEMM class at a time in high precision ({dtype}), the rest of the FP8 "
+          f"recipe unchanged")
+    print(f"  {'class':18s} seeds  {'gap to ' + dtype:>22s}  {'change from full FP8':>22s}")
+    rows = []
+    for label in labels:
+        trio = [(run_name(config, "base", s), run_name(config, "fp8", s), run_name(config, f"hp-{label}", s))
+                for s in range(seeds)]
+        done = [[results.runs[n]["smoothed"] for n in t] for t in trio if all(n in results.runs for n in t)]
+        if not done:
+            continue
+        base, fp8, hp = zip(*done)
+        gap, change = paired_gap(list(base), list(hp)), paired_gap(list(fp8), list(hp))
+        fmt = lambda g: (f"{100 * g['mean']:+.3f}%" + (f" ± {100 * g['two_sigma']:.3f}%" if g["n"] > 1 else ""))  # noqa: E731
+        print(f"  {label:18s} {len(done):5d}  {fmt(gap):>22s}  {fmt(change):>22s}")
+        rows.append({"class": label, "gap": gap, "change": change})
+    return rows
 
 
 def summarise(results: Results, configs: list[str], seeds: int, dtype: str, steps: int) -> list[dict]:
@@ -97,12 +139,20 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke test: debug.yaml, 1 seed, 3 tiny steps")
     ap.add_argument("--summary", action="store_true", help="print the finished runs' statistics; train nothing")
+    ap.add_argument("--classes", nargs="*", default=None, metavar="NAME",
+                    help="also: the first config with one GEMM class in high precision (CLASS.PASS, CLASS or PASS; "
+                         "none given: all nine)")
     args = ap.parse_args(argv)
     args.overrides = []
     if args.quick:
         args.configs, args.seeds, args.steps, args.overrides = QUICK["configs"], QUICK["seeds"], QUICK["steps"], QUICK["overrides"]
     if args.seeds < 1 or args.steps < 1 or args.jobs < 1:
         print("fp8_loss_gap: --seeds, --steps and --jobs must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        classes = class_names(args.classes) if args.classes is not None else {}
+    except ValueError as e:
+        print(f"fp8_loss_gap: {e}", file=sys.stderr)
         return 2
     from dsv3.errors import UserError
     import torch
@@ -124,6 +174,14 @@ def main(argv=None) -> int:
         jobs = []
         for c, v, s in todo:
             jobs.append((run_name(c, v, s), c, overrides_for(args, s, dtype), v == "fp8", threads))
+        for s in range(args.seeds) if not args.summary else ():
+            for label, names in classes.items():
+                name = run_name(args.configs[0], f"hp-{label}", s)
+                if name not in results.runs:
+                    hp = [*overrides_for(args, s, dtype), f"fp8.high_precision=[{', '.join(names)}]"]
+                    jobs.append((name, args.configs[0], hp, True, threads))
+        if classes and not args.summary:
+            print(f"class runs: {len(jobs) - len(todo)} to run", flush=True)
         if args.jobs == 1:
             for name, *a in jobs:
                 _finish(results, name, train_one(*a))
@@ -134,6 +192,8 @@ def main(argv=None) -> int:
                 for fut in cf.as_completed(futures):
                     _finish(results, futures[fut], fut.result())
         summarise(results, args.configs, args.seeds, dtype, args.steps)
+        if classes:
+            summarise_classes(results, args.configs[0], list(classes), args.seeds, dtype)
     except UserError as e:
         print(f"fp8_loss_gap: {e}", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ class FP8Config:
     grad_dispatch: bool = True               # EP backward: the gradient before the down-projection in FP8, pow2 scales (report §3.3.3)
     cache_wo_e5m6: bool = True               # wo's input cached in E5M6, power-of-2 scales (report §3.3.3)
     cache_swiglu_fp8: bool = True            # SwiGLU input (routed and shared experts, dense FFN) cached in FP8, output recomputed (report §3.3.3)
+    high_precision: list[str] = field(default_factory=list)  # GEMM passes left unquantised: CLASS.PASS, CLASS in
+                                             # attention/dense/experts, PASS in fprop/dgrad/wgrad (a diagnostic)
 
 
 @dataclass(frozen=True)
@@ -446,6 +448,29 @@ def _check_router(moe: MoEConfig) -> None:
                               f"(router variants: dsv3/model/router.py)")
 
 
+FP8_GEMM_CLASSES = ("attention", "dense", "experts")   # fp8.high_precision's classes (dsv3.training.precision)
+FP8_PASSES = ("fprop", "dgrad", "wgrad")                # = triton_kernels.high_precision.PASSES
+
+
+def fp8_high_precision(f: FP8Config) -> dict[str, frozenset]:
+    """fp8.high_precision as {class: passes} for every class (empty sets included); ConfigError on a bad name."""
+    out: dict[str, set] = {c: set() for c in FP8_GEMM_CLASSES}
+    for name in f.high_precision:
+        cls, _, p = name.partition(".")
+        if cls not in out or p not in FP8_PASSES:
+            raise ConfigError(f"fp8.high_precision: {name!r} is not CLASS.PASS with CLASS in "
+                              f"{', '.join(FP8_GEMM_CLASSES)} and PASS in {', '.join(FP8_PASSES)}")
+        out[cls].add(p)
+    return {c: frozenset(v) for c, v in out.items()}
+
+
+def _fp8_pass_checks(f: FP8Config) -> list[tuple[bool, str]]:
+    fp8_high_precision(f)
+    return [(not f.high_precision or f.backend != "te",
+                    "fp8.high_precision is not available with fp8.backend=te (its Linears are Transformer Engine "
+                    "modules); use fp8.backend=auto")]
+
+
 def validate(cfg: Config) -> Config:
     _check_router(cfg.model.moe)
     _check_finite(cfg)
@@ -467,6 +492,7 @@ def validate(cfg: Config) -> Config:
         (cfg.data.seq_len <= m.max_seq_len, "data.seq_len must be <= model.max_seq_len"),
         (cfg.fp8.block == 128, f"fp8.block={cfg.fp8.block}: the FP8 kernels implement 128 (1×128 and 128×128 tiles); "
                                f"set it to 128"),
+        *_fp8_pass_checks(cfg.fp8),
         (moe.n_routed_experts % cfg.parallel.ep == 0,
          f"parallel.ep={cfg.parallel.ep} does not divide model.moe.n_routed_experts={moe.n_routed_experts}"),
         (t.sample_tokens == 0 or t.sample_prompt != "",

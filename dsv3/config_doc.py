@@ -80,6 +80,7 @@ DOC: dict[str, str] = {
     "fp8.grad_dispatch": "expert-parallel backward: send the gradient before the MoE down-projection (combine's backward) in FP8 with power-of-2 scales; combine stays BF16 (report §3.3.3, needs fp8.enabled)",
     "fp8.cache_wo_e5m6": "cache the attention output projection's input in E5M6 with power-of-2 scales (report §3.3.3)",
     "fp8.cache_swiglu_fp8": "cache the SwiGLU input in FP8 and recompute its output in backward — routed and shared experts and the dense FFN (report §3.3.3)",
+    "fp8.high_precision": "GEMM passes left unquantised, as CLASS.PASS (attention, dense, experts × fprop, dgrad, wgrad), e.g. [experts.wgrad]: a diagnostic that traces an FP8 loss gap to a GEMM class (benchmarks/fp8_loss_gap.py --classes); TE's override_linear_precision per class",
     # parallel
     "parallel.pp": "pipeline-parallel ranks",
     "parallel.pp_schedule": "pipeline schedule, a name in parallel/schedules.py's SCHEDULES: 1f1b, zb1p (zero "

@@ -147,7 +147,8 @@ def test_pow2_flag_reaches_the_fprop_scales(backend, monkeypatch):
     dispatched activations): the fprop's activation scales, recorded as the op makes them, have a zero
     mantissa field bit by bit, and the output equals the grouped GEMM of those FP8 operands; with the flag
     off the same scales are not powers of two."""
-    real = GM.fp8_ops
+    import triton_kernels.high_precision as HP     # pass_ops takes each pass's ops from fp8_ops
+    real = HP.fp8_ops
     seen = []
 
     def spying(b):
@@ -160,7 +161,7 @@ def test_pow2_flag_reaches_the_fprop_scales(backend, monkeypatch):
             return out
         ops.act_quant = record
         return ops
-    monkeypatch.setattr(GM, "fp8_ops", spying)
+    monkeypatch.setattr(HP, "fp8_ops", spying)
     x, w = _data(9)
     x, w = x[:160, :128], w[:, :, :128]
     offsets = torch.tensor([0, 3, 3, 100, 101, 160], dtype=torch.int32)

@@ -37,9 +37,9 @@ def test_smoothed_is_mean_of_last_tenth():
     assert smoothed([3.0, 1.0]) == 1.0      # fewer than 10 steps: the last one
 
 
-def _quick(out: str) -> subprocess.CompletedProcess:
+def _quick(out: str, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, SCRIPT, "--quick", "--out", out], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, SCRIPT, "--quick", "--out", out, *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -76,6 +76,27 @@ def test_quick_writes_json_and_resumes(tmp_path):
     assert "runs: 0 to run, 2 already" in again.stdout
     with open(path) as f:
         assert f.read() == first
+
+    # --classes: the FP8 recipe with one GEMM class in high precision, same seed, beside the pair already there
+    hp = _quick(out, "--classes", "experts.wgrad")
+    assert hp.returncode == 0, hp.stderr
+    assert "runs: 0 to run, 2 already" in hp.stdout and "class runs: 1 to run" in hp.stdout
+    with open(path) as f:
+        run = json.load(f)["runs"]["debug/hp-experts.wgrad/seed0"]
+    assert run["recipe"]["high_precision"] == ["experts.wgrad"] and len(run["losses"]) == 3
+    gap = (run["smoothed"] - base["smoothed"]) / base["smoothed"]
+    change = (run["smoothed"] - fp8["smoothed"]) / fp8["smoothed"]
+    assert any(line.split() == ["experts.wgrad", "1", f"{100 * gap:+.3f}%", f"{100 * change:+.3f}%"]
+               for line in hp.stdout.splitlines()), hp.stdout
+
+
+def test_bad_class_name_exit_2(tmp_path):
+    from fp8_loss_gap import class_names
+    assert class_names(["experts"]) == {"experts": ["experts.fprop", "experts.dgrad", "experts.wgrad"]}
+    assert class_names(["wgrad"]) == {"wgrad": ["attention.wgrad", "dense.wgrad", "experts.wgrad"]}
+    assert len(class_names([])) == 9
+    p = _quick(str(tmp_path / "x"), "--classes", "head.fprop")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--classes head.fprop" in p.stderr
 
 
 def test_bad_results_file_exit_2(tmp_path):

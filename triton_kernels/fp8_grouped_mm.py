@@ -5,15 +5,16 @@ the Triton kernels of ``triton_kernels/grouped_gemm.py`` or their torch referenc
 ``fp8_grouped_mm`` is the model's ``grouped_mm_impl`` hook; ``fp8_gate_up`` the experts' gate and up
 projections as one GEMM over [w1; w3] on one FP8 copy of x (``GroupedExperts.gate_up``). A leaf weight (the
 parameter) is saved as itself and re-quantised in the backward (``fp8_linear.kept_weight``): no FP8 weight
-copy per micro-batch in flight (issue 20, memory).
+copy per micro-batch in flight (issue 20, memory). ``high_precision``: the passes run unquantised
+(triton_kernels.high_precision).
 """
 from __future__ import annotations
 
 import torch
 
-import triton_kernels
-from triton_kernels.backend import fp8_ops, resolve_backend
+from triton_kernels.backend import resolve_backend
 from triton_kernels.fp8_linear import kept_weight
+from triton_kernels.high_precision import check_passes, pass_ops
 from triton_kernels.quant_ref import BLOCK, cdiv
 
 
@@ -21,15 +22,15 @@ class _FP8GroupedMM(torch.autograd.Function):
     """fprop, dgrad and wgrad of the grouped expert GEMM, all three in FP8 (report §3.3.1)."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, backend, pow2_scale):
-        ops = fp8_ops(backend)
-        x_fp8, x_s = ops.act_quant(x, pow2_scale=pow2_scale)
-        w_fp8, w_s = ops.weight_quant(w)
-        y = ops.grouped_gemm(x_fp8, x_s, w_fp8, w_s, offsets, out_dtype=x.dtype)
-        triton_kernels.counters["fp8_grouped_mm.fprop"] += 1
+    def forward(ctx, x, w, offsets, backend, pow2_scale, high):
+        ops = pass_ops(backend, high)
+        x_fp8, x_s = ops.fprop.act_quant(x, pow2_scale=pow2_scale)
+        w_fp8, w_s = ops.fprop.weight_quant(w)
+        y = ops.fprop.grouped_gemm(x_fp8, x_s, w_fp8, w_s, offsets, out_dtype=x.dtype)
+        ops.count("fp8_grouped_mm", "fprop")
         # cache the wgrad operand in FP8 already in its token-tiled, transposed layout
-        x_t, x_t_s = ops.act_quant_t(x, offsets) if ctx.needs_input_grad[1] else (None, None)
-        ctx.save_for_backward(x_t, x_t_s, *kept_weight(w, w_fp8, w_s), offsets)
+        x_t, x_t_s = ops.wgrad.act_quant_t(x, offsets) if ctx.needs_input_grad[1] else (None, None)
+        ctx.save_for_backward(x_t, x_t_s, *kept_weight(w, w_fp8, w_s, ops), offsets)
         ctx.ops, ctx.x_dtype, ctx.w_dtype = ops, x.dtype, w.dtype
         return y
 
@@ -39,22 +40,22 @@ class _FP8GroupedMM(torch.autograd.Function):
         ops, dx, dw = ctx.ops, None, None
         if ctx.needs_input_grad[0]:
             if w_s is None:                          # the parameter: the same quantisation again
-                w_fp8, w_s = ops.weight_quant(w_fp8)
-            dy_fp8, dy_s = ops.act_quant(dy)
+                w_fp8, w_s = ops.dgrad.weight_quant(w_fp8)
+            dy_fp8, dy_s = ops.dgrad.act_quant(dy)
             # a 128×128 block is a block either way round: wᵀ reuses w's FP8 copy and scales;
             # the copy makes the contraction dim contiguous (K-major) for the tensor cores
             w_t = w_fp8.transpose(1, 2).contiguous()
-            dx = ops.grouped_gemm(dy_fp8, dy_s, w_t, w_s.transpose(1, 2), offsets, out_dtype=ctx.x_dtype)
-            triton_kernels.counters["fp8_grouped_mm.dgrad"] += 1
+            dx = ops.dgrad.grouped_gemm(dy_fp8, dy_s, w_t, w_s.transpose(1, 2), offsets, out_dtype=ctx.x_dtype)
+            ops.count("fp8_grouped_mm", "dgrad")
         if ctx.needs_input_grad[1]:
-            dy_t, dy_t_s = ops.act_quant_t(dy, offsets)
-            dw = ops.grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, offsets).to(ctx.w_dtype)
-            triton_kernels.counters["fp8_grouped_mm.wgrad"] += 1
-        return dx, dw, None, None, None
+            dy_t, dy_t_s = ops.wgrad.act_quant_t(dy, offsets)
+            dw = ops.wgrad.grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, offsets).to(ctx.w_dtype)
+            ops.count("fp8_grouped_mm", "wgrad")
+        return dx, dw, None, None, None, None
 
 
 def fp8_grouped_mm(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto",
-                   pow2_scale: bool = False) -> torch.Tensor:
+                   pow2_scale: bool = False, high_precision=()) -> torch.Tensor:
     """(M, K) tokens sorted by expert × (E, N, K) weights -> (M, N), row block g = x_g · w[g]ᵀ.
 
     offsets: int32 (E,) cumulative END rows (torch._grouped_mm's ``offs``); empty experts allowed.
@@ -67,7 +68,8 @@ def fp8_grouped_mm(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tenso
     if offsets.numel() != w.shape[0]:
         raise ValueError(f"fp8_grouped_mm: offsets has {offsets.numel()} entries for {w.shape[0]} experts")
     backend = resolve_backend(backend, x_sorted.device)
-    return _FP8GroupedMM.apply(x_sorted, w, offsets.to(torch.int32), backend, pow2_scale)
+    return _FP8GroupedMM.apply(x_sorted, w, offsets.to(torch.int32), backend, pow2_scale,
+                               check_passes(high_precision))
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -99,19 +101,20 @@ class _FP8GateUp(torch.autograd.Function):
     that are dropped)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, offsets, backend):
-        ops = fp8_ops(backend)
+    def forward(ctx, x, w1, w3, offsets, backend, high):
+        ops = pass_ops(backend, high)
         inter = w1.shape[1]
         n_pad = cdiv(inter, BLOCK) * BLOCK
-        x_fp8, x_s = ops.act_quant(x)
-        w_fp8, w_s = stacked_weight_quant(ops, w1, w3, x.dtype)
-        gu = ops.grouped_gemm(x_fp8, x_s, w_fp8, w_s, offsets, out_dtype=x.dtype)
-        triton_kernels.counters["fp8_grouped_mm.fprop"] += 1
+        x_fp8, x_s = ops.fprop.act_quant(x)
+        w_fp8, w_s = stacked_weight_quant(ops.fprop, w1, w3, x.dtype)
+        gu = ops.fprop.grouped_gemm(x_fp8, x_s, w_fp8, w_s, offsets, out_dtype=x.dtype)
+        ops.count("fp8_grouped_mm", "fprop")
         if n_pad != inter:
             gu = torch.cat([gu[:, :inter], gu[:, n_pad:n_pad + inter]], dim=1)
         wants_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        x_t, x_t_s = ops.act_quant_t(x, offsets) if wants_dw else (None, None)
-        leaf = w1.is_leaf and w3.is_leaf           # parameters: kept as themselves, re-quantised in backward
+        x_t, x_t_s = ops.wgrad.act_quant_t(x, offsets) if wants_dw else (None, None)
+        # parameters: kept as themselves, re-quantised in backward (so too when fprop and dgrad differ in precision)
+        leaf = (w1.is_leaf and w3.is_leaf) or ops.fprop is not ops.dgrad
         ctx.save_for_backward(x_t, x_t_s, offsets, *((w1, w3, None) if leaf else (None, w_fp8, w_s)))
         ctx.ops, ctx.x_dtype, ctx.w_dtypes, ctx.inter = ops, x.dtype, (w1.dtype, w3.dtype), inter
         return gu
@@ -127,22 +130,22 @@ class _FP8GateUp(torch.autograd.Function):
             dgu = dgu_p
         dgu = dgu.contiguous()
         if ctx.needs_input_grad[0]:
-            w_fp8, w_s = stacked_weight_quant(ops, a, b, ctx.x_dtype) if c is None else (b, c)
-            dy_fp8, dy_s = ops.act_quant(dgu)
-            dx = ops.grouped_gemm(dy_fp8, dy_s, w_fp8.transpose(1, 2).contiguous(), w_s.transpose(1, 2), offsets,
-                                  out_dtype=ctx.x_dtype)
-            triton_kernels.counters["fp8_grouped_mm.dgrad"] += 1
+            w_fp8, w_s = stacked_weight_quant(ops.dgrad, a, b, ctx.x_dtype) if c is None else (b, c)
+            dy_fp8, dy_s = ops.dgrad.act_quant(dgu)
+            dx = ops.dgrad.grouped_gemm(dy_fp8, dy_s, w_fp8.transpose(1, 2).contiguous(), w_s.transpose(1, 2),
+                                        offsets, out_dtype=ctx.x_dtype)
+            ops.count("fp8_grouped_mm", "dgrad")
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dy_t, dy_t_s = ops.act_quant_t(dgu, offsets)
-            dw = ops.grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, offsets).to(ctx.x_dtype)
-            triton_kernels.counters["fp8_grouped_mm.wgrad"] += 1
+            dy_t, dy_t_s = ops.wgrad.act_quant_t(dgu, offsets)
+            dw = ops.wgrad.grouped_wgrad(dy_t, dy_t_s, x_t, x_t_s, offsets).to(ctx.x_dtype)
+            ops.count("fp8_grouped_mm", "wgrad")
             # in the compute dtype first: the gradient the cast weight got before, bit for bit
             dw1, dw3 = dw[:, :inter].to(ctx.w_dtypes[0]), dw[:, n_pad:n_pad + inter].to(ctx.w_dtypes[1])
-        return dx, dw1, dw3, None, None
+        return dx, dw1, dw3, None, None, None
 
 
 def fp8_gate_up(x_sorted: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, offsets: torch.Tensor,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", high_precision=()) -> torch.Tensor:
     """(M, K) tokens sorted by expert, w1 and w3 (E, N, K) (cast to x's dtype inside) -> (M, 2N) [gate | up]."""
     if w1.shape != w3.shape or w1.dim() != 3 or x_sorted.dim() != 2 or x_sorted.shape[1] != w1.shape[2]:
         raise ValueError(f"fp8_gate_up: need x (M, K) and w1 = w3 (E, N, K), got {tuple(x_sorted.shape)}, "
@@ -150,4 +153,4 @@ def fp8_gate_up(x_sorted: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, offs
     if offsets.numel() != w1.shape[0]:
         raise ValueError(f"fp8_gate_up: offsets has {offsets.numel()} entries for {w1.shape[0]} experts")
     backend = resolve_backend(backend, x_sorted.device)
-    return _FP8GateUp.apply(x_sorted, w1, w3, offsets.to(torch.int32), backend)
+    return _FP8GateUp.apply(x_sorted, w1, w3, offsets.to(torch.int32), backend, check_passes(high_precision))

@@ -9,6 +9,10 @@ projection ``wo`` is cached in E5M6 (triton_kernels.e5m6_ref); with ``fp8.cache_
 routed experts, the dense FFNs and the shared experts cache their SwiGLU input in FP8 and recompute
 its output in the backward (``GroupedExperts.swiglu_down`` / ``MLP.swiglu_down`` = triton_kernels.fp8_swiglu).
 
+``fp8.high_precision`` leaves chosen passes (fprop, dgrad, wgrad) of one GEMM class unquantised: attention
+(MLA's Linears), dense (the dense FFNs' and shared experts' Linears), experts (the routed grouped GEMMs) —
+triton_kernels.high_precision; a diagnostic for where an FP8 loss gap comes from.
+
 On CPU the kernels' torch fake-quant reference runs (backend "auto"); on a GPU the Triton kernels.
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ import functools
 
 from torch import nn
 
-from dsv3.config import FP8Config
+from dsv3.config import FP8Config, fp8_high_precision
 from dsv3.model.experts import GroupedExperts
 from dsv3.model.layers import MLP, Linear
 from dsv3.model.mla import MLA
@@ -32,6 +36,8 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
     from triton_kernels.fp8_grouped_mm import fp8_gate_up, fp8_grouped_mm
 
     wo_inputs: set = set()     # Linears whose input is cached in E5M6: each quantises its own
+    high = fp8_high_precision(cfg)
+    classes = gemm_classes(model)
     if cfg.backend == "te":   # TE Linears; routed experts on the Triton grouped GEMM; caches refused by check_te
         import torch
         from triton_kernels.te_backend import TELinearImpl, check_te
@@ -41,13 +47,18 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
     else:
         if cfg.block != 128:
             raise ValueError(f"fp8.block={cfg.block}: the kernels implement the report's 128 (1×128 and 128×128 tiles)")
-        linear = functools.partial(fp8_linear, backend=cfg.backend)
         wo_inputs = {id(m.wo) for m in model.modules() if isinstance(m, MLA)} if cfg.cache_wo_e5m6 else set()
-        linear_for = lambda module: (functools.partial(linear, input_cache="e5m6")  # noqa: E731
-                                     if id(module) in wo_inputs else linear)
-        grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend)
-    # Linears sharing an input (MLA's wq_a / wkv_a, an MLP's w1 / w3) quantise it once (issue 20, memory)
-    shared = None if cfg.backend == "te" else functools.partial(fp8_linear_shared, backend=cfg.backend)
+
+        def linear_for(module):
+            hp = high[classes.get(id(module), "dense")]
+            if id(module) in wo_inputs:
+                return functools.partial(fp8_linear, backend=cfg.backend, input_cache="e5m6", high_precision=hp)
+            return functools.partial(fp8_linear, backend=cfg.backend, high_precision=hp)
+        grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend, high_precision=high["experts"])
+    # Linears sharing an input (MLA's wq_a / wkv_a, an MLP's w1 / w3) quantise it once (issue 20, memory):
+    # one hook object per GEMM class, the identity layers.gate_up and MLA check
+    shared = {c: functools.partial(fp8_linear_shared, backend=cfg.backend, high_precision=hp) for c, hp in high.items()}
+    shared_for = lambda module: None if cfg.backend == "te" else shared[classes.get(id(module), "dense")]  # noqa: E731
     counts = {"fp8_linear": 0, "exempt_linear": 0, "fp8_grouped": 0}
     for module in model.modules():
         if isinstance(module, Linear):
@@ -55,15 +66,29 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
                 counts["exempt_linear"] += 1
             else:
                 module.impl = linear_for(module)
-                module.shared_impl = None if id(module) in wo_inputs else shared
+                module.shared_impl = None if id(module) in wo_inputs else shared_for(module)
                 counts["fp8_linear"] += 1
         elif isinstance(module, GroupedExperts):
             module.gmm = grouped
             # gate and up on one FP8 copy of x: one grouped GEMM over [w1; w3] (issue 20, memory)
-            module.gate_up = functools.partial(fp8_gate_up, backend=grouped.keywords["backend"])
+            module.gate_up = functools.partial(fp8_gate_up, backend=grouped.keywords["backend"],
+                                               high_precision=high["experts"])
             if cfg.cache_swiglu_fp8:
-                module.swiglu_down = functools.partial(fp8_swiglu_down, backend=cfg.backend)
+                module.swiglu_down = functools.partial(fp8_swiglu_down, backend=cfg.backend,
+                                                       high_precision=high["experts"])
             counts["fp8_grouped"] += 1
         elif isinstance(module, MLP) and cfg.cache_swiglu_fp8:      # dense FFNs, shared experts
-            module.swiglu_down = functools.partial(fp8_swiglu_linear, backend=cfg.backend)
+            module.swiglu_down = functools.partial(fp8_swiglu_linear, backend=cfg.backend, high_precision=high["dense"])
     return counts
+
+
+def gemm_classes(model: nn.Module) -> dict[int, str]:
+    """id(Linear) -> its GEMM class for fp8.high_precision: "attention" inside an MLA, "dense" inside an MLP (the
+    dense FFNs and the shared experts); a Linear in neither (none in this model but the exempt ones) counts as
+    dense. The routed experts are GroupedExperts, class "experts"."""
+    out = {}
+    for kind, name in ((MLP, "dense"), (MLA, "attention")):
+        for m in model.modules():
+            if isinstance(m, kind):
+                out.update({id(sub): name for sub in m.modules() if isinstance(sub, Linear)})
+    return out
