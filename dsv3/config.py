@@ -467,8 +467,8 @@ def fp8_high_precision(f: FP8Config) -> dict[str, frozenset]:
 def _fp8_pass_checks(f: FP8Config) -> list[tuple[bool, str]]:
     fp8_high_precision(f)
     return [(not f.high_precision or f.backend != "te",
-                    "fp8.high_precision is not available with fp8.backend=te (its Linears are Transformer Engine "
-                    "modules); use fp8.backend=auto")]
+             "fp8.high_precision is not available with fp8.backend=te (its Linears are Transformer Engine modules); "
+             "use fp8.backend=auto")]
 
 
 def validate(cfg: Config) -> Config:

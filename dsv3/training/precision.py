@@ -56,7 +56,7 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
             return functools.partial(fp8_linear, backend=cfg.backend, high_precision=hp)
         grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend, high_precision=high["experts"])
     # Linears sharing an input (MLA's wq_a / wkv_a, an MLP's w1 / w3) quantise it once (issue 20, memory):
-    # one hook object per GEMM class, the identity layers.gate_up and MLA check
+    # one hook object per GEMM class: layers.gate_up and fast.shared_input match the Linears by its identity
     shared = {c: functools.partial(fp8_linear_shared, backend=cfg.backend, high_precision=hp) for c, hp in high.items()}
     shared_for = lambda module: None if cfg.backend == "te" else shared[classes.get(id(module), "dense")]  # noqa: E731
     counts = {"fp8_linear": 0, "exempt_linear": 0, "fp8_grouped": 0}
