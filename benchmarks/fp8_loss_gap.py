@@ -77,6 +77,17 @@ def overrides_for(args, variant_seed: int, dtype: str) -> list[str]:
     return [*common, *args.overrides]
 
 
+def tenths_gap(base: list[float], fp8: list[float]) -> list[float]:
+    """(mean FP8 loss − mean baseline loss) / mean baseline loss over each tenth of the steps: where in the run
+    a seed's final gap was set."""
+    n, out = len(base), []
+    for i in range(10):
+        a, b = i * n // 10, max((i + 1) * n // 10, i * n // 10 + 1)
+        mb, mf = sum(base[a:b]) / (b - a), sum(fp8[a:b]) / (b - a)
+        out.append((mf - mb) / mb)
+    return out
+
+
 def summarise_classes(results: Results, config: str, labels: list[str], seeds: int, dtype: str) -> list[dict]:
     """Per class in high precision: its gap to the baseline and its change from the full FP8 recipe, paired
     over the seeds that have all three runs."""
@@ -112,6 +123,9 @@ def summarise(results: Results, configs: list[str], seeds: int, dtype: str, step
         print(f"\n{label}: {len(done)} seed pair(s), {steps} steps, baseline {dtype}")
         for (s, _, _), (b, f), g in zip(paired, done, gap["gaps"]):
             print(f"  seed {s}: {dtype} {b['smoothed']:.5f}  fp8 {f['smoothed']:.5f}  gap {100 * g:+.3f}%")
+        print("  gap of the mean loss over each tenth of the run, per seed (%):")
+        for (s, _, _), (b, f) in zip(paired, done):
+            print(f"    seed {s}: " + " ".join(f"{100 * t:+.2f}" for t in tenths_gap(b["losses"], f["losses"])))
         if gap["n"] == 1:
             print(f"  one seed pair: gap {100 * gap['mean']:+.3f}%, no spread to give a 2σ")
             continue

@@ -32,6 +32,14 @@ def test_paired_two_sigma_by_hand():
     assert seeds_to_resolve(g["sd"]) == 22
 
 
+def test_tenths_gap_by_hand():
+    from fp8_loss_gap import tenths_gap
+    # 20 steps: tenths of 2 steps; FP8 10% behind on the first 4 steps, 5% on steps 5-6 (1.05 vs 1), level after
+    base, fp8 = [1.0] * 20, [1.1] * 4 + [1.05] * 2 + [1.0] * 14
+    assert tenths_gap(base, fp8) == pytest.approx([0.1, 0.1, 0.05] + [0.0] * 7, abs=1e-12)
+    assert len(tenths_gap([2.0] * 3, [2.2] * 3)) == 10       # fewer steps than tenths: every tenth has one
+
+
 def test_smoothed_is_mean_of_last_tenth():
     assert smoothed([float(i) for i in range(20)]) == (18 + 19) / 2
     assert smoothed([3.0, 1.0]) == 1.0      # fewer than 10 steps: the last one
