@@ -53,12 +53,16 @@ def fp8_grouped_gemm_ref(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torc
     transposed: a 128×128 block is a block either way round, report §3.3.2).
     """
     a = act_dequant_ref(a_fp8, a_scale, block)
-    b = weight_dequant_ref(b_fp8, b_scale, block)
-    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    return grouped_rows_mm(a, weight_dequant_ref(b_fp8, b_scale, block), offsets).to(out_dtype)
+
+
+def grouped_rows_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of group g times b[g]ᵀ, (M, K) × (E, N, K) -> (M, N) in a's dtype (b of the same dtype)."""
+    out = a.new_zeros(a.shape[0], b.shape[1])
     for g, (s, e) in enumerate(_group_bounds(offsets)):
         if e > s:
             out[s:e] = a[s:e] @ b[g].t()
-    return out.to(out_dtype)
+    return out
 
 
 def fp8_grouped_wgrad_ref(dy_t_fp8: torch.Tensor, dy_t_scale: torch.Tensor, x_t_fp8: torch.Tensor,
@@ -68,7 +72,12 @@ def fp8_grouped_wgrad_ref(dy_t_fp8: torch.Tensor, dy_t_scale: torch.Tensor, x_t_
     Both operands come from act_quant_t(…, offsets): 128-token tiles that restart at every expert.
     """
     dy_t = act_dequant_t_ref(dy_t_fp8, dy_t_scale, offsets, block)
-    x_t = act_dequant_t_ref(x_t_fp8, x_t_scale, offsets, block)
+    return grouped_tokens_mm(dy_t, act_dequant_t_ref(x_t_fp8, x_t_scale, offsets, block), offsets)
+
+
+def grouped_tokens_mm(dy_t: torch.Tensor, x_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dW[g] = dy_gᵀ · x_g over each group's own tokens (columns): (N, M), (K, M) -> (E, N, K), each product in
+    the operands' dtype, stored in FP32."""
     bounds = _group_bounds(offsets)
     dw = torch.zeros(len(bounds), dy_t.shape[0], x_t.shape[0], dtype=torch.float32, device=dy_t.device)
     for g, (s, e) in enumerate(bounds):

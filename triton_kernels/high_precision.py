@@ -19,6 +19,7 @@ import torch
 
 import triton_kernels
 from triton_kernels.backend import fp8_ops
+from triton_kernels.gemm_ref import grouped_rows_mm, grouped_tokens_mm
 from triton_kernels.quant_ref import BLOCK
 
 PASSES = ("fprop", "dgrad", "wgrad")
@@ -26,11 +27,6 @@ PASSES = ("fprop", "dgrad", "wgrad")
 
 def _ones(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return torch.ones((1,) * ndim, dtype=torch.float32, device=t.device)
-
-
-def _bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
-    ends = [int(e) for e in offsets.tolist()]
-    return list(zip([0] + ends[:-1], ends))
 
 
 def act_quant(x, block: int = BLOCK, pow2_scale: bool = False):
@@ -52,21 +48,12 @@ def gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, block: int = BLOCK):
 
 def grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16, block: int = BLOCK):
     """Rows of group g times b[g]ᵀ: (M, K) × (E, N, K) -> (M, N), in a's dtype."""
-    out = a.new_zeros(a.shape[0], b.shape[1])
-    for g, (s, e) in enumerate(_bounds(offsets)):
-        if e > s:
-            out[s:e] = a[s:e] @ b[g].to(a.dtype).t()
-    return out.to(out_dtype)
+    return grouped_rows_mm(a, b.to(a.dtype), offsets).to(out_dtype)
 
 
 def grouped_wgrad(dy_t, dy_t_scale, x_t, x_t_scale, offsets, block: int = BLOCK):
     """dW[g] = dy_gᵀ · x_g over each group's own tokens: (N, M), (K, M) -> (E, N, K) FP32."""
-    bounds = _bounds(offsets)
-    dw = torch.zeros(len(bounds), dy_t.shape[0], x_t.shape[0], dtype=torch.float32, device=dy_t.device)
-    for g, (s, e) in enumerate(bounds):
-        if e > s:
-            dw[g] = dy_t[:, s:e] @ x_t[:, s:e].to(dy_t.dtype).t()
-    return dw
+    return grouped_tokens_mm(dy_t, x_t.to(dy_t.dtype), offsets)
 
 
 HIGH = SimpleNamespace(act_quant=act_quant, act_quant_t=act_quant_t, weight_quant=weight_quant, gemm=gemm,
@@ -81,11 +68,10 @@ def check_passes(high) -> frozenset:
     return high
 
 
-def pass_ops(backend: str, high=frozenset()) -> SimpleNamespace:
-    """The ops of each pass (``.fprop``, ``.dgrad``, ``.wgrad``), ``.fp8`` for FP8 storage, ``.high`` the set of
+def pass_ops(backend: str, high: frozenset = frozenset()) -> SimpleNamespace:
+    """``high``: passes already checked (check_passes, by the public ops). The ops of each pass (``.fprop``, ``.dgrad``, ``.wgrad``), ``.fp8`` for FP8 storage, ``.high`` the set of
     passes in high precision and ``.count(op, pass)``, which counts the GEMM under ``counters`` as
     ``op.pass`` (FP8) or ``op.pass.high_precision``."""
-    high = check_passes(high)
     fp8 = fp8_ops(backend)
     ops = SimpleNamespace(**{p: HIGH if p in high else fp8 for p in PASSES}, fp8=fp8, high=high)
 

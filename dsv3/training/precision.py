@@ -49,11 +49,9 @@ def apply_fp8(model: nn.Module, cfg: FP8Config, device=None) -> dict:
             raise ValueError(f"fp8.block={cfg.block}: the kernels implement the report's 128 (1×128 and 128×128 tiles)")
         wo_inputs = {id(m.wo) for m in model.modules() if isinstance(m, MLA)} if cfg.cache_wo_e5m6 else set()
 
-        def linear_for(module):
-            hp = high[classes.get(id(module), "dense")]
-            if id(module) in wo_inputs:
-                return functools.partial(fp8_linear, backend=cfg.backend, input_cache="e5m6", high_precision=hp)
-            return functools.partial(fp8_linear, backend=cfg.backend, high_precision=hp)
+        linear_for = lambda module: functools.partial(  # noqa: E731
+            fp8_linear, backend=cfg.backend, high_precision=high[classes.get(id(module), "dense")],
+            **({"input_cache": "e5m6"} if id(module) in wo_inputs else {}))
         grouped = functools.partial(fp8_grouped_mm, backend=cfg.backend, high_precision=high["experts"])
     # Linears sharing an input (MLA's wq_a / wkv_a, an MLP's w1 / w3) quantise it once (issue 20, memory):
     # one hook object per GEMM class: layers.gate_up and fast.shared_input match the Linears by its identity
@@ -87,8 +85,8 @@ def gemm_classes(model: nn.Module) -> dict[int, str]:
     dense FFNs and the shared experts); a Linear in neither (none in this model but the exempt ones) counts as
     dense. The routed experts are GroupedExperts, class "experts"."""
     out = {}
-    for kind, name in ((MLP, "dense"), (MLA, "attention")):
-        for m in model.modules():
-            if isinstance(m, kind):
-                out.update({id(sub): name for sub in m.modules() if isinstance(sub, Linear)})
+    for m in model.modules():
+        if isinstance(m, (MLP, MLA)):    # neither holds the other
+            name = "dense" if isinstance(m, MLP) else "attention"
+            out.update({id(sub): name for sub in m.modules() if isinstance(sub, Linear)})
     return out

@@ -110,7 +110,7 @@ MUTATIONS = [
       old="x_t, x_t_s = ops.wgrad.act_quant_t(x)\n", new="x_t, x_t_s = ops.fp8.act_quant_t(x)\n",
       tests=["tests/test_fp8_high_precision.py"], why="a high-precision wgrad reads the FP8 copy of the input"),
     M(id="hp-class-mixed-up", area="FP8 per-pass precision", file="dsv3/training/precision.py",
-      old='for kind, name in ((MLP, "dense"), (MLA, "attention")):', new='for kind, name in ((MLP, "attention"), (MLA, "dense")):',
+      old='name = "dense" if isinstance(m, MLP) else "attention"', new='name = "attention" if isinstance(m, MLP) else "dense"',
       tests=["tests/test_fp8_high_precision.py::test_config_names_and_the_model_classes"],
       why="fp8.high_precision switches the other class's GEMMs"),
     M(id="dispatch-not-pow2", area="FP8 dispatch", file="parallel/a2a_rows.py",
